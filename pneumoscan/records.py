@@ -1,0 +1,108 @@
+"""Plain data passed between the pipeline's stages.
+
+discover -> `InputFile` -> load -> `LoadedImage` (or a `FileResult` with status skipped/error)
+-> preprocess -> batched inference + CAM -> `FileResult` -> report / JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+FileKind = Literal["dicom", "png", "jpeg", "tiff"]
+Status = Literal["ok", "skipped", "error"]
+
+# DICOM attributes kept for each image (keyword -> report label).
+DICOM_FIELDS = {
+    "PatientID": "Patient ID",
+    "PatientName": "Patient name",
+    "PatientBirthDate": "Birth date",
+    "StudyInstanceUID": "Study UID",
+    "StudyDate": "Study date",
+    "AccessionNumber": "Accession number",
+    "Modality": "Modality",
+    "ViewPosition": "View position",
+    "BodyPartExamined": "Body part",
+    "SOPInstanceUID": "SOP instance UID",
+}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file found under the scanned folder. `kind` is None when it will not be read;
+    then `skip_reason` says why."""
+    path: Path
+    kind: FileKind | None
+    skip_reason: str | None = None
+
+
+@dataclass
+class LoadedImage:
+    """Pixels ready for display and preprocessing.
+
+    `pixels` is greyscale uint8 (H, W) with 0 = black, after the modality LUT, VOI window
+    and MONOCHROME1 inversion for DICOM. It may be decoded at reduced resolution (JPEG
+    DCT scaling) when the full size is not needed; `original_size` is (width, height)
+    of the stored image."""
+    path: Path
+    study: str
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FileResult:
+    """The outcome for one input file; errors are values here, not exceptions."""
+    path: Path
+    study: str
+    status: Status
+    reason: str | None = None
+    probability: float | None = None  # of pneumonia
+    label: str | None = None
+    threshold: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    # For the report only (not serialised): display image and its CAM overlay, encoded.
+    image_png: bytes | None = None
+    overlay_png: bytes | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "study": self.study,
+            "status": self.status,
+            "reason": self.reason,
+            "probability": self.probability,
+            "label": self.label,
+            "threshold": self.threshold,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class RunInfo:
+    """What produced a set of results."""
+    model_name: str
+    model_version: str
+    model_sha256: str
+    provider: str
+    pneumoscan_version: str
+    started: str
+    finished: str | None = None
+    threshold: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "model": {"name": self.model_name, "version": self.model_version,
+                      "sha256": self.model_sha256},
+            "sha256": self.model_sha256,
+            "provider": self.provider,
+            "version": self.pneumoscan_version,
+            "threshold": self.threshold,
+            "started": self.started,
+            "finished": self.finished,
+        }
