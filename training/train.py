@@ -30,7 +30,9 @@ from pneumoscan.architectures import ARCHITECTURES, NORMALISATION, PneumoniaNet,
 from pneumoscan.metrics import binary_metrics, bootstrap_intervals, choose_threshold
 from pneumoscan.preprocess import Preprocessing, normalise
 
-from .data import CLASS_NAMES, list_samples, load_cached, split_by_patient
+from pneumoscan.datasets import CLASS_NAMES, list_samples
+
+from .data import load_cached, split_by_patient
 
 
 @dataclass
@@ -297,7 +299,7 @@ def write_history(history: list[dict], out: Path) -> None:
 
 def finalize(out: Path, cfg: TrainConfig) -> dict:
     """Metrics with bootstrap CIs and plots for the best checkpoint."""
-    from .plots import write_plots
+    from pneumoscan.plots import write_plots
 
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     preds = np.load(out / "val_predictions.npz")

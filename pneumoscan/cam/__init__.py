@@ -1,0 +1,9 @@
+"""Classification + Class Activation Maps, one backend per file.
+
+`onnx_cam.OnnxCamModel` (the run path: ONNX Runtime, no torch) and
+`torch_hooks.TorchHookCamModel` (the reference: a PyTorch checkpoint with a forward hook).
+"""
+
+from .base import CamModel, Predictions, normalised_cams
+
+__all__ = ["CamModel", "Predictions", "normalised_cams"]

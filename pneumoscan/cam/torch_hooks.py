@@ -1,0 +1,39 @@
+"""Reference CAMs from a PyTorch checkpoint: a forward hook on the last convolutional
+block captures the feature maps A, and CAM_k = sum_c w_kc A_c + b_k with the classifier's
+own weights (exact for a GAP + linear head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import CamModel, Predictions
+
+
+class TorchHookCamModel(CamModel):
+    def __init__(self, checkpoint: Path, device: str = "cpu"):
+        import torch
+
+        from ..checkpoint import checkpoint_model_info, load_network
+
+        self.torch = torch
+        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.network, payload = load_network(checkpoint)
+        self.network.to(self.device).eval()
+        self.info = checkpoint_model_info(checkpoint, payload)
+        self.provider = f"torch-{self.device.type}"
+        self._maps = None
+        self.network.features.register_forward_hook(self._keep_maps)
+
+    def _keep_maps(self, module, inputs, output) -> None:
+        self._maps = output.detach()
+
+    def predict(self, batch: np.ndarray) -> Predictions:
+        torch = self.torch
+        with torch.no_grad():
+            logits = self.network(torch.from_numpy(batch).to(self.device))
+            weight = self.network.classifier.weight
+            bias = self.network.classifier.bias
+            cams = torch.einsum("kc,nchw->nkhw", weight, self._maps) + bias[None, :, None, None]
+        return Predictions(torch.softmax(logits, 1).cpu().numpy(), cams.cpu().numpy())

@@ -1,0 +1,77 @@
+"""Labelled chest X-ray datasets: a Kermany/Kaggle root (`train/{NORMAL,PNEUMONIA}`, ...),
+a single labelled folder (`{NORMAL,PNEUMONIA}/...`) or a CSV with `path,label[,patient]`
+(DICOM datasets too). Used by training and by `pneumoscan eval`."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # index into CLASS_NAMES
+    patient: str
+
+
+_PERSON = re.compile(r"^(person\d+)_")
+_KERMANY_NORMAL = re.compile(r"^((?:NORMAL2-)?IM)-(\d+)-\d+")
+
+
+def patient_id(path: Path) -> str:
+    """Patient of a Kermany file name: `personN_...` -> personN; `IM-XXXX-YYYY` -> XXXX and
+    `NORMAL2-IM-XXXX-YYYY` -> NORMAL2-XXXX (a different series). Other names are their own
+    patient, which is the safe default for unknown data."""
+    name = path.name
+    if m := _PERSON.match(name):
+        return m.group(1)
+    if m := _KERMANY_NORMAL.match(name):
+        prefix = "NORMAL2-" if m.group(1).startswith("NORMAL2") else ""
+        return prefix + m.group(2)
+    return path.stem
+
+
+def _label_index(label: str) -> int:
+    try:
+        return CLASS_NAMES.index(label.strip().upper())
+    except ValueError:
+        raise ValueError(f"unknown label {label!r}; expected one of {CLASS_NAMES}") from None
+
+
+def samples_from_folder(root: Path) -> list[Sample]:
+    """`root/NORMAL/*` and `root/PNEUMONIA/*` (recursively), sorted."""
+    out = []
+    for index, name in enumerate(CLASS_NAMES):
+        folder = root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing: expected {root}/{{NORMAL,PNEUMONIA}}")
+        out += [Sample(p, index, patient_id(p)) for p in sorted(folder.rglob("*"))
+                if p.is_file() and not p.name.startswith(".")]
+    return out
+
+
+def samples_from_csv(csv_path: Path) -> list[Sample]:
+    """Rows `path,label[,patient]`; relative paths are relative to the CSV's folder."""
+    out = []
+    with open(csv_path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            path = Path(row["path"])
+            if not path.is_absolute():
+                path = csv_path.parent / path
+            patient = (row.get("patient") or "").strip() or patient_id(path)
+            out.append(Sample(path, _label_index(row["label"]), patient))
+    return out
+
+
+def list_samples(source: Path) -> list[Sample]:
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        return samples_from_csv(source)
+    if (source / "train").is_dir():
+        return samples_from_folder(source / "train")
+    return samples_from_folder(source)

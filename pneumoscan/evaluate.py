@@ -1,0 +1,73 @@
+"""`pneumoscan eval`: the model's metrics on a labelled dataset, with bootstrap CIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .cam import CamModel
+from .datasets import CLASS_NAMES, list_samples
+from .discover import classify_file
+from .metrics import binary_metrics, bootstrap_intervals, confusion
+from .pipeline import classify
+
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc", "f1", "precision")
+
+
+def evaluate_dataset(data: Path, model: CamModel, *, batch_size: int = 32,
+                     workers: int | None = None, threshold: float | None = None,
+                     n_boot: int = 1000) -> dict:
+    samples = list_samples(Path(data))
+    if not samples:
+        raise ValueError(f"no labelled images under {data}")
+    threshold = model.info.threshold if threshold is None else threshold
+    results = list(classify((classify_file(s.path) for s in samples), model,
+                            batch_size=batch_size, workers=workers, threshold=threshold,
+                            render=False))
+    ok = [(s, r) for s, r in zip(samples, results) if r.status == "ok"]
+    if not ok:
+        raise ValueError(f"none of the {len(samples)} images under {data} could be classified")
+    labels = np.array([CLASS_NAMES[s.label] == "PNEUMONIA" for s, _ in ok], dtype=np.int64)
+    probs = np.array([r.probability for _, r in ok])
+    return {
+        "data": str(data),
+        "model": {"name": model.info.name, "version": model.info.version,
+                  "sha256": model.info.sha256},
+        "threshold": threshold,
+        "n": len(ok),
+        "n_pneumonia": int(labels.sum()),
+        "n_normal": int(len(labels) - labels.sum()),
+        "not_classified": [{"path": str(r.path), "status": r.status, "reason": r.reason}
+                           for r in results if r.status != "ok"],
+        "metrics": binary_metrics(labels, probs, threshold),
+        "ci95": bootstrap_intervals(labels, probs, threshold, n_boot=n_boot),
+        "confusion": confusion(labels, probs, threshold),
+        "predictions": [{"path": str(s.path), "label": CLASS_NAMES[s.label],
+                         "probability": r.probability} for s, r in ok],
+    }
+
+
+def format_report(report: dict) -> str:
+    c = report["confusion"]
+    lines = [f"{report['data']}: {report['n']} images ({report['n_pneumonia']} PNEUMONIA, "
+             f"{report['n_normal']} NORMAL), threshold {report['threshold']:.4f}",
+             f"{'metric':<12} {'value':>7}   95% CI (bootstrap)"]
+    for name in METRIC_NAMES:
+        lo, hi = report["ci95"][name]
+        lines.append(f"{name:<12} {report['metrics'][name]:>7.4f}   [{lo:.4f}, {hi:.4f}]")
+    lines += ["confusion matrix (rows true, columns predicted):",
+              f"{'':<10} {'NORMAL':>9} {'PNEUMONIA':>9}",
+              f"{'NORMAL':<10} {c['tn']:>9} {c['fp']:>9}",
+              f"{'PNEUMONIA':<10} {c['fn']:>9} {c['tp']:>9}"]
+    for item in report["not_classified"]:
+        lines.append(f"not classified: {item['path']}: {item['status']}: {item['reason']}")
+    return "\n".join(lines)
+
+
+def write_roc(report: dict, path: Path) -> None:
+    from .plots import plot_roc
+
+    labels = np.array([p["label"] == "PNEUMONIA" for p in report["predictions"]])
+    probs = np.array([p["probability"] for p in report["predictions"]])
+    plot_roc(labels, probs, report["threshold"], Path(path))

@@ -1,0 +1,120 @@
+"""Batched classification + CAM over a stream of files (the middle stages of the pipeline).
+
+Worker threads load and preprocess files ahead of the model (a bounded window, so memory
+stays flat however many files there are) while the calling thread runs batches through the
+model; overlays for the report are rendered back in the workers. Results come out in input
+order, one per input file, whatever happened to it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cam import CamModel, normalised_cams
+from .loading import load
+from .preprocess import model_input
+from .records import FileResult, InputFile, LoadedImage
+
+DISPLAY_SIZE = 384  # longest side of the images shown in reports
+
+
+@dataclass
+class Prepared:
+    item: InputFile
+    outcome: LoadedImage | FileResult
+    tensor: np.ndarray | None
+    seconds: float
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _prepare(item: InputFile, model: CamModel, min_size: tuple[int, int]) -> Prepared:
+    t0 = time.perf_counter()
+    outcome = load(item, min_size=min_size)
+    tensor = None
+    if isinstance(outcome, LoadedImage):
+        tensor = model_input(outcome.pixels, model.info.preprocessing)
+    return Prepared(item, outcome, tensor, time.perf_counter() - t0)
+
+
+def _render(pixels: np.ndarray, cam: np.ndarray) -> tuple[bytes, bytes]:
+    from .overlay import render_overlays
+
+    return render_overlays(pixels, cam)
+
+
+def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 32,
+             workers: int | None = None, threshold: float | None = None,
+             render: bool = True,
+             on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
+    """One FileResult per item, in order. `render` adds display images and CAM overlays
+    (for reports); without it the run is classification only."""
+    info = model.info
+    threshold = info.threshold if threshold is None else threshold
+    prep = info.preprocessing
+    min_size = (max(prep.width, DISPLAY_SIZE), max(prep.height, DISPLAY_SIZE)) if render \
+        else (prep.width, prep.height)
+    negative = 1 - info.positive_class  # binary models: the other class
+    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
+        window: list[Future[Prepared]] = []
+        iterator = iter(items)
+        exhausted = False
+
+        def refill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(window) < batch_size * 3:
+                try:
+                    window.append(pool.submit(_prepare, next(iterator), model, min_size))
+                except StopIteration:
+                    exhausted = True
+
+        refill()
+        while window:
+            chunk: list[Prepared] = []
+            ready = 0
+            while window and ready < batch_size:
+                prepared = window.pop(0).result()
+                chunk.append(prepared)
+                ready += prepared.tensor is not None
+                refill()
+            yield from _finish_chunk(chunk, model, threshold, info, negative, batch_size,
+                                     pool if render else None, on_result)
+
+
+def _finish_chunk(chunk, model, threshold, info, negative, batch_size, render_pool,
+                  on_result) -> Iterator[FileResult]:
+    loaded = [p for p in chunk if p.tensor is not None]
+    by_id: dict[int, FileResult] = {}
+    if loaded:
+        t0 = time.perf_counter()
+        predictions = model.predict(np.stack([p.tensor for p in loaded]))
+        share = (time.perf_counter() - t0) / len(loaded)
+        probabilities = predictions.probabilities[:, info.positive_class]
+        positive = probabilities >= threshold
+        decided = np.where(positive, info.positive_class, negative)
+        cams = normalised_cams(predictions.cams, decided)
+        renders = [render_pool.submit(_render, p.outcome.pixels, cam) if render_pool else None
+                   for p, cam in zip(loaded, cams)]
+        for p, prob, cls, render in zip(loaded, probabilities, decided, renders):
+            image_png, overlay_png = render.result() if render else (None, None)
+            img: LoadedImage = p.outcome
+            by_id[id(p)] = FileResult(
+                path=img.path, study=img.study, status="ok", probability=float(prob),
+                label=info.class_names[cls], threshold=float(threshold),
+                metadata=img.metadata, image_png=image_png, overlay_png=overlay_png,
+                seconds=p.seconds + share)
+    for p in chunk:
+        result = by_id.get(id(p)) or p.outcome
+        if result.seconds is None:
+            result.seconds = p.seconds
+        if on_result:
+            on_result(result)
+        yield result

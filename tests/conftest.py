@@ -1,0 +1,53 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the checkout (see its README);
+tests that need it skip with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SAMPLES = REPO / "samples"
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kermany_train() -> Path:
+    return shared_path("kermany224", "train")
+
+
+@pytest.fixture(scope="session")
+def val_images() -> Path:
+    return shared_path("kermany-val-original")
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory, kermany_train) -> Path:
+    """A real (briefly) fine-tuned EfficientNet-Lite0 checkpoint: ImageNet weights, a few
+    steps on real chest X-rays at 128 px, so tests need neither a GPU nor the shipped model."""
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("small-model")
+    cfg = TrainConfig(data=str(kermany_train), out=str(out), image_size=128, epochs=1,
+                      batch_size=8, limit_samples=24, max_steps_per_epoch=3,
+                      unfreeze_epochs=(1,), warmup_steps=1, val_fraction=0.3)
+    train(cfg, log=lambda msg: None)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def small_onnx(tmp_path_factory, small_checkpoint, val_images) -> Path:
+    from pneumoscan.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("small-onnx") / "model.onnx"
+    export_checkpoint(small_checkpoint, out, check_images=val_images, version="test",
+                      log=lambda msg: None)
+    return out

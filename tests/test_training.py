@@ -1,0 +1,154 @@
+"""Training recipe: data split, pretrained weights, progressive unfreezing, early stopping,
+and the two large torchvision backbones end to end (random init: no download in tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.architectures import build_imagenet_network, build_network, NORMALISATION
+from pneumoscan.datasets import list_samples, patient_id
+from training.data import split_by_patient
+from training.train import TrainConfig, open_stages_at, param_groups, set_trainable, train
+
+
+def test_patient_ids_follow_kermany_names():
+    assert patient_id(Path("person1000_bacteria_2931.jpeg")) == "person1000"
+    assert patient_id(Path("person1000_virus_1681.jpeg")) == "person1000"
+    assert patient_id(Path("IM-0115-0001.jpeg")) == "0115"
+    assert patient_id(Path("NORMAL2-IM-0115-0001.jpeg")) == "NORMAL2-0115"
+
+
+def test_split_is_by_patient_and_stratified(kermany_train):
+    samples = list_samples(kermany_train)
+    assert len(samples) == 5216
+    train_part, val_part = split_by_patient(samples, 0.15, seed=42)
+    assert len(train_part) + len(val_part) == len(samples)
+    assert not {s.patient for s in train_part} & {s.patient for s in val_part}
+    # Patients with several images exist, so splitting by image would have leaked.
+    assert len({s.patient for s in samples}) < len(samples)
+    for label in (0, 1):
+        patients = {s.patient for s in samples if s.label == label}
+        held = {s.patient for s in val_part if s.label == label}
+        assert 0.12 < len(held) / len(patients) < 0.18
+    again = split_by_patient(samples, 0.15, seed=42)
+    assert [s.path for s in again[1]] == [s.path for s in val_part]
+
+
+def test_pretrained_efficientnet_lite0_knows_a_cat():
+    import skimage.data
+    import torchvision.models as tvm
+    from PIL import Image
+
+    categories = tvm.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    net = build_imagenet_network("efficientnet_lite0").eval()
+    mean, std = NORMALISATION["efficientnet_lite0"]
+    img = Image.fromarray(skimage.data.chelsea()).resize((224, 224), Image.BILINEAR)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        top = net(x[None]).softmax(1)[0].argmax().item()
+    assert categories[top] in {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+
+
+def test_random_init_is_not_a_cat_detector():
+    """The check above can fail: without the pretrained weights the top class is arbitrary."""
+    net = build_imagenet_network("efficientnet_lite0", pretrained=False).eval()
+    first = net.features._conv_stem.weight.detach().clone()
+    pretrained = build_imagenet_network("efficientnet_lite0")
+    assert not torch.allclose(first, pretrained.features._conv_stem.weight)
+
+
+def _step(net, x, y, lr=1e-2):
+    opt = torch.optim.AdamW(param_groups(net, lr, 0.5, 0.0))
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_progressive_unfreezing_freezes_exactly_the_closed_stages():
+    torch.manual_seed(0)
+    net = build_network("efficientnet_lite0").train()
+    stages = net.stages
+    assert len(stages) == 4
+    x, y = torch.randn(4, 3, 96, 96), torch.tensor([0, 1, 0, 1])
+    for n_open in (0, 2, 4):
+        net.train()
+        set_trainable(net, n_open)
+        before = {id(p): p.detach().clone() for p in net.parameters()}
+        stats_before = [m.running_mean.clone() for m in stages[-1].modules()
+                        if isinstance(m, torch.nn.BatchNorm2d)]
+        _step(net, x, y)
+        for i, stage in enumerate(stages):
+            for p in stage.parameters():
+                assert p.requires_grad == (i < n_open)
+                changed = not torch.equal(before[id(p)], p)
+                assert changed == (i < n_open), f"stage {i} with {n_open} open"
+        assert all(not torch.equal(before[id(p)], p) for p in net.classifier.parameters())
+        stats_after = [m.running_mean for m in stages[-1].modules()
+                       if isinstance(m, torch.nn.BatchNorm2d)]
+        frozen_stats = all(torch.equal(a, b) for a, b in zip(stats_before, stats_after))
+        assert frozen_stats == (n_open < 4), "frozen BatchNorm statistics must not move"
+
+
+def test_unfreezing_schedule_and_discriminative_learning_rates():
+    assert [open_stages_at(e, (2, 3, 4, 5), 4) for e in range(1, 7)] == [0, 1, 2, 3, 4, 4]
+    net = build_network("efficientnet_lite0", pretrained=False)
+    groups = param_groups(net, 1e-3, 0.5, 1e-4)
+    assert [g["lr"] for g in groups] == [1e-3, 5e-4, 2.5e-4, 1.25e-4, 6.25e-5]
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(net.parameters()))
+
+
+def _tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), image_size=64, epochs=1, batch_size=4,
+                limit_samples=10, max_steps_per_epoch=2, warmup_steps=1,
+                unfreeze_epochs=(1,), val_fraction=0.4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_early_stopping_stops(kermany_train, tmp_path):
+    # lr=0: validation AUC cannot improve after the first epoch, so patience 1 ends at 2.
+    cfg = _tiny_config(kermany_train, tmp_path, epochs=6, patience=1, lr=0.0)
+    train(cfg, log=lambda m: None)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_training_writes_everything_and_resumes(kermany_train, tmp_path):
+    cfg = _tiny_config(kermany_train, tmp_path, epochs=2, unfreeze_epochs=(2,))
+    summary = train(cfg, log=lambda m: None)
+    for name in ("best.pt", "last.pt", "history.csv", "history.json", "summary.json",
+                 "learning_curves.png", "roc.png", "confusion.png", "calibration.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert 0 <= best["threshold"] <= 1 and best["threshold"] == summary["threshold"]
+    assert best["preprocessing"]["height"] == 64
+    assert "ci95" in best["metrics"]
+    header = (tmp_path / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "accuracy", "sensitivity", "specificity", "auc"} <= set(header)
+    # Resuming from the last checkpoint continues at the next epoch.
+    cfg3 = _tiny_config(kermany_train, tmp_path, epochs=3, unfreeze_epochs=(2,))
+    train(cfg3, resume=tmp_path / "last.pt", log=lambda m: None)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet50", "densenet161"])
+def test_large_backbones_train_and_export(arch, kermany_train, val_images, tmp_path):
+    from pneumoscan.export import export_checkpoint
+
+    cfg = _tiny_config(kermany_train, tmp_path, arch=arch, pretrained=False,
+                       limit_samples=6, batch_size=3)
+    train(cfg, log=lambda m: None)
+    diffs = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onnx",
+                              check_images=val_images, log=lambda m: None)
+    assert max(diffs.values()) < 1e-4
