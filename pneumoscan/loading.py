@@ -32,7 +32,8 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
     while decoding (JPEG) produce a smaller image that is still at least that large."""
     study = str(item.path.parent)
     if item.kind is None:
-        return FileResult(item.path, study, "skipped", item.skip_reason or "not an image")
+        return FileResult(item.path, study, "error" if item.unreadable else "skipped",
+                          item.skip_reason or "not an image")
     try:
         if item.kind == "dicom":
             from .dicom import load_dicom
