@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscan.discover import classify_file
+from pneumoscan.loading import load
+from pneumoscan.records import FileResult, LoadedImage
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 SHARED = REPO.parent / "shared" / "data"
+
+
+def load_file(path: Path) -> LoadedImage | FileResult:
+    """The way `pneumoscan run` reads a file: classified by content, then loaded."""
+    return load(classify_file(path))
 
 
 @pytest.fixture(scope="session")

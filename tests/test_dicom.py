@@ -22,15 +22,10 @@ from pneumoscan.discover import classify_file
 from pneumoscan.loading import load
 from pneumoscan.records import FileResult, LoadedImage
 
-from conftest import SAMPLES
+from conftest import SAMPLES, load_file
 
 DICOM_SAMPLES = SAMPLES / "dicom"
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
-
-
-def load_file(path: Path) -> LoadedImage | FileResult:
-    """The way `pneumoscan run` reads a file: classified by content, then loaded."""
-    return load(classify_file(path))
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
