@@ -1,72 +1,109 @@
 """Find the input files under a folder (first stage of the pipeline).
 
-File types are recognised by content, not by name. Every file found is returned: the ones
-that will not be read carry the reason in `skip_reason`.
+File types are recognised by content, not by name. Nothing found is dropped: files and
+folders that will not be read (hidden, unknown type, symbolic links to folders, link loops,
+unlistable folders) are returned too, with the reason in `skip_reason`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from .records import FileKind, InputFile
 
-# Value representations that may open an implicit- or explicit-VR DICOM data set.
+HEAD_BYTES = 512
+
+# Value representations of explicit-VR DICOM; the ones in _LONG_VRS have a 32-bit length.
 _DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
               b"LT", b"OB", b"OD", b"OF", b"OL", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS",
               b"ST", b"TM", b"UI", b"UL", b"UN", b"US", b"UT", b"UC", b"UR", b"OV", b"SV",
               b"UV"}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OW", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def detect_kind(head: bytes) -> FileKind | None:
-    """The image type of a file from its first 132+ bytes, or None."""
+    """The image type of a file from its first bytes (HEAD_BYTES suffice), or None."""
+    # DICOM first: the 128-byte preamble may itself be a TIFF header (dual-personality
+    # DICOM/TIFF files such as RG1_UNCR.dcm).
+    if head[128:132] == b"DICM":
+        return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if _looks_like_raw_dicom(head):
+    if _looks_like_headerless_dicom(head):
         return "dicom"
     return None
 
 
-def _looks_like_raw_dicom(head: bytes) -> bool:
-    """A DICOM data set written without the 128-byte preamble and file meta header: it
-    starts with a little-endian element of group 0x0008 (or 0x0002) and a plausible
-    length or VR, as old CR files do."""
-    if len(head) < 12:
+def _looks_like_headerless_dicom(head: bytes) -> bool:
+    """A DICOM data set written without preamble and file meta header, as old CR files
+    are: at least two little-endian elements (implicit or explicit VR) with ascending tags,
+    starting in group 0x0002 or 0x0008."""
+    if head[:2] not in (b"\x02\x00", b"\x08\x00"):
         return False
-    group, element = struct.unpack("<HH", head[:4])
-    if group not in (0x0002, 0x0008) or element > 0x0100:
-        return False
-    if head[4:6] in _DICOM_VRS:  # explicit VR
-        return True
-    (length,) = struct.unpack("<I", head[4:8])  # implicit VR: 32-bit length
-    return length < 1024
+    offset, previous_tag, elements = 0, -1, 0
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        tag = group << 16 | element
+        if tag <= previous_tag:
+            break
+        vr = head[offset + 4:offset + 6]
+        if vr in _LONG_VRS:
+            if offset + 12 > len(head):
+                break
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            offset += 12
+        elif vr in _DICOM_VRS:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            offset += 8
+        else:  # implicit VR: 32-bit length
+            (length,) = struct.unpack_from("<I", head, offset + 4)
+            offset += 8
+        elements += 1
+        if length == _UNDEFINED_LENGTH:  # a sequence: its items follow, not the next tag
+            break
+        offset += length
+        previous_tag = tag
+    return elements >= 2
 
 
 def _read_head(path: Path) -> bytes:
     with open(path, "rb") as fh:
-        return fh.read(256)
+        return fh.read(HEAD_BYTES)
 
 
 def classify_file(path: Path) -> InputFile:
-    """Decide whether and how one file will be read."""
+    """Decide whether and how one file will be read. Symbolic links to files are followed;
+    links to folders are not (they could loop or leave the scanned tree)."""
     if path.name.startswith("."):
         return InputFile(path, None, "hidden file")
     try:
-        if path.stat().st_size == 0:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            return InputFile(path, None, "symbolic link to a folder, not followed"
+                             if path.is_symlink() else "a folder, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            return InputFile(path, None, "not a regular file (device, pipe or socket)")
+        if info.st_size == 0:
             return InputFile(path, None, "empty file (0 bytes)")
         head = _read_head(path)
     except FileNotFoundError:
-        return InputFile(path, None, "file disappeared during discovery")
+        if path.is_symlink():
+            return InputFile(path, None, "broken symbolic link (its target does not exist)")
+        return InputFile(path, None, "file disappeared during discovery", unreadable=True)
     except OSError as exc:
-        return InputFile(path, None, f"cannot open: {exc.strerror or exc}")
+        if exc.errno == errno.ELOOP:
+            return InputFile(path, None, "symbolic link loop")
+        return InputFile(path, None, f"cannot open: {exc.strerror or exc}", unreadable=True)
     kind = detect_kind(head)
     if kind is None:
         return InputFile(path, None, "unknown file type (not DICOM, PNG, JPEG or TIFF)")
@@ -74,20 +111,28 @@ def classify_file(path: Path) -> InputFile:
 
 
 def discover(root: Path) -> Iterator[InputFile]:
-    """Every file under `root` (or `root` itself), in a stable sorted order. Hidden folders
-    are not entered; symlinked folders are not followed, so symlink loops are harmless."""
+    """Every entry under `root` (or `root` itself when it is a file), recursively, in a
+    stable sorted order. Hidden and symbolically linked folders are reported, not entered."""
     root = Path(root)
-    if root.is_file():
+    if root.is_dir():
+        yield from _walk(root)
+    else:
         yield classify_file(root)
+
+
+def _walk(folder: Path) -> Iterator[InputFile]:
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as exc:
+        yield InputFile(folder, None, f"cannot list folder: {exc.strerror or exc}",
+                        unreadable=True)
         return
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
-        dirnames.sort()
-        hidden = [d for d in dirnames if d.startswith(".")]
-        for name in hidden:
-            dirnames.remove(name)
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.is_symlink() and not path.exists():
-                yield InputFile(path, None, "broken or looping symbolic link")
-                continue
+    for entry in entries:
+        path = Path(entry.path)
+        if not entry.is_dir(follow_symlinks=False):
             yield classify_file(path)
+        elif entry.name.startswith("."):
+            yield InputFile(path, None, "hidden folder, not entered")
+        else:
+            yield from _walk(path)

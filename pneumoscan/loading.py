@@ -19,11 +19,19 @@ from .records import FileResult, InputFile, LoadedImage
 MAX_PIXELS = 20_000 * 20_000 // 4  # 100 M pixels: 10000 x 10000
 
 
-class SkipImage(Exception):
+class ImageProblem(Exception):
+    """Why a file gives no image (the message). A loader that already knows the file's
+    study and metadata (DICOM) sets them, so the result is grouped and labelled like the
+    file's readable siblings."""
+    study: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class SkipImage(ImageProblem):
     """The file is readable but must not be classified (the message says why)."""
 
 
-class UnreadableImage(Exception):
+class UnreadableImage(ImageProblem):
     """The file cannot be decoded (the message says why)."""
 
 
@@ -32,16 +40,17 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
     while decoding (JPEG) produce a smaller image that is still at least that large."""
     study = str(item.path.parent)
     if item.kind is None:
-        return FileResult(item.path, study, "skipped", item.skip_reason or "not an image")
+        return FileResult(item.path, study, "error" if item.unreadable else "skipped",
+                          item.skip_reason or "not an image")
     try:
         if item.kind == "dicom":
             from .dicom import load_dicom
             return load_dicom(item.path)
         return load_raster(item.path, min_size)
-    except SkipImage as exc:
-        return FileResult(item.path, study, "skipped", str(exc))
-    except UnreadableImage as exc:
-        return FileResult(item.path, study, "error", str(exc))
+    except ImageProblem as exc:
+        status = "skipped" if isinstance(exc, SkipImage) else "error"
+        return FileResult(item.path, exc.study or study, status, str(exc),
+                          metadata=exc.metadata or {})
     except FileNotFoundError:
         return FileResult(item.path, study, "error", "file disappeared before it could be read")
     except PermissionError:
@@ -49,10 +58,10 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
     except MemoryError:
         return FileResult(item.path, study, "error", "not enough memory to decode the image")
     except Exception as exc:  # any decoder failure is a file-level error, never a crash
-        return FileResult(item.path, study, "error", f"cannot read: {_one_line(exc)}")
+        return FileResult(item.path, study, "error", f"cannot read: {one_line(exc)}")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 

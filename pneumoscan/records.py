@@ -32,11 +32,13 @@ DICOM_FIELDS = {
 
 @dataclass(frozen=True)
 class InputFile:
-    """A file found under the scanned folder. `kind` is None when it will not be read;
-    then `skip_reason` says why."""
+    """A file (or a folder not entered) found under the scanned folder. `kind` is None when
+    it will not be read; then `skip_reason` says why, and `unreadable` tells a file that
+    could not even be opened (an error) from one that is not an image (skipped)."""
     path: Path
     kind: FileKind | None
     skip_reason: str | None = None
+    unreadable: bool = False
 
 
 @dataclass

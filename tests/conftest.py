@@ -1,22 +1,47 @@
-"""Shared fixtures. Real data lives in ../shared/data beside the checkout (see its README);
-tests that need it skip with a clear reason when it is absent."""
+"""Shared fixtures. Test inputs are the committed `samples/` and the real data folder that
+sits beside the clone (`../shared/data`, see its README) for files that may not be
+committed; tests that need it skip with a clear reason when it is absent."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from pneumoscan.discover import classify_file
+from pneumoscan.loading import load
+from pneumoscan.records import FileResult, LoadedImage
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 SAMPLES = REPO / "samples"
+SHARED = REPO.parent / "shared" / "data"
+
+
+def load_file(path: Path) -> LoadedImage | FileResult:
+    """The way `pneumoscan run` reads a file: classified by content, then loaded."""
+    return load(classify_file(path))
 
 
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path}")
+        pytest.skip(f"real data not available: {path} (clone beside ../shared/data)")
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_path()
+
+
+@pytest.fixture(scope="session")
+def dcmj2pnm() -> str:
+    """The dcmtk renderer used as an independent reference."""
+    exe = shutil.which("dcmj2pnm")
+    if exe is None:
+        pytest.skip("dcmj2pnm not installed (Debian package dcmtk)")
+    return exe
 
 
 @pytest.fixture(scope="session")

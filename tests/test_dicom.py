@@ -1,0 +1,319 @@
+"""DICOM reading: real files from samples/ and ../shared/data, data sets written here for the
+cases no real file covers, and dcmtk's dcmj2pnm as an independent renderer."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
+                         JPEG2000MC, JPEGBaseline8Bit, RLELossless, generate_uid)
+
+from pneumoscan.discover import classify_file
+from pneumoscan.loading import load
+from pneumoscan.records import FileResult, LoadedImage
+
+from conftest import SAMPLES, load_file
+
+DICOM_SAMPLES = SAMPLES / "dicom"
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+def dcmtk_render(dcmj2pnm: str, path: Path, out_dir: Path) -> np.ndarray:
+    """dcmtk's display rendering with the file's first VOI window (+Wi 1), as load_dicom
+    uses; dcmtk also applies the modality LUT and MONOCHROME1 polarity."""
+    out = out_dir / f"{path.stem}.png"
+    subprocess.run([dcmj2pnm, "--quiet", "+Wi", "1", "+on2", str(path), str(out)], check=True)
+    return np.asarray(Image.open(out))
+
+
+def cr_dataset(pixels: np.ndarray, **attributes) -> Dataset:
+    """A frontal chest CR data set holding `pixels` uncompressed; `attributes` override or,
+    when None, remove elements."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.PatientName = "Test^Patient"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    ds.PixelData = pixels.tobytes()
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if "BitsStored" in attributes:
+        ds.HighBit = ds.BitsStored - 1
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    """As a DICOM file; encoded explicit VR little endian, which every syntax used here is."""
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return path
+
+
+RAMP_12_BIT = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+
+
+@pytest.fixture(scope="module")
+def rg1() -> dict[str, LoadedImage]:
+    return {name: load_file(DICOM_SAMPLES / f"{name}.dcm")
+            for name in ("RG1_UNCR", "RG1_J2KR", "RG1_J2KI")}
+
+
+@pytest.fixture(scope="module")
+def chest_crop() -> np.ndarray:
+    """Real 15-bit chest CR values, subsampled to keep the encoders quick."""
+    stored = pydicom.dcmread(DICOM_SAMPLES / "RG1_UNCR.dcm").pixel_array
+    return np.ascontiguousarray(stored[::4, ::4])
+
+
+# --- the real files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["RG1_UNCR", "RG1_J2KR", "RG1_J2KI"])
+def test_rg1_transfer_syntaxes_decode(rg1, name):
+    image = rg1[name]
+    assert isinstance(image, LoadedImage), image
+    assert image.pixels.dtype == np.uint8 and image.pixels.shape == (1955, 1841)
+    assert image.original_size == (1841, 1955)
+    assert image.study == RG1_STUDY
+    assert image.metadata["PatientName"] == "CompressedSamples^RG1"
+    assert image.metadata["Modality"] == "CR" and image.metadata["ViewPosition"] == "PA"
+    assert image.pixels.std() > 20  # a picture, not a flat field
+
+
+def test_rg1_lossless_syntaxes_give_identical_pixels(rg1):
+    assert np.array_equal(rg1["RG1_UNCR"].pixels, rg1["RG1_J2KR"].pixels)
+
+
+def test_rg1_lossy_jpeg2000_is_close(rg1):
+    r = correlation(rg1["RG1_UNCR"].pixels, rg1["RG1_J2KI"].pixels)
+    assert r > 0.999, f"correlation lossy vs lossless {r:.5f}"
+
+
+def test_rg1_matches_dcmtk(rg1, dcmj2pnm, tmp_path):
+    """dcmtk's free build has no JPEG 2000 decoder, so only RG1_UNCR is rendered by it
+    (RG1_J2KR is pixel-identical, see above)."""
+    reference = dcmtk_render(dcmj2pnm, DICOM_SAMPLES / "RG1_UNCR.dcm", tmp_path)
+    r = correlation(reference, rg1["RG1_UNCR"].pixels)
+    assert r > 0.99, f"correlation with dcmj2pnm {r:.5f}"
+
+
+def test_cr_without_file_meta_is_read_and_inverted(shared_data, dcmj2pnm, tmp_path):
+    path = shared_data / "dicom" / "CR-MONO1-10-chest.dcm"
+    assert path.read_bytes()[128:132] != b"DICM"  # no preamble, no file meta
+    image = load_file(path)
+    assert isinstance(image, LoadedImage), image
+    assert image.original_size == (440, 440) and image.metadata["Modality"] == "CR"
+    pixels = image.pixels.astype(np.float32)
+    # MONOCHROME1 shown the usual way round: air-filled lungs dark, mediastinum bright.
+    lungs = (pixels[120:280, 70:160].mean() + pixels[120:280, 290:380].mean()) / 2
+    mediastinum = pixels[120:300, 200:240].mean()
+    assert mediastinum > lungs + 40, (lungs, mediastinum)
+    r = correlation(dcmtk_render(dcmj2pnm, path, tmp_path), image.pixels)
+    assert r > 0.99, f"correlation with dcmj2pnm {r:.5f}"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("RG3_J2KI", "body part examined is EXTREMITY, not the chest"),
+    ("MR2_J2KI", "modality MR: not a radiograph (CR or DX)"),
+])
+def test_not_a_chest_radiograph_is_skipped(name, reason):
+    result = load_file(DICOM_SAMPLES / f"{name}.dcm")
+    assert isinstance(result, FileResult)
+    assert (result.status, result.reason) == ("skipped", reason)
+    # Grouped and labelled like the study's readable images.
+    assert result.study == pydicom.dcmread(DICOM_SAMPLES / f"{name}.dcm").StudyInstanceUID
+    assert result.metadata["PatientID"]
+
+
+def test_text_file_named_dcm_is_an_unknown_type(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("not a DICOM file, just text\n" * 20)
+    result = load_file(path)
+    assert (result.status, result.reason) == ("skipped",
+                                              "unknown file type (not DICOM, PNG, JPEG or TIFF)")
+
+
+# --- which objects are classified ---------------------------------------------------------
+
+@pytest.mark.parametrize("attributes, reason", [
+    ({"Modality": "CT", "SOPClassUID": CTImageStorage}, "modality CT"),
+    ({"Modality": None}, "modality not given"),
+    ({"ViewPosition": "LL"}, "view position LL"),
+    ({"ViewPosition": "LATERAL"}, "view position LATERAL"),
+    ({"ViewPosition": None, "SeriesDescription": "Chest lat"}, "names a lateral"),
+    ({"BodyPartExamined": "KNEE"}, "body part examined is KNEE"),
+    ({"BodyPartExamined": None, "StudyDescription": "Knee AP"}, "StudyDescription 'Knee AP'"),
+    ({"NumberOfFrames": 2}, "multi-frame object (2 frames)"),
+    ({"PhotometricInterpretation": "RGB"}, "colour image (RGB)"),
+])
+def test_skipped_by_metadata(tmp_path, attributes, reason):
+    result = load_file(save(cr_dataset(RAMP_12_BIT, **attributes), tmp_path / "x.dcm"))
+    assert isinstance(result, FileResult) and result.status == "skipped", result
+    assert reason in result.reason
+
+
+@pytest.mark.parametrize("attributes", [
+    {"BodyPartExamined": "THORAX", "ViewPosition": "AP"},
+    {"BodyPartExamined": None, "StudyDescription": "CHEST PA AND LAT"},  # names the chest
+    {"ViewPosition": "LLD", "Modality": "DX"},  # decubitus is a frontal projection
+])
+def test_frontal_chest_radiographs_are_read(tmp_path, attributes):
+    image = load_file(save(cr_dataset(RAMP_12_BIT, **attributes), tmp_path / "x.dcm"))
+    assert isinstance(image, LoadedImage), image
+
+
+@pytest.mark.parametrize("syntax, reason", [
+    (JPEG2000MC, "unsupported transfer syntax: JPEG 2000 Part 2 Multi-component Image "
+                 "Compression (1.2.840.10008.1.2.4.93)"),
+    ("1.2.826.0.1.3680043.8.498.99", "unknown transfer syntax 1.2.826.0.1.3680043.8.498.99"),
+])
+def test_unsupported_transfer_syntax_is_an_error(tmp_path, syntax, reason):
+    ds = cr_dataset(RAMP_12_BIT)
+    ds.PixelData = encapsulate([RAMP_12_BIT.tobytes()])
+    ds.file_meta.TransferSyntaxUID = syntax
+    result = load_file(save(ds, tmp_path / "x.dcm"))
+    assert (result.status, result.reason) == ("error", reason)
+
+
+def test_missing_pixel_data_is_an_error(tmp_path):
+    result = load_file(save(cr_dataset(RAMP_12_BIT, PixelData=None), tmp_path / "x.dcm"))
+    assert (result.status, result.reason) == ("error", "no pixel data")
+
+
+def test_truncated_pixel_data_is_an_error(tmp_path):
+    path = save(cr_dataset(RAMP_12_BIT), tmp_path / "x.dcm")
+    path.write_bytes(path.read_bytes()[:-1000])
+    result = load_file(path)
+    assert result.status == "error" and "Explicit VR Little Endian" in result.reason
+
+
+def test_file_that_disappears_before_reading_is_an_error(tmp_path):
+    item = classify_file(save(cr_dataset(RAMP_12_BIT), tmp_path / "x.dcm"))
+    item.path.unlink()
+    result = load(item)
+    assert (result.status, result.reason) == ("error",
+                                              "file disappeared before it could be read")
+
+
+# --- pixel pipeline -----------------------------------------------------------------------
+
+def test_headerless_implicit_little_endian_file(tmp_path):
+    ds = cr_dataset(RAMP_12_BIT, BitsStored=12)
+    del ds.file_meta
+    path = tmp_path / "old_cr"
+    ds.save_as(path, implicit_vr=True, little_endian=True)
+    assert path.read_bytes()[:2] == b"\x08\x00"
+    image = load_file(path)
+    assert isinstance(image, LoadedImage), image
+    assert image.pixels[0, 0] == 0 and image.pixels[-1, -1] == 255
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_rescale_and_window_match_pydicom(tmp_path, function):
+    """Our float32 pipeline against pydicom's float64 reference functions."""
+    ds = cr_dataset(RAMP_12_BIT, BitsStored=12, RescaleSlope=2, RescaleIntercept=-1000,
+                    WindowCenter=[3000, 100], WindowWidth=[4000, 50], VOILUTFunction=function)
+    image = load_file(save(ds, tmp_path / "x.dcm"))
+    reference = apply_voi_lut(apply_modality_lut(RAMP_12_BIT, ds), ds)
+    low, high = -1000, 4095 * 2 - 1000  # pydicom's output range: the rescaled stored range
+    expected = (reference - low) / (high - low) * 255
+    assert np.abs(image.pixels - expected).max() <= 1.0
+
+
+def test_voi_lut_sequence_uses_the_bits_its_entries_use(tmp_path):
+    """A 12-bit table declared as 16 bits, as some modalities write them."""
+    table = np.round(np.sqrt(np.arange(4096) / 4095) * 4095).astype(np.uint16)
+    voi = Dataset()
+    voi.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    voi.add_new("LUTData", "US", table.tolist())
+    ds = cr_dataset(RAMP_12_BIT, BitsStored=12, WindowCenter=100, WindowWidth=10,
+                    VOILUTSequence=[voi])
+    image = load_file(save(ds, tmp_path / "x.dcm"))
+    assert np.abs(image.pixels - table.reshape(64, 64) / 4095 * 255).max() <= 0.5
+
+
+def test_without_window_the_data_range_is_stretched(tmp_path):
+    stored = (RAMP_12_BIT // 4 + 1000).astype(np.uint16)  # 1000..2023 of 16 bits
+    image = load_file(save(cr_dataset(stored), tmp_path / "x.dcm"))
+    assert (image.pixels.min(), image.pixels.max()) == (0, 255)
+    assert np.all(np.diff(image.pixels.ravel().astype(int)) >= 0)
+
+
+def test_monochrome1_lowest_value_is_white(tmp_path):
+    ds = cr_dataset(RAMP_12_BIT, BitsStored=12, PhotometricInterpretation="MONOCHROME1")
+    image = load_file(save(ds, tmp_path / "x.dcm"))
+    assert image.pixels[0, 0] == 255 and image.pixels[-1, -1] == 0
+
+
+def test_bits_above_bits_stored_are_ignored(tmp_path):
+    dirty = RAMP_12_BIT.copy()
+    dirty[::2] |= 0xF000  # e.g. an old overlay kept in the unused high bits
+    clean = load_file(save(cr_dataset(RAMP_12_BIT, BitsStored=12), tmp_path / "clean.dcm"))
+    image = load_file(save(cr_dataset(dirty, BitsStored=12), tmp_path / "dirty.dcm"))
+    assert np.array_equal(image.pixels, clean.pixels)
+
+
+def test_signed_values_are_sign_extended(tmp_path):
+    values = np.arange(-2048, 2048, dtype=np.int16).reshape(64, 64)
+    stored = (values & 0x0FFF).astype(np.int16)  # 12-bit two's complement, high bits 0
+    image = load_file(save(cr_dataset(stored, BitsStored=12), tmp_path / "x.dcm"))
+    assert image.pixels[0, 0] == 0 and image.pixels[-1, -1] == 255
+    assert np.all(np.diff(image.pixels.ravel().astype(int)) >= 0)
+
+
+# --- compressed transfer syntaxes ---------------------------------------------------------
+
+def test_rle_lossless(tmp_path, chest_crop):
+    ds = cr_dataset(chest_crop, BitsStored=15, PhotometricInterpretation="MONOCHROME1")
+    native = load_file(save(ds, tmp_path / "native.dcm"))
+    ds.compress(RLELossless, generate_instance_uid=False)
+    image = load_file(save(ds, tmp_path / "rle.dcm"))
+    assert np.array_equal(image.pixels, native.pixels)
+
+
+def test_jpeg_lossless(tmp_path, chest_crop):
+    dcmcjpeg = shutil.which("dcmcjpeg")
+    if dcmcjpeg is None:
+        pytest.skip("dcmcjpeg not installed (Debian package dcmtk)")
+    native_path = save(cr_dataset(chest_crop, BitsStored=15), tmp_path / "native.dcm")
+    jpeg_path = tmp_path / "jpeg-lossless.dcm"
+    subprocess.run([dcmcjpeg, "--quiet", "+e1", str(native_path), str(jpeg_path)], check=True)
+    assert pydicom.dcmread(jpeg_path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    assert np.array_equal(load_file(jpeg_path).pixels, load_file(native_path).pixels)
+
+
+def test_jpeg_baseline(tmp_path, chest_crop):
+    grey = (chest_crop >> 7).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(grey).save(encoded, "JPEG", quality=95)
+    ds = cr_dataset(grey)
+    ds.PixelData = encapsulate([encoded.getvalue()])
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    image = load_file(save(ds, tmp_path / "baseline.dcm"))
+    assert correlation(image.pixels, grey) > 0.99
