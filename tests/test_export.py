@@ -1,0 +1,66 @@
+"""export-onnx: parity with PyTorch on real images, metadata round trip, outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from pneumoscan.cam.onnx_cam import OnnxCamModel
+from pneumoscan.checkpoint import checkpoint_model_info, read_checkpoint
+from pneumoscan.export import OPSET, check_parity, export_module
+from pneumoscan.checkpoint import load_network
+from pneumoscan.preprocess import model_input
+
+from conftest import load_file
+
+
+def test_metadata_round_trip(small_checkpoint, small_onnx):
+    payload = read_checkpoint(small_checkpoint)
+    expected = checkpoint_model_info(small_checkpoint, payload)
+    info = OnnxCamModel(small_onnx, device="cpu").info
+    assert info.class_names == ("NORMAL", "PNEUMONIA")
+    assert info.positive_class == 1
+    assert info.threshold == pytest.approx(payload["threshold"], abs=0)
+    assert info.preprocessing == expected.preprocessing
+    assert info.preprocessing.height == 128
+    assert info.arch == "efficientnet_lite0"
+    assert info.version == "test"
+    assert "auc" in info.extra["validation_metrics"]
+    assert "kermany224" in info.extra["training_data"]
+
+
+def test_graph_has_dynamic_batch_and_cam_outputs(small_onnx):
+    model = onnx.load(str(small_onnx))
+    assert model.opset_import[0].version >= 17 and OPSET >= 17
+    assert [o.name for o in model.graph.output] == ["logits", "features", "cams"]
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value
+
+
+def test_parity_on_real_images_for_several_batch_sizes(small_checkpoint, small_onnx, val_images):
+    network, payload = load_network(small_checkpoint)
+    prep = checkpoint_model_info(small_checkpoint, payload).preprocessing
+    paths = sorted(val_images.rglob("*.jpeg"))
+    batch = np.stack([model_input(load_file(p).pixels, prep) for p in paths])
+    for n in (1, 5, len(batch)):
+        diffs = check_parity(export_module(network), small_onnx, batch[:n])
+        assert max(diffs.values()) < 1e-4, diffs
+    model = OnnxCamModel(small_onnx, device="cpu")
+    out = model.predict(batch[:3])
+    assert out.probabilities.shape == (3, 2)
+    np.testing.assert_allclose(out.probabilities.sum(1), 1, atol=1e-6)
+    assert out.cams.shape == (3, 2, 4, 4)  # 128 px input, stride 32
+
+
+def test_export_refuses_a_checkpoint_it_cannot_read(tmp_path):
+    from click.testing import CliRunner
+
+    from pneumoscan.cli import main
+
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(main, ["export-onnx", str(bogus), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1
+    assert "cannot read checkpoint" in result.output
+    assert not (tmp_path / "m.onnx").exists()
