@@ -155,46 +155,36 @@ def efficientnet_lite0_weights_file() -> Path:
 
 # --- torchvision backbones ----------------------------------------------------------------
 
-def _torchvision_state(arch: str, weights: str | Path | None, download: bool) -> dict | None:
+def _torchvision_backbone(arch: str, weights: str | Path | None, download: bool) -> nn.Module:
+    """torchvision's model with its ImageNet weights from `weights`, the hub, or none."""
     import torchvision.models as tvm
 
+    constructor, published = {"resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+                              "densenet161": (tvm.densenet161,
+                                              tvm.DenseNet161_Weights.IMAGENET1K_V1)}[arch]
+    model = constructor()
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     elif download:
-        enum = {"resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2,
-                "densenet161": tvm.DenseNet161_Weights.IMAGENET1K_V1}[arch]
-        state = enum.get_state_dict(progress=True)
+        state = published.get_state_dict(progress=True)
     else:
-        return None
+        return model
     if arch == "densenet161":
         # Old-style keys ('norm.1') in torchvision's published DenseNet files.
-        pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-        state = {(pattern.sub(r"\1\2", k)): v for k, v in state.items()}
-    return state
+        pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.\w+)$")
+        state = {pattern.sub(r"\1\2", k): v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model
 
 
-def _resnet50(weights, download: bool, dropout: float) -> PneumoniaNet:
-    import torchvision.models as tvm
-
-    tv = tvm.resnet50()
-    state = _torchvision_state("resnet50", weights, download)
-    if state is not None:
-        tv.load_state_dict(state)
+def _resnet50_parts(tv: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Linear]:
     trunk = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool,
                           tv.layer1, tv.layer2, tv.layer3, tv.layer4)
     stages = [tv.layer4, tv.layer3, tv.layer2, nn.ModuleList([tv.conv1, tv.bn1, tv.layer1])]
-    net = PneumoniaNet(trunk, 2048, stages, num_classes=1000, dropout=dropout)
-    net.classifier.load_state_dict(tv.fc.state_dict())
-    return net
+    return trunk, stages, tv.fc
 
 
-def _densenet161(weights, download: bool, dropout: float) -> PneumoniaNet:
-    import torchvision.models as tvm
-
-    tv = tvm.densenet161()
-    state = _torchvision_state("densenet161", weights, download)
-    if state is not None:
-        tv.load_state_dict(state)
+def _densenet161_parts(tv: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Linear]:
     f = tv.features
     # torchvision applies a ReLU after `features` in forward(); keep it inside the trunk so
     # the hooked maps are the ones that are pooled.
@@ -203,8 +193,16 @@ def _densenet161(weights, download: bool, dropout: float) -> PneumoniaNet:
               nn.ModuleList([f.denseblock3, f.transition3]),
               nn.ModuleList([f.denseblock2, f.transition2]),
               nn.ModuleList([f.conv0, f.norm0, f.denseblock1, f.transition1])]
-    net = PneumoniaNet(trunk, 2208, stages, num_classes=1000, dropout=dropout)
-    net.classifier.load_state_dict(tv.classifier.state_dict())
+    return trunk, stages, tv.classifier
+
+
+_TORCHVISION_PARTS = {"resnet50": _resnet50_parts, "densenet161": _densenet161_parts}
+
+
+def _torchvision_network(arch: str, weights, download: bool, dropout: float) -> PneumoniaNet:
+    trunk, stages, head = _TORCHVISION_PARTS[arch](_torchvision_backbone(arch, weights, download))
+    net = PneumoniaNet(trunk, head.in_features, stages, num_classes=1000, dropout=dropout)
+    net.classifier.load_state_dict(head.state_dict())
     return net
 
 
@@ -219,10 +217,9 @@ def build_imagenet_network(arch: str, weights: str | Path | None = None, downloa
         if pretrained and weights is None:
             weights = efficientnet_lite0_weights_file()
         return _efficientnet_lite0(weights if pretrained else None, dropout)
-    if arch == "resnet50":
-        return _resnet50(weights if pretrained else None, download and pretrained, dropout)
-    if arch == "densenet161":
-        return _densenet161(weights if pretrained else None, download and pretrained, dropout)
+    if arch in _TORCHVISION_PARTS:
+        return _torchvision_network(arch, weights if pretrained else None,
+                                    download and pretrained, dropout)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 

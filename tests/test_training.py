@@ -152,3 +152,26 @@ def test_large_backbones_train_and_export(arch, kermany_train, val_images, tmp_p
     diffs = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onnx",
                               check_images=val_images, log=lambda m: None)
     assert max(diffs.values()) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "densenet161"])
+def test_local_imagenet_weights_file_is_loaded(arch, tmp_path):
+    """--pretrained-weights FILE: torchvision's published state dicts load offline
+    (DenseNet's files use old-style keys such as 'norm.1', remapped on load)."""
+    import re
+
+    import torchvision.models as tvm
+
+    torch.manual_seed(1)
+    reference = getattr(tvm, arch)()
+    state = reference.state_dict()
+    if arch == "densenet161":
+        state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+                 for k, v in state.items()}
+        assert any(".norm.1." in k for k in state)
+    torch.save(state, tmp_path / "imagenet.pth")
+    net = build_imagenet_network(arch, weights=tmp_path / "imagenet.pth")
+    head = reference.fc if arch == "resnet50" else reference.classifier
+    assert torch.equal(net.classifier.weight, head.weight)
+    first_conv = reference.conv1 if arch == "resnet50" else reference.features.conv0
+    assert torch.equal(next(net.features.parameters()), first_conv.weight)
