@@ -39,6 +39,6 @@ def checkpoint_model_info(path: Path, payload: dict, version: str | None = None)
         arch=payload["arch"], class_names=tuple(payload["class_names"]),
         positive_class=list(payload["class_names"]).index("PNEUMONIA"),
         threshold=float(payload["threshold"]),
-        preprocessing=Preprocessing(prep["height"], prep["width"], prep["channels"],
-                                    tuple(prep["mean"]), tuple(prep["std"]), prep["resize"]),
+        preprocessing=Preprocessing(**{**prep, "mean": tuple(prep["mean"]),
+                                       "std": tuple(prep["std"])}),
     )

@@ -5,6 +5,7 @@ Training (training/) and inference call the same functions, so both see identica
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
 
@@ -17,13 +18,17 @@ RESIZE_MODES = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampli
 @dataclass(frozen=True)
 class Preprocessing:
     """How a model wants its input. `resize` squashes to (height, width) without keeping
-    the aspect ratio, as the Kermany 224 px training set was made."""
+    the aspect ratio, as the Kermany 224 px training set was made. `jpeg_quality`, when
+    set, passes the resized image through JPEG at that quality: the Kermany 224 px images
+    are stored as quality-75 JPEGs, and a model trained on them reads those compression
+    artefacts as part of the image, so inputs must carry the same ones."""
     height: int
     width: int
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: str = "bilinear"
+    jpeg_quality: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -35,12 +40,16 @@ class Preprocessing:
         return cls(**d)
 
 
-def resize_pixels(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 (H, W) -> uint8 (height, width)."""
-    if pixels.shape == (prep.height, prep.width):
-        return pixels
+def prepare_pixels(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 (H, W) -> uint8 (height, width): resized, then JPEG round trip if asked."""
     img = Image.fromarray(pixels)
-    return np.asarray(img.resize((prep.width, prep.height), RESIZE_MODES[prep.resize]))
+    if pixels.shape != (prep.height, prep.width):
+        img = img.resize((prep.width, prep.height), RESIZE_MODES[prep.resize])
+    if prep.jpeg_quality is not None:
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", quality=prep.jpeg_quality)
+        img = Image.open(buffer)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def normalise(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -53,4 +62,4 @@ def normalise(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 def model_input(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """One image: uint8 (H, W) -> float32 (C, height, width)."""
-    return normalise(resize_pixels(pixels, prep)[None], prep)[0]
+    return normalise(prepare_pixels(pixels, prep)[None], prep)[0]

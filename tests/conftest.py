@@ -23,6 +23,15 @@ def load_file(path: Path) -> LoadedImage | FileResult:
     return load(classify_file(path))
 
 
+def invoke_cli(*args):
+    """Run the click CLI in-process, as a user would from the shell."""
+    from click.testing import CliRunner
+
+    from pneumoscan.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

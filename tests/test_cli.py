@@ -8,16 +8,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
-
 from pneumoscan import __version__
-from pneumoscan.cli import main
 
-from conftest import SAMPLES
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+from conftest import SAMPLES, invoke_cli as invoke
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 from pneumoscan.datasets import CLASS_NAMES, Sample
 from pneumoscan.discover import classify_file
 from pneumoscan.loading import load
-from pneumoscan.preprocess import Preprocessing, resize_pixels
+from pneumoscan.preprocess import Preprocessing, prepare_pixels
 from pneumoscan.records import FileResult
 
 __all__ = ["CLASS_NAMES", "Sample", "split_by_patient", "load_cached"]
@@ -36,15 +36,15 @@ def split_by_patient(samples: list[Sample], val_fraction: float,
 
 
 def load_cached(samples: list[Sample], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode every sample once through pneumoscan's loader and resize it to the model's
-    input size: uint8 (N, H, W), labels (N,), and the reasons of files that were left out."""
+    """Decode every sample once through pneumoscan's loader and bring it to the model's
+    input size (and JPEG round trip) as inference does: uint8 (N, H, W), labels (N,), and the reasons of files that were left out."""
     images, labels, problems = [], [], []
     for s in samples:
         loaded = load(classify_file(s.path), min_size=(prep.width, prep.height))
         if isinstance(loaded, FileResult):
             problems.append(f"{s.path}: {loaded.status}: {loaded.reason}")
             continue
-        images.append(resize_pixels(loaded.pixels, prep))
+        images.append(prepare_pixels(loaded.pixels, prep))
         labels.append(s.label)
     if not images:
         raise RuntimeError("no readable images in the dataset")

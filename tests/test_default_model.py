@@ -1,0 +1,81 @@
+"""The model shipped inside the package: `pneumoscan run` uses it without --model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pneumoscan.cam.onnx_cam import OnnxCamModel
+from pneumoscan.model import default_model_path
+
+from conftest import SAMPLES, invoke_cli
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    path = default_model_path()
+    assert path.is_file(), f"the default model is missing from the package: {path}"
+    return OnnxCamModel(path, device="cpu")
+
+
+def test_shipped_model_describes_itself(shipped):
+    info = shipped.info
+    assert info.arch == "efficientnet_lite0"
+    assert info.class_names == ("NORMAL", "PNEUMONIA")
+    assert (info.preprocessing.height, info.preprocessing.width) == (224, 224)
+    assert info.preprocessing.resize == "bilinear"
+    assert 0 < info.threshold < 1
+    metrics = json.loads(info.extra["validation_metrics"])
+    assert metrics["at_threshold"]["auc"] >= 0.98
+    assert metrics["at_threshold"]["sensitivity"] >= 0.95
+    assert "kermany224" in info.extra["training_data"]
+
+
+def test_run_without_model_uses_the_shipped_one(shipped, tmp_path):
+    """The 16 official Kermany VAL images: never seen in training nor in choosing the
+    threshold, so this is a real (if tiny) held-out check."""
+    out = tmp_path / "r.json"
+    result = invoke_cli("run", SAMPLES, "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["run"]["sha256"] == shipped.info.sha256
+    graded = [r for r in data["results"] if r["status"] == "ok" and r["path"].endswith(".jpeg")]
+    assert len(graded) == 16
+    truth = {r["path"]: "NORMAL" if "NORMAL" in r["path"].rsplit("/", 1)[-1] else "PNEUMONIA"
+             for r in graded}
+    correct = sum(r["label"] == truth[r["path"]] for r in graded)
+    assert correct >= 14, f"{correct}/16 correct on the official validation images"
+    rg1 = [r for r in data["results"] if "RG1_" in r["path"]]
+    assert len(rg1) == 3 and all(r["status"] == "ok" for r in rg1)
+
+
+def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shared_data):
+    """The 100 original-resolution TRAIN images against their 224 px training copies: the
+    run path (draft decode, bilinear squash, JPEG q75 round trip from the model's metadata)
+    must give the network nearly the pixels, and the scores, it was trained on."""
+    import numpy as np
+
+    from pneumoscan.loading import load_raster
+    from pneumoscan.pipeline import DISPLAY_SIZE
+    from pneumoscan.preprocess import model_input, prepare_pixels
+
+    prep = shipped.info.preprocessing
+    assert prep.jpeg_quality == 75
+    originals = sorted((shared_data / "kermany-original").rglob("*.jpeg"))[::4]
+    run_path, training = [], []
+    for path in originals:
+        copy = shared_data / "kermany224" / "train" / path.parent.name / path.name
+        run_path.append(load_raster(path, (DISPLAY_SIZE, DISPLAY_SIZE)).pixels)
+        training.append(load_raster(copy).pixels)
+    pixel_gap = np.mean([np.abs(prepare_pixels(a, prep).astype(float) - b).mean()
+                         for a, b in zip(run_path, training)])
+    assert pixel_gap < 3.0  # grey levels; JPEG noise between two encodings
+    scores = [shipped.predict(np.stack([model_input(x, prep) for x in batch])).probabilities[:, 1]
+              for batch in (run_path, training)]
+    assert np.abs(scores[0] - scores[1]).mean() < 0.05
+    without_round_trip = prep.__class__(**{**prep.__dict__, "jpeg_quality": None})
+    plain = shipped.predict(np.stack([model_input(x, without_round_trip)
+                                      for x in run_path])).probabilities[:, 1]
+    # The round trip is what closes the gap: without it the scores drift far more.
+    assert np.abs(plain - scores[1]).mean() > 2 * np.abs(scores[0] - scores[1]).mean()
