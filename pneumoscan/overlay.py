@@ -1,0 +1,89 @@
+"""Report images: the X-ray and its class activation map (CAM) blended over it, encoded at
+the size the report shows them.
+
+`render_overlays` runs once per image in the pipeline's worker threads, so it uses only
+numpy and Pillow (whose resize, blend and encode release the GIL) on uint8 / float32 arrays
+at display size; matplotlib is not imported.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+# Longest side of the report images: about 115 dpi at the 85 mm they are printed at.
+DISPLAY_SIDE = 384
+JPEG_QUALITY = 80
+# Weight of the colour map in the blend; the rest is the X-ray, which must stay readable.
+CAM_OPACITY = 0.4
+
+# Turbo colour map (Mikhailov, Google AI 2019), sampled at 33 evenly spaced points from
+# matplotlib's table; linear interpolation between them stays within 4/255 of it.
+_TURBO_SAMPLES = np.array([
+    (48, 18, 59), (57, 42, 115), (64, 64, 162), (68, 86, 199), (70, 107, 227), (70, 128, 246),
+    (66, 148, 255), (55, 168, 250), (40, 188, 235), (28, 205, 216), (24, 221, 194), (31, 233, 175),
+    (50, 242, 152), (78, 249, 125), (109, 254, 98), (139, 255, 75), (164, 252, 60), (185, 246, 53),
+    (205, 236, 52), (223, 223, 55), (238, 207, 58), (248, 190, 57), (253, 172, 52), (254, 150, 43),
+    (251, 126, 33), (244, 102, 23), (235, 80, 14), (223, 63, 8), (208, 47, 5), (190, 33, 2),
+    (169, 22, 1), (146, 11, 1), (122, 4, 3),
+], dtype=np.float32)
+
+
+def _turbo_lut() -> np.ndarray:
+    sample_at = np.linspace(0.0, 1.0, len(_TURBO_SAMPLES))
+    x = np.linspace(0.0, 1.0, 256)
+    channels = [np.interp(x, sample_at, _TURBO_SAMPLES[:, c]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
+
+
+# 256 x 3 uint8: CAM value 0..1 scaled to 0..255 -> colour.
+TURBO_LUT = _turbo_lut()
+
+
+def display_size(width: int, height: int, longest: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """(width, height) scaled down so the longest side is at most `longest`; never up."""
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def render_overlays(pixels: np.ndarray, cam: np.ndarray) -> tuple[bytes, bytes]:
+    """The report's two pictures of one X-ray, as JPEG bytes at display size.
+
+    pixels: greyscale uint8 (H, W), 0 = black (a LoadedImage's pixels).
+    cam: float32 (h, w), any small grid (e.g. 7 x 7), normalised to 0..1 for the predicted
+    class; it is stretched over the whole image.
+    Returns (the X-ray alone, the X-ray with the CAM in the turbo colour map blended over it).
+    """
+    grey = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    size = display_size(*grey.size)
+    if grey.size != size:
+        grey = grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    heat = colourise(cam, size)
+    overlay = Image.blend(grey.convert("RGB"), heat, CAM_OPACITY)
+    return encode_jpeg(grey), encode_jpeg(overlay)
+
+
+def colourise(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """CAM (h, w) 0..1 -> RGB image of `size` (width, height), bilinear, turbo colours."""
+    # NaN or out-of-range values (a flat CAM normalised by zero) must not index off the LUT.
+    small = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0.0, 1.0)
+    upsampled = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BILINEAR))
+    index = (upsampled * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+    return Image.fromarray(TURBO_LUT[index])
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=1)
+def colour_bar_png() -> bytes:
+    """The colour map from low (left) to high (right), 256 x 8 px, for the legend."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(TURBO_LUT[None], 8, axis=0)).save(buffer, "PNG")
+    return buffer.getvalue()
