@@ -1,0 +1,94 @@
+"""What a report says about a set of results: counts, and the files grouped into studies
+with one decision each. Plain data for the templates; no formatting here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .records import DICOM_FIELDS, FileResult
+
+POSITIVE = "PNEUMONIA"
+NEGATIVE = "NORMAL"
+UNCLASSIFIED = "NOT CLASSIFIED"  # a study none of whose files could be classified
+
+
+@dataclass(frozen=True)
+class Counts:
+    files: int
+    classified: int
+    pneumonia: int
+    normal: int
+    skipped: int
+    errors: int
+
+    @classmethod
+    def of(cls, results: Iterable[FileResult]) -> Counts:
+        statuses = [(r.status, r.label) for r in results]
+        return cls(
+            files=len(statuses),
+            classified=sum(status == "ok" for status, _ in statuses),
+            pneumonia=sum(status == "ok" and label == POSITIVE for status, label in statuses),
+            normal=sum(status == "ok" and label == NEGATIVE for status, label in statuses),
+            skipped=sum(status == "skipped" for status, _ in statuses),
+            errors=sum(status == "error" for status, _ in statuses),
+        )
+
+
+@dataclass(frozen=True)
+class Study:
+    """The files of one study, in input order."""
+    key: str
+    files: tuple[FileResult, ...]
+
+    @property
+    def classified(self) -> list[FileResult]:
+        return [r for r in self.files if r.status == "ok"]
+
+    @property
+    def not_classified(self) -> list[FileResult]:
+        return [r for r in self.files if r.status != "ok"]
+
+    @property
+    def decision(self) -> str:
+        """PNEUMONIA if any image is, NORMAL if images were classified and none is."""
+        labels = {r.label for r in self.classified}
+        if POSITIVE in labels:
+            return POSITIVE
+        return NEGATIVE if labels else UNCLASSIFIED
+
+    @property
+    def highest_probability(self) -> float | None:
+        probabilities = [r.probability for r in self.classified if r.probability is not None]
+        return max(probabilities, default=None)
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        """(label, value) rows: the DICOM fields first in their usual order, then any other
+        keyword; a field whose images disagree lists their distinct values."""
+        values: dict[str, list[str]] = {}
+        for result in self.files:
+            for keyword, value in result.metadata.items():
+                seen = values.setdefault(keyword, [])
+                if value and value not in seen:
+                    seen.append(value)
+        order = [k for k in DICOM_FIELDS if k in values] + sorted(values.keys() - DICOM_FIELDS.keys())
+        return [(DICOM_FIELDS.get(k, k), " / ".join(values[k])) for k in order if values[k]]
+
+
+_DECISION_RANK = {POSITIVE: 0, NEGATIVE: 1, UNCLASSIFIED: 2}
+
+
+def group_studies(results: Iterable[FileResult]) -> list[Study]:
+    """Studies in reading order: positive first, then the most probable pneumonia first,
+    then by key so that the order is stable."""
+    files: dict[str, list[FileResult]] = {}
+    for result in results:
+        files.setdefault(result.study, []).append(result)
+    studies = [Study(key, tuple(group)) for key, group in files.items()]
+
+    def reading_order(study: Study) -> tuple:
+        highest = study.highest_probability
+        return (_DECISION_RANK[study.decision], -highest if highest is not None else 1.0, study.key)
+
+    return sorted(studies, key=reading_order)
