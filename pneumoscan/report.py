@@ -1,0 +1,161 @@
+"""HTML and PDF reports of a run (last stage of the pipeline).
+
+Every image is embedded as a data: URI, so a report is one self-contained file. PDFs are
+rendered by WeasyPrint with a URL fetcher that serves only data: URIs and the package's
+own template files: a report never fetches anything over the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.request import url2pathname
+
+import jinja2
+from markupsafe import Markup
+from weasyprint import HTML
+from weasyprint.urls import URLFetcher, URLFetcherResponse
+
+from .output_files import PRIVATE_MODE, study_file_stem, write_atomic
+from .overlay import colour_bar_png
+from .records import FileResult, RunInfo
+from .summary import NEGATIVE, POSITIVE, Counts, group_studies
+
+DISCLAIMER = "Research use only; not a medical diagnosis."
+DEFAULT_TITLE = "Chest X-ray pneumonia screening report"
+
+
+def render_html(run: RunInfo, results: Sequence[FileResult], *, title: str = DEFAULT_TITLE) -> str:
+    """The whole report as one HTML document, images and stylesheet included."""
+    studies = group_studies(results)
+    html = _environment().get_template("report.html.j2").render(
+        title=title,
+        run=run,
+        counts=Counts.of(results),
+        studies=studies,
+        not_classified=[r for study in studies for r in study.not_classified],
+        colour_bar=data_uri(colour_bar_png()),
+        disclaimer=DISCLAIMER,
+        css=_stylesheet(),
+    )
+    # Names that are not valid UTF-8 reach us as lone surrogates (os.fsdecode); neither
+    # an HTML file nor PDF text can hold them, so they are shown escaped: "\udcff".
+    return html.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def render_pdf(html: str) -> bytes:
+    """An A4 PDF of a report's HTML, rendered once, fetching nothing from outside."""
+    fetcher = LocalOnlyFetcher()
+    return HTML(string=html, base_url=fetcher.templates_url, url_fetcher=fetcher).write_pdf()
+
+
+def write_report(path: Path | str, run: RunInfo, results: Sequence[FileResult], *,
+                 title: str = DEFAULT_TITLE, mode: int = PRIVATE_MODE) -> Path:
+    """One report of all results, as HTML or PDF by the suffix of `path`."""
+    path = Path(path)
+    html = render_html(run, results, title=title)
+    write_atomic(path, _encode_as(path.suffix, html), mode)
+    return path
+
+
+def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileResult], *,
+                    mode: int = PRIVATE_MODE) -> list[Path]:
+    """One HTML and one PDF report per study in `directory` (created if missing), named
+    from the study key by `study_file_stem`, so that no key can place a file elsewhere.
+    Returns the paths written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written = []
+    for study in group_studies(results):
+        html = render_html(run, study.files, title=f"Study {study.key}")
+        stem = study_file_stem(study.key)
+        for suffix in (".html", ".pdf"):
+            path = directory / f"{stem}{suffix}"
+            write_atomic(path, _encode_as(suffix, html), mode)
+            written.append(path)
+    return written
+
+
+def _encode_as(suffix: str, html: str) -> bytes:
+    if suffix.lower() == ".pdf":
+        return render_pdf(html)
+    if suffix.lower() in (".html", ".htm"):
+        return html.encode("utf-8")
+    raise ValueError(f"report file must end in .html or .pdf, not {suffix!r}")
+
+
+class LocalOnlyFetcher(URLFetcher):
+    """Serves data: URIs and files inside the package's templates folder; refuses any
+    other URL (remote, or a local file elsewhere) with ValueError, which WeasyPrint logs
+    as a warning before leaving the resource out."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_on_errors=False)
+        folder = files("pneumoscan.templates")
+        # Installed as plain files (the usual case) the templates can be served as file: URLs.
+        self.templates_dir = Path(folder).resolve() if isinstance(folder, Path) else None
+        self.templates_url = self.templates_dir.as_uri() + "/" if self.templates_dir else None
+
+    def fetch(self, url: str, headers: dict | None = None) -> URLFetcherResponse:
+        parts = urlsplit(url)
+        if parts.scheme == "data":
+            content_type, content = decode_data_uri(url)
+            return URLFetcherResponse(url, content, {"Content-Type": content_type})
+        if parts.scheme == "file" and parts.netloc in ("", "localhost") and self.templates_dir:
+            path = Path(url2pathname(parts.path)).resolve()
+            if path.is_relative_to(self.templates_dir) and path.is_file():
+                content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                return URLFetcherResponse(url, path.read_bytes(), {"Content-Type": content_type})
+        raise ValueError(f"refused to fetch {url[:200]!r}: a report may only load data: URIs "
+                         "and files of the pneumoscan templates folder")
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    """Built once; templates are compiled once and reused by every report."""
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_template_source),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["data_uri"] = data_uri
+    env.filters["decision_class"] = _decision_class
+    return env
+
+
+def _template_source(name: str) -> str:
+    return files("pneumoscan.templates").joinpath(name).read_text("utf-8")
+
+
+@lru_cache(maxsize=1)
+def _stylesheet() -> Markup:
+    # Our own packaged file, so it goes into <style> unescaped (escaping would break
+    # selectors such as `a > b` and quoted strings).
+    return Markup(_template_source("report.css"))
+
+
+def decode_data_uri(url: str) -> tuple[str, bytes]:
+    """data:[<media type>][;base64],<data> -> (media type, content). Done here rather than
+    by urllib's opener, whose proxy handler would honour a `data_proxy` setting."""
+    header, _, payload = url.removeprefix("data:").partition(",")
+    media_type, *parameters = header.split(";")
+    if parameters and parameters[-1] == "base64":
+        return media_type or "text/plain", base64.b64decode(payload)
+    return media_type or "text/plain", unquote_to_bytes(payload)
+
+
+def data_uri(encoded_image: bytes) -> str:
+    """JPEG or PNG bytes -> data: URI, the type read from the bytes themselves."""
+    mime = "image/png" if encoded_image.startswith(b"\x89PNG\r\n\x1a\n") else "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(encoded_image).decode('ascii')}"
+
+
+def _decision_class(label: str | None) -> str:
+    return {POSITIVE: "pneumonia", NEGATIVE: "normal"}.get(label, "unclassified")
