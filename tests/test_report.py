@@ -1,0 +1,347 @@
+"""The report stage: overlays, HTML and PDF reports, their safety and their files."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan import report
+from pneumoscan.loading import load_raster
+from pneumoscan.output_files import study_file_stem, write_atomic
+from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIDE, TURBO_LUT, colour_bar_png,
+                                render_overlays)
+from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.report import (DISCLAIMER, LocalOnlyFetcher, decode_data_uri, render_html,
+                               render_pdf, write_per_study, write_report)
+from pneumoscan.summary import Counts, group_studies
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VAL = DATA / "kermany-val-original"
+SCRIPT = "<script>alert(1)</script>"
+IMG_TAG = "<img src=x onerror=alert(2)>"
+REMOTE = "http://example.invalid/x.png"
+SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+RUN = RunInfo(model_name="densenet121-kermany", model_version="1.2.0", model_sha256=SHA256,
+              provider="CPUExecutionProvider", pneumoscan_version="0.1.0",
+              started="2025-01-01T09:00:00Z", finished="2025-01-01T09:00:05Z", threshold=0.5)
+
+
+def needs_data() -> None:
+    if not VAL.is_dir():
+        pytest.skip(f"real X-rays not found: {VAL} (the shared data folder beside the "
+                    "checkout) is absent")
+
+
+def needs_tool(name: str) -> None:
+    if shutil.which(name) is None:
+        pytest.skip(f"{name} (poppler-utils) is not installed")
+
+
+def cam_peaking_at(row: float, col: float) -> np.ndarray:
+    """7 x 7 CAM, 0..1, highest at (row, col)."""
+    y, x = np.mgrid[0:7, 0:7].astype(np.float32)
+    cam = np.exp(-((y - row) ** 2 + (x - col) ** 2) / 4.0)
+    return (cam - cam.min()) / (cam.max() - cam.min())
+
+
+def decode(encoded: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(encoded))
+    image.load()
+    return image
+
+
+def pdf_text(pdf: bytes, tmp_path: Path) -> str:
+    needs_tool("pdftotext")
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pdf)
+    return subprocess.run(["pdftotext", str(path), "-"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def results() -> list[FileResult]:
+    """The official validation images as two studies per class, hostile metadata in one,
+    plus a skipped and a failed file."""
+    needs_data()
+    out = []
+    for index, path in enumerate(sorted(VAL.glob("*/*.jpeg"))):
+        pneumonia = path.parent.name == "PNEUMONIA"
+        probability = 0.55 + index * 0.02 if pneumonia else 0.05 + index * 0.01
+        image, overlay = render_overlays(load_raster(path).pixels, cam_peaking_at(3, 2 + pneumonia))
+        study = f"{path.parent.name.lower()}-{index % 2}"
+        metadata = {"PatientID": study, "Modality": "CR", "ViewPosition": "PA"}
+        out.append(FileResult(path, study, "ok", probability=probability,
+                              label="PNEUMONIA" if pneumonia else "NORMAL", threshold=0.5,
+                              metadata=metadata, image_png=image, overlay_png=overlay))
+    out[0].metadata.update(PatientName=SCRIPT, AccessionNumber=IMG_TAG, StudyDate=REMOTE)
+    out.append(FileResult(Path("/scans/pneumonia-1/notes.txt"), "pneumonia-1", "skipped",
+                          "unknown file type (not DICOM, PNG, JPEG or TIFF)"))
+    out.append(FileResult(Path("/scans/normal-0/cut.dcm"), "normal-0", "error",
+                          "truncated or corrupt JPEG data"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def html(results) -> str:
+    return render_html(RUN, results)
+
+
+@pytest.fixture(scope="module")
+def pdf(html) -> bytes:
+    return render_pdf(html)
+
+
+# --- overlays ---------------------------------------------------------------------------
+
+def test_overlays_are_compact_jpegs_at_display_size():
+    needs_data()
+    pixels = load_raster(next(VAL.glob("PNEUMONIA/*.jpeg"))).pixels
+    image_bytes, overlay_bytes = render_overlays(pixels, cam_peaking_at(3, 3))
+    image, overlay = decode(image_bytes), decode(overlay_bytes)
+    assert (image.format, image.mode, overlay.format, overlay.mode) == ("JPEG", "L", "JPEG", "RGB")
+    assert image.size == overlay.size and max(image.size) == DISPLAY_SIDE
+    assert abs(image.width / image.height - pixels.shape[1] / pixels.shape[0]) < 0.01
+    assert len(image_bytes) + len(overlay_bytes) < 80_000
+
+
+def test_overlay_blends_the_colour_map_where_the_cam_is():
+    grey = np.full((400, 512), 128, np.uint8)
+    image, overlay = (np.asarray(decode(b), dtype=np.float32)
+                      for b in render_overlays(grey, cam_peaking_at(0, 0)))
+    assert np.abs(image - 128).max() <= 2
+    for corner, colour in ((overlay[:8, :8], TURBO_LUT[255]), (overlay[-8:, -8:], TURBO_LUT[0])):
+        expected = (1 - CAM_OPACITY) * 128 + CAM_OPACITY * colour.astype(np.float32)
+        assert np.abs(corner.mean(axis=(0, 1)) - expected).max() < 8
+
+
+def test_small_images_are_not_upscaled_and_odd_cams_do_not_break():
+    pixels = np.tile(np.arange(224, dtype=np.uint8), (200, 1))
+    for cam in (np.full((7, 7), np.nan, np.float32), np.ones((1, 1), np.float32),
+                np.linspace(-1, 2, 49, dtype=np.float32).reshape(7, 7)):
+        image, overlay = render_overlays(pixels, cam)
+        assert decode(image).size == decode(overlay).size == (224, 200)
+
+
+def test_turbo_lut_matches_matplotlib():
+    colormaps = pytest.importorskip("matplotlib").colormaps
+    reference = colormaps["turbo"](np.linspace(0, 1, 256))[:, :3] * 255
+    assert TURBO_LUT.shape == (256, 3) and TURBO_LUT.dtype == np.uint8
+    assert np.abs(TURBO_LUT - reference).max() <= 4
+
+
+def test_colour_bar_runs_from_low_to_high():
+    bar = decode(colour_bar_png())
+    assert bar.format == "PNG" and bar.size == (256, 8)
+    assert np.array_equal(np.asarray(bar)[0], TURBO_LUT)
+
+
+# --- summary ----------------------------------------------------------------------------
+
+def test_a_study_is_positive_if_any_image_is_and_positive_studies_come_first():
+    def ok(study, probability, label):
+        return FileResult(Path(f"/{study}/{probability}.png"), study, "ok",
+                          probability=probability, label=label, threshold=0.5)
+    results = [ok("a", 0.2, "NORMAL"), ok("b", 0.1, "NORMAL"), ok("b", 0.7, "PNEUMONIA"),
+               ok("c", 0.9, "PNEUMONIA"), FileResult(Path("/d/x"), "d", "error", "bad"),
+               FileResult(Path("/a/y"), "a", "skipped", "not an image")]
+    studies = group_studies(results)
+    assert [(s.key, s.decision) for s in studies] == [
+        ("c", "PNEUMONIA"), ("b", "PNEUMONIA"), ("a", "NORMAL"), ("d", "NOT CLASSIFIED")]
+    assert studies[1].highest_probability == 0.7 and studies[3].highest_probability is None
+    assert Counts.of(results) == Counts(files=6, classified=4, pneumonia=2, normal=2,
+                                        skipped=1, errors=1)
+
+
+# --- HTML -------------------------------------------------------------------------------
+
+def test_html_lists_every_file_and_the_run(results, html):
+    for result in results:
+        assert result.path.name in html
+        if result.reason:
+            assert result.reason in html
+    assert DISCLAIMER in html and SHA256 in html and SHA256[:12] in html
+    assert "CPUExecutionProvider" in html and "densenet121-kermany 1.2.0" in html
+
+
+def test_html_summary_lists_positive_studies_first(html):
+    summary = html[html.index('<table class="studies">'):]
+    summary = summary[:summary.index("</table>")]
+    order = re.findall(r"<tr><td>([a-z]+-\d)</td>", summary)
+    assert sorted(order) == ["normal-0", "normal-1", "pneumonia-0", "pneumonia-1"]
+    assert order[:2] == ["pneumonia-1", "pneumonia-0"]  # highest probability first
+
+
+def test_html_escapes_hostile_metadata(html):
+    assert SCRIPT not in html and IMG_TAG not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html
+
+
+def test_html_is_self_contained(html):
+    sources = re.findall(r'\ssrc="([^"]*)"', html)
+    assert sources and all(source.startswith("data:image/") for source in sources)
+    assert "<link" not in html
+
+
+# --- PDF --------------------------------------------------------------------------------
+
+def test_pdf_text_has_disclaimer_studies_and_literal_script(pdf, tmp_path):
+    assert pdf.startswith(b"%PDF-")
+    text = pdf_text(pdf, tmp_path)
+    assert text.count(DISCLAIMER) >= text.count("\f") > 4  # on every page
+    for study in ("pneumonia-0", "pneumonia-1", "normal-0", "normal-1"):
+        assert study in text
+    words = " ".join(text.split())  # undo line wrapping
+    assert SCRIPT in words and IMG_TAG in words
+    assert SHA256[:12] in words
+
+
+def test_pdf_page_converts_to_an_image(pdf, tmp_path):
+    needs_tool("pdftoppm")
+    (tmp_path / "report.pdf").write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-r", "60", "-png", "-f", "2", "-l", "2",
+                    str(tmp_path / "report.pdf"), str(tmp_path / "page")], check=True)
+    page = decode(next(tmp_path.glob("page*.png")).read_bytes())
+    assert abs(page.width - 496) <= 1 and abs(page.height - 702) <= 1  # A4 at 60 dpi
+    assert len(np.unique(np.asarray(page.convert("RGB")).reshape(-1, 3), axis=0)) > 1000
+
+
+# --- nothing is fetched -----------------------------------------------------------------
+
+@pytest.fixture
+def fetched(monkeypatch) -> list[tuple[str, str]]:
+    """(url, "served" | "refused") for every URL WeasyPrint asks for; and any socket use
+    recorded as ("socket", ...)."""
+    calls: list[tuple[str, str]] = []
+    original = LocalOnlyFetcher.fetch
+
+    def spy(self, url, headers=None):
+        try:
+            response = original(self, url, headers)
+        except ValueError:
+            calls.append((url, "refused"))
+            raise
+        calls.append((url, "served"))
+        return response
+
+    def no_network(*args, **kwargs):
+        calls.append(("socket", repr(args)))
+        raise OSError("network use in a test")
+
+    monkeypatch.setattr(LocalOnlyFetcher, "fetch", spy)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return calls
+
+
+def test_a_remote_url_in_metadata_is_only_text(results, fetched):
+    html = render_html(RUN, results[:1])
+    assert f"Study date: {REMOTE}" in html
+    render_pdf(html)
+    assert fetched and all(url.startswith("data:") for url, _ in fetched)
+
+
+def test_remote_and_local_urls_in_crafted_markup_are_refused(fetched):
+    outside = Path(report.__file__).resolve()
+    crafted = (f'<link rel="stylesheet" href="https://example.invalid/a.css">'
+               f'<img src="{REMOTE}"><img src="{outside.as_uri()}">'
+               f'<img src="file://example.invalid/etc/passwd"><img src="../pneumoscan/report.py">'
+               f'<p style="background: url(ftp://example.invalid/b.png)">x</p>')
+    assert render_pdf(crafted).startswith(b"%PDF-")
+    refused = {url for url, outcome in fetched if outcome == "refused"}
+    assert {REMOTE, "https://example.invalid/a.css", outside.as_uri(),
+            "file://example.invalid/etc/passwd", "ftp://example.invalid/b.png"} <= refused
+    assert not [call for call in fetched if call[1] == "served" or call[0] == "socket"]
+
+
+def test_fetcher_serves_data_uris_and_template_files_only():
+    fetcher = LocalOnlyFetcher()
+    css = fetcher.fetch(fetcher.templates_url + "report.css")
+    assert css.content_type == "text/css" and b"@page" in css.read()
+    png = fetcher.fetch(report.data_uri(colour_bar_png()))
+    assert png.content_type == "image/png" and png.read() == colour_bar_png()
+    for url in (REMOTE, fetcher.templates_url + "../pneumoscan/report.py",
+                fetcher.templates_url + "missing.css", "file:///etc/passwd"):
+        with pytest.raises(ValueError, match="refused"):
+            fetcher.fetch(url)
+
+
+def test_data_uris_decode_both_ways():
+    assert decode_data_uri("data:image/png;base64,iVBORw==") == ("image/png", b"\x89PNG")
+    assert decode_data_uri("data:,a%20b") == ("text/plain", b"a b")
+
+
+# --- files ------------------------------------------------------------------------------
+
+HOSTILE_KEYS = ["../../../../tmp/escape", "/etc/passwd", "a\x00b", "x" * 5000, "a/b", "a_b",
+                "\udcff undecodable"]
+
+
+def test_study_file_stems_are_plain_short_and_distinct():
+    keys = HOSTILE_KEYS + ["", ".", "..", "CON", "~root", "patient 12 / CT / ø", "-rf"]
+    stems = [study_file_stem(key) for key in keys]
+    assert len(set(stems)) == len(stems)
+    for stem in stems:
+        assert re.fullmatch(r"study-[A-Za-z0-9._-]+", stem) and len(stem) <= 90
+
+
+@pytest.mark.slow
+def test_per_study_reports_stay_in_their_folder(tmp_path):
+    def tiny(key):
+        return FileResult(Path("/x/y.png"), key, "skipped", "not an image")
+    folder = tmp_path / "reports"
+    written = write_per_study(folder, RUN, [tiny(key) for key in HOSTILE_KEYS])
+    assert len(written) == 2 * len(HOSTILE_KEYS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in written)
+    assert all(p.parent == folder and p.suffix in (".html", ".pdf") for p in written)
+    assert [p.name for p in tmp_path.iterdir()] == ["reports"]
+
+
+@pytest.mark.slow
+def test_per_study_reports_hold_their_own_study(results, tmp_path):
+    written = write_per_study(tmp_path, RUN, results)
+    assert len(written) == 8
+    html = next(p for p in written if p.name.startswith("study-normal-0")
+                and p.suffix == ".html").read_text()
+    assert "cut.dcm" in html and "notes.txt" not in html and "pneumonia-1" not in html
+
+
+@pytest.mark.parametrize("suffix", [".html", ".pdf"])
+def test_reports_are_owner_only_and_written_whole(results, tmp_path, suffix):
+    path = write_report(tmp_path / f"report{suffix}", RUN, results[:2])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert path.read_bytes().startswith(b"%PDF-" if suffix == ".pdf" else b"<!DOCTYPE html>")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "report.pdf"
+    path.write_bytes(b"old")
+
+    def broken_replace(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["report.pdf"]
+
+
+def test_write_report_refuses_other_suffixes(tmp_path):
+    with pytest.raises(ValueError, match=".html or .pdf"):
+        write_report(tmp_path / "report.txt", RUN, [])
+    assert not list(tmp_path.iterdir())
+
+
+def test_mode_can_be_widened_on_request(tmp_path):
+    write_atomic(tmp_path / "shared.html", b"x", mode=0o644)
+    assert stat.S_IMODE((tmp_path / "shared.html").stat().st_mode) == 0o644
