@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,3 +25,13 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def study_file_stem(study_key: str) -> str:
+    """A file name stem for a study, safe on any file system and distinct for distinct
+    keys: up to 60 of the key's plain characters (its end, the most specific part: keys are
+    often folder paths) and 10 hex digits of its SHA-256. Never contains a path separator,
+    NUL or a leading dot, whatever the key."""
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "_", study_key)[-60:].strip("._-")
+    digest = hashlib.sha256(study_key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"study-{plain}-{digest}" if plain else f"study-{digest}"

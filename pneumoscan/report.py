@@ -21,7 +21,7 @@ from markupsafe import Markup
 from weasyprint import HTML
 from weasyprint.urls import URLFetcher, URLFetcherResponse
 
-from .output_files import PRIVATE_MODE, study_file_stem, write_atomic
+from .files import study_file_stem, write_atomic
 from .overlay import colour_bar_png
 from .records import FileResult, RunInfo
 from .summary import NEGATIVE, POSITIVE, Counts, group_studies
@@ -55,8 +55,9 @@ def render_pdf(html: str) -> bytes:
 
 
 def write_report(path: Path | str, run: RunInfo, results: Sequence[FileResult], *,
-                 title: str = DEFAULT_TITLE, mode: int = PRIVATE_MODE) -> Path:
-    """One report of all results, as HTML or PDF by the suffix of `path`."""
+                 title: str = DEFAULT_TITLE, mode: int = 0o600) -> Path:
+    """One report of all results, as HTML or PDF by the suffix of `path`; written
+    atomically, readable by its owner only unless `mode` says otherwise."""
     path = Path(path)
     html = render_html(run, results, title=title)
     write_atomic(path, _encode_as(path.suffix, html), mode)
@@ -64,7 +65,7 @@ def write_report(path: Path | str, run: RunInfo, results: Sequence[FileResult], 
 
 
 def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileResult], *,
-                    mode: int = PRIVATE_MODE) -> list[Path]:
+                    mode: int = 0o600) -> list[Path]:
     """One HTML and one PDF report per study in `directory` (created if missing), named
     from the study key by `study_file_stem`, so that no key can place a file elsewhere.
     Returns the paths written."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pneumoscan import report
 from pneumoscan.loading import load_raster
-from pneumoscan.output_files import study_file_stem, write_atomic
+from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIDE, TURBO_LUT, colour_bar_png,
                                 render_overlays)
 from pneumoscan.records import FileResult, RunInfo
