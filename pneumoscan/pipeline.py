@@ -18,10 +18,9 @@ import numpy as np
 
 from .cam import CamModel, normalised_cams
 from .loading import load
+from .overlay import DISPLAY_SIDE, render_overlays
 from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
-
-DISPLAY_SIZE = 384  # longest side of the images shown in reports
 
 
 @dataclass
@@ -45,12 +44,6 @@ def _prepare(item: InputFile, model: CamModel, min_size: tuple[int, int]) -> Pre
     return Prepared(item, outcome, tensor, time.perf_counter() - t0)
 
 
-def _render(pixels: np.ndarray, cam: np.ndarray) -> tuple[bytes, bytes]:
-    from .overlay import render_overlays
-
-    return render_overlays(pixels, cam)
-
-
 def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 32,
              workers: int | None = None, threshold: float | None = None,
              render: bool = True,
@@ -60,7 +53,7 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 3
     info = model.info
     threshold = info.threshold if threshold is None else threshold
     prep = info.preprocessing
-    min_size = (max(prep.width, DISPLAY_SIZE), max(prep.height, DISPLAY_SIZE)) if render \
+    min_size = (max(prep.width, DISPLAY_SIDE), max(prep.height, DISPLAY_SIDE)) if render \
         else (prep.width, prep.height)
     negative = 1 - info.positive_class  # binary models: the other class
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
@@ -101,8 +94,8 @@ def _finish_chunk(chunk, model, threshold, info, negative, batch_size, render_po
         positive = probabilities >= threshold
         decided = np.where(positive, info.positive_class, negative)
         cams = normalised_cams(predictions.cams, decided)
-        renders = [render_pool.submit(_render, p.outcome.pixels, cam) if render_pool else None
-                   for p, cam in zip(loaded, cams)]
+        renders = [render_pool.submit(render_overlays, p.outcome.pixels, cam)
+                   if render_pool else None for p, cam in zip(loaded, cams)]
         for p, prob, cls, render in zip(loaded, probabilities, decided, renders):
             image_png, overlay_png = render.result() if render else (None, None)
             img: LoadedImage = p.outcome
