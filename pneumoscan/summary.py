@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from .records import DICOM_FIELDS, FileResult
 
@@ -64,16 +65,26 @@ class Study:
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
-        """(label, value) rows: the DICOM fields first in their usual order, then any other
-        keyword; a field whose images disagree lists their distinct values."""
-        values: dict[str, list[str]] = {}
+        """(label, value) of the fields all the study's files agree on (those that have
+        them): DICOM fields in their usual order, then any other keyword."""
+        return [(label, values[0]) for _, label, values in self._fields if len(values) == 1]
+
+    def image_metadata(self, result: FileResult) -> list[tuple[str, str]]:
+        """(label, value) of `result`'s fields that differ between the study's files, such
+        as each image's SOP instance UID."""
+        return [(label, result.metadata[keyword]) for keyword, label, values in self._fields
+                if len(values) > 1 and result.metadata.get(keyword)]
+
+    @cached_property
+    def _fields(self) -> list[tuple[str, str, list[str]]]:
+        """(keyword, label, distinct non-empty values) of every field, in display order."""
+        values: dict[str, dict[str, None]] = {}
         for result in self.files:
             for keyword, value in result.metadata.items():
-                seen = values.setdefault(keyword, [])
-                if value and value not in seen:
-                    seen.append(value)
+                if value:
+                    values.setdefault(keyword, {})[value] = None
         order = [k for k in DICOM_FIELDS if k in values] + sorted(values.keys() - DICOM_FIELDS.keys())
-        return [(DICOM_FIELDS.get(k, k), " / ".join(values[k])) for k in order if values[k]]
+        return [(k, DICOM_FIELDS.get(k, k), list(values[k])) for k in order]
 
 
 _DECISION_RANK = {POSITIVE: 0, NEGATIVE: 1, UNCLASSIFIED: 2}
