@@ -9,24 +9,27 @@ import shutil
 import socket
 import stat
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from pneumoscan import report
-from pneumoscan.loading import load_raster
+from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIDE, TURBO_LUT, colour_bar_png,
                                 render_overlays)
-from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.records import FileResult, LoadedImage, RunInfo
 from pneumoscan.report import (DISCLAIMER, LocalOnlyFetcher, decode_data_uri, render_html,
                                render_pdf, write_per_study, write_report)
 from pneumoscan.summary import Counts, group_studies
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-VAL = DATA / "kermany-val-original"
+from conftest import SAMPLES, load_file
+
+STUDIES = ("study-normal-1", "study-normal-2", "study-pneumonia-1", "study-pneumonia-2")
 SCRIPT = "<script>alert(1)</script>"
 IMG_TAG = "<img src=x onerror=alert(2)>"
 REMOTE = "http://example.invalid/x.png"
@@ -34,12 +37,6 @@ SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 RUN = RunInfo(model_name="densenet121-kermany", model_version="1.2.0", model_sha256=SHA256,
               provider="CPUExecutionProvider", pneumoscan_version="0.1.0",
               started="2025-01-01T09:00:00Z", finished="2025-01-01T09:00:05Z", threshold=0.5)
-
-
-def needs_data() -> None:
-    if not VAL.is_dir():
-        pytest.skip(f"real X-rays not found: {VAL} (the shared data folder beside the "
-                    "checkout) is absent")
 
 
 def needs_tool(name: str) -> None:
@@ -68,26 +65,32 @@ def pdf_text(pdf: bytes, tmp_path: Path) -> str:
                           capture_output=True, text=True).stdout
 
 
+def sample_pixels() -> np.ndarray:
+    loaded = load_file(next(SAMPLES.glob("study-pneumonia-1/*.jpeg")))
+    assert isinstance(loaded, LoadedImage)
+    return loaded.pixels
+
+
 @pytest.fixture(scope="module")
 def results() -> list[FileResult]:
-    """The official validation images as two studies per class, hostile metadata in one,
-    plus a skipped and a failed file."""
-    needs_data()
+    """The committed sample X-rays (four studies of four) read as `pneumoscan run` reads
+    them, with made-up probabilities and CAMs, hostile metadata in one, plus a skipped and
+    an unreadable file."""
     out = []
-    for index, path in enumerate(sorted(VAL.glob("*/*.jpeg"))):
-        pneumonia = path.parent.name == "PNEUMONIA"
+    for index, path in enumerate(sorted(SAMPLES.glob("study-*/*.jpeg"))):
+        loaded = load_file(path)
+        pneumonia = "pneumonia" in loaded.study
         probability = 0.55 + index * 0.02 if pneumonia else 0.05 + index * 0.01
-        image, overlay = render_overlays(load_raster(path).pixels, cam_peaking_at(3, 2 + pneumonia))
-        study = f"{path.parent.name.lower()}-{index % 2}"
-        metadata = {"PatientID": study, "Modality": "CR", "ViewPosition": "PA"}
-        out.append(FileResult(path, study, "ok", probability=probability,
+        image, overlay = render_overlays(loaded.pixels, cam_peaking_at(3, 2 + pneumonia))
+        metadata = {"PatientID": path.parent.name, "Modality": "CR", "ViewPosition": "PA"}
+        out.append(FileResult(path, loaded.study, "ok", probability=probability,
                               label="PNEUMONIA" if pneumonia else "NORMAL", threshold=0.5,
                               metadata=metadata, image_png=image, overlay_png=overlay))
     out[0].metadata.update(PatientName=SCRIPT, AccessionNumber=IMG_TAG, StudyDate=REMOTE)
-    out.append(FileResult(Path("/scans/pneumonia-1/notes.txt"), "pneumonia-1", "skipped",
-                          "unknown file type (not DICOM, PNG, JPEG or TIFF)"))
-    out.append(FileResult(Path("/scans/normal-0/cut.dcm"), "normal-0", "error",
-                          "truncated or corrupt JPEG data"))
+    for name, status, reason in (("study-pneumonia-1/notes.txt", "skipped", "unknown file type"),
+                                 ("study-normal-2/cut.dcm", "error", "truncated JPEG data")):
+        path = SAMPLES / name
+        out.append(FileResult(path, str(path.parent), status, reason))
     return out
 
 
@@ -104,8 +107,7 @@ def pdf(html) -> bytes:
 # --- overlays ---------------------------------------------------------------------------
 
 def test_overlays_are_compact_jpegs_at_display_size():
-    needs_data()
-    pixels = load_raster(next(VAL.glob("PNEUMONIA/*.jpeg"))).pixels
+    pixels = sample_pixels()
     image_bytes, overlay_bytes = render_overlays(pixels, cam_peaking_at(3, 3))
     image, overlay = decode(image_bytes), decode(overlay_bytes)
     assert (image.format, image.mode, overlay.format, overlay.mode) == ("JPEG", "L", "JPEG", "RGB")
@@ -130,6 +132,14 @@ def test_small_images_are_not_upscaled_and_odd_cams_do_not_break():
                 np.linspace(-1, 2, 49, dtype=np.float32).reshape(7, 7)):
         image, overlay = render_overlays(pixels, cam)
         assert decode(image).size == decode(overlay).size == (224, 200)
+
+
+def test_overlays_made_in_threads_are_those_made_in_one():
+    pixels = sample_pixels()
+    cams = [cam_peaking_at(row, col) for row in range(3) for col in range(3)]
+    alone = [render_overlays(pixels, cam) for cam in cams]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda cam: render_overlays(pixels, cam), cams)) == alone
 
 
 def test_turbo_lut_matches_matplotlib():
@@ -162,6 +172,16 @@ def test_a_study_is_positive_if_any_image_is_and_positive_studies_come_first():
                                         skipped=1, errors=1)
 
 
+def test_study_metadata_shows_shared_fields_once_and_the_others_per_image():
+    first = FileResult(Path("/s/a.dcm"), "s", "ok", metadata={
+        "SOPInstanceUID": "1.1", "PatientID": "P1", "Custom": "x"})
+    second = FileResult(Path("/s/b.dcm"), "s", "ok", metadata={
+        "PatientID": "P1", "SOPInstanceUID": "1.2", "Modality": "CR", "ViewPosition": ""})
+    study = group_studies([first, second])[0]
+    assert study.metadata == [("Patient ID", "P1"), ("Modality", "CR"), ("Custom", "x")]
+    assert study.image_metadata(second) == [("SOP instance UID", "1.2")]
+
+
 # --- HTML -------------------------------------------------------------------------------
 
 def test_html_lists_every_file_and_the_run(results, html):
@@ -176,9 +196,9 @@ def test_html_lists_every_file_and_the_run(results, html):
 def test_html_summary_lists_positive_studies_first(html):
     summary = html[html.index('<table class="studies">'):]
     summary = summary[:summary.index("</table>")]
-    order = re.findall(r"<tr><td>([a-z]+-\d)</td>", summary)
-    assert sorted(order) == ["normal-0", "normal-1", "pneumonia-0", "pneumonia-1"]
-    assert order[:2] == ["pneumonia-1", "pneumonia-0"]  # highest probability first
+    order = [Path(key).name for key in re.findall(r"<tr><td>([^<]+)</td>", summary)]
+    assert sorted(order) == list(STUDIES)
+    assert order[:2] == ["study-pneumonia-2", "study-pneumonia-1"]  # most probable first
 
 
 def test_html_escapes_hostile_metadata(html):
@@ -199,8 +219,8 @@ def test_pdf_text_has_disclaimer_studies_and_literal_script(pdf, tmp_path):
     assert pdf.startswith(b"%PDF-")
     text = pdf_text(pdf, tmp_path)
     assert text.count(DISCLAIMER) >= text.count("\f") > 4  # on every page
-    for study in ("pneumonia-0", "pneumonia-1", "normal-0", "normal-1"):
-        assert study in text
+    for study in STUDIES:
+        assert str(SAMPLES / study) in text
     words = " ".join(text.split())  # undo line wrapping
     assert SCRIPT in words and IMG_TAG in words
     assert SHA256[:12] in words
@@ -310,10 +330,9 @@ def test_per_study_reports_stay_in_their_folder(tmp_path):
 @pytest.mark.slow
 def test_per_study_reports_hold_their_own_study(results, tmp_path):
     written = write_per_study(tmp_path, RUN, results)
-    assert len(written) == 8
-    html = next(p for p in written if p.name.startswith("study-normal-0")
-                and p.suffix == ".html").read_text()
-    assert "cut.dcm" in html and "notes.txt" not in html and "pneumonia-1" not in html
+    assert len(written) == 2 * len(STUDIES)
+    html = (tmp_path / f"{study_file_stem(str(SAMPLES / 'study-normal-2'))}.html").read_text()
+    assert "cut.dcm" in html and "notes.txt" not in html and "study-pneumonia" not in html
 
 
 @pytest.mark.parametrize("suffix", [".html", ".pdf"])
@@ -345,3 +364,21 @@ def test_write_report_refuses_other_suffixes(tmp_path):
 def test_mode_can_be_widened_on_request(tmp_path):
     write_atomic(tmp_path / "shared.html", b"x", mode=0o644)
     assert stat.S_IMODE((tmp_path / "shared.html").stat().st_mode) == 0o644
+
+
+@pytest.mark.slow
+def test_pneumoscan_run_writes_both_reports(small_onnx, tmp_path):
+    """End to end: real model, real CAMs, the samples folder with its DICOM files."""
+    out, per_study = tmp_path / "run.pdf", tmp_path / "studies"
+    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(small_onnx),
+                                       "--device", "cpu", "--out", str(out),
+                                       "--per-study", str(per_study)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    words = " ".join(pdf_text(out.read_bytes(), tmp_path).split())
+    for study in STUDIES:
+        assert str(SAMPLES / study) in words
+    assert "RG3_J2KI.dcm" in words and "MR2_J2KI.dcm" in words  # skipped, with reasons
+    pdfs = sorted(p.stem for p in per_study.glob("*.pdf"))
+    assert pdfs and pdfs == sorted(p.stem for p in per_study.glob("*.html"))
+    assert len(pdfs) >= len(STUDIES) + 1
