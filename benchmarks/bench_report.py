@@ -26,8 +26,9 @@ import numpy as np
 
 from pneumoscan.loading import load_raster
 from pneumoscan.overlay import render_overlays
+from pneumoscan.pdf import render_pdf
 from pneumoscan.records import FileResult, RunInfo
-from pneumoscan.report import render_html, render_pdf
+from pneumoscan.report import render_html
 
 T = TypeVar("T")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany224" / "train"

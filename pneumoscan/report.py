@@ -1,28 +1,23 @@
 """HTML and PDF reports of a run (last stage of the pipeline).
 
-Every image is embedded as a data: URI, so a report is one self-contained file. PDFs are
-rendered by WeasyPrint with a URL fetcher that serves only data: URIs and the package's
-own template files: a report never fetches anything over the network.
+Every image is embedded as a data: URI, so a report is one self-contained file; its PDF is
+that HTML rendered by `pdf.render_pdf`, which fetches nothing from outside.
 """
 
 from __future__ import annotations
 
 import base64
-import mimetypes
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from urllib.parse import unquote_to_bytes, urlsplit
-from urllib.request import url2pathname
 
 import jinja2
 from markupsafe import Markup
-from weasyprint import HTML
-from weasyprint.urls import URLFetcher, URLFetcherResponse
 
 from .files import study_file_stem, write_atomic
 from .overlay import colour_bar_png
+from .pdf import render_pdf
 from .records import FileResult, RunInfo
 from .summary import NEGATIVE, POSITIVE, Counts, group_studies
 
@@ -46,12 +41,6 @@ def render_html(run: RunInfo, results: Sequence[FileResult], *, title: str = DEF
     # Names that are not valid UTF-8 reach us as lone surrogates (os.fsdecode); neither
     # an HTML file nor PDF text can hold them, so they are shown escaped: "\udcff".
     return html.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def render_pdf(html: str) -> bytes:
-    """An A4 PDF of a report's HTML, rendered once, fetching nothing from outside."""
-    fetcher = LocalOnlyFetcher()
-    return HTML(string=html, base_url=fetcher.templates_url, url_fetcher=fetcher).write_pdf()
 
 
 def write_report(path: Path | str, run: RunInfo, results: Sequence[FileResult], *,
@@ -90,32 +79,6 @@ def _encode_as(suffix: str, html: str) -> bytes:
     raise ValueError(f"report file must end in .html or .pdf, not {suffix!r}")
 
 
-class LocalOnlyFetcher(URLFetcher):
-    """Serves data: URIs and files inside the package's templates folder; refuses any
-    other URL (remote, or a local file elsewhere) with ValueError, which WeasyPrint logs
-    as a warning before leaving the resource out."""
-
-    def __init__(self) -> None:
-        super().__init__(fail_on_errors=False)
-        folder = files("pneumoscan.templates")
-        # Installed as plain files (the usual case) the templates can be served as file: URLs.
-        self.templates_dir = Path(folder).resolve() if isinstance(folder, Path) else None
-        self.templates_url = self.templates_dir.as_uri() + "/" if self.templates_dir else None
-
-    def fetch(self, url: str, headers: dict | None = None) -> URLFetcherResponse:
-        parts = urlsplit(url)
-        if parts.scheme == "data":
-            content_type, content = decode_data_uri(url)
-            return URLFetcherResponse(url, content, {"Content-Type": content_type})
-        if parts.scheme == "file" and parts.netloc in ("", "localhost") and self.templates_dir:
-            path = Path(url2pathname(parts.path)).resolve()
-            if path.is_relative_to(self.templates_dir) and path.is_file():
-                content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-                return URLFetcherResponse(url, path.read_bytes(), {"Content-Type": content_type})
-        raise ValueError(f"refused to fetch {url[:200]!r}: a report may only load data: URIs "
-                         "and files of the pneumoscan templates folder")
-
-
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     """Built once; templates are compiled once and reused by every report."""
@@ -140,16 +103,6 @@ def _stylesheet() -> Markup:
     # Our own packaged file, so it goes into <style> unescaped (escaping would break
     # selectors such as `a > b` and quoted strings).
     return Markup(_template_source("report.css"))
-
-
-def decode_data_uri(url: str) -> tuple[str, bytes]:
-    """data:[<media type>][;base64],<data> -> (media type, content). Done here rather than
-    by urllib's opener, whose proxy handler would honour a `data_proxy` setting."""
-    header, _, payload = url.removeprefix("data:").partition(",")
-    media_type, *parameters = header.split(";")
-    if parameters and parameters[-1] == "base64":
-        return media_type or "text/plain", base64.b64decode(payload)
-    return media_type or "text/plain", unquote_to_bytes(payload)
 
 
 def data_uri(encoded_image: bytes) -> str:

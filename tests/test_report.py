@@ -23,8 +23,8 @@ from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIDE, TURBO_LUT, colour_bar_png,
                                 render_overlays)
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
-from pneumoscan.report import (DISCLAIMER, LocalOnlyFetcher, decode_data_uri, render_html,
-                               render_pdf, write_per_study, write_report)
+from pneumoscan.pdf import LocalOnlyFetcher, decode_data_uri, render_pdf
+from pneumoscan.report import DISCLAIMER, render_html, write_per_study, write_report
 from pneumoscan.summary import Counts, group_studies
 
 from conftest import SAMPLES, load_file
@@ -294,6 +294,14 @@ def test_fetcher_serves_data_uris_and_template_files_only():
                 fetcher.templates_url + "missing.css", "file:///etc/passwd"):
         with pytest.raises(ValueError, match="refused"):
             fetcher.fetch(url)
+
+
+def test_weasyprint_leaves_truncated_scans_refused(tmp_path):
+    """Importing WeasyPrint makes Pillow accept truncated images process-wide unless undone."""
+    render_pdf("<p>x</p>")
+    good = next(SAMPLES.glob("study-normal-1/*.jpeg")).read_bytes()
+    (tmp_path / "cut.jpeg").write_bytes(good[: len(good) // 3])
+    assert load_file(tmp_path / "cut.jpeg").status == "error"
 
 
 def test_data_uris_decode_both_ways():
