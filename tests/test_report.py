@@ -193,6 +193,13 @@ def test_html_lists_every_file_and_the_run(results, html):
     assert "CPUExecutionProvider" in html and "densenet121-kermany 1.2.0" in html
 
 
+def test_a_study_with_nothing_classified_is_listed_on_page_one_only(results, html):
+    assert html.count('<section class="study">') == len(STUDIES)
+    skipped_only = render_html(RUN, [FileResult(Path("/s/notes.txt"), "/s", "skipped", "no image")])
+    assert '<section class="study">' not in skipped_only
+    assert "notes.txt" in skipped_only and "no image" in skipped_only
+
+
 def test_html_summary_lists_positive_studies_first(html):
     summary = html[html.index('<table class="studies">'):]
     summary = summary[:summary.index("</table>")]
