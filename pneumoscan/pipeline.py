@@ -53,8 +53,9 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 3
     info = model.info
     threshold = info.threshold if threshold is None else threshold
     prep = info.preprocessing
-    min_size = (max(prep.width, DISPLAY_SIDE), max(prep.height, DISPLAY_SIDE)) if render \
-        else (prep.width, prep.height)
+    # One decode size whether or not a report is rendered: JPEG DCT scaling changes the
+    # pixels slightly, and a file's score must not depend on the output format.
+    min_size = (max(prep.width, DISPLAY_SIDE), max(prep.height, DISPLAY_SIDE))
     negative = 1 - info.positive_class  # binary models: the other class
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
         window: list[Future[Prepared]] = []

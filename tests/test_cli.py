@@ -134,3 +134,12 @@ def test_info_shows_model_metadata(small_onnx):
     result = invoke("info", "--model", small_onnx)
     assert result.exit_code == 0
     assert "efficientnet_lite0" in result.output and "threshold" in result.output
+
+
+def test_scores_do_not_depend_on_rendering_a_report(small_onnx, tmp_path):
+    plain, rendered = tmp_path / "plain.json", tmp_path / "rendered.json"
+    invoke("run", SAMPLES / "study-normal-2", "--model", small_onnx, "--json", plain)
+    invoke("run", SAMPLES / "study-normal-2", "--model", small_onnx, "--json", rendered,
+           "--out", tmp_path / "r.html")
+    a, b = (json.loads(p.read_text())["results"] for p in (plain, rendered))
+    assert [r["probability"] for r in a] == [r["probability"] for r in b]
