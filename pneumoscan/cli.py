@@ -24,6 +24,9 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    # WeasyPrint warns about its own optional font libraries (HarfBuzz-Subset) on every
+    # render; that is not the user's business unless they ask for logs.
+    logging.getLogger("weasyprint").setLevel(level if verbose else logging.ERROR)
 
 
 def fail(message: str, code: int = api.EXIT_FATAL) -> None:
