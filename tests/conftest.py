@@ -4,6 +4,7 @@ committed; tests that need it skip with a clear reason when it is absent."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from pneumoscan.records import FileResult, LoadedImage
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 SHARED = REPO.parent / "shared" / "data"
+
+
+# For subprocesses: this checkout's package first, whatever is installed.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def load_file(path: Path) -> LoadedImage | FileResult:
