@@ -19,11 +19,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .anonymize import anonymized
 from .cam import CamModel
 from .discover import discover
 from .files import write_atomic
@@ -138,6 +139,12 @@ def _scan_incrementally(root: Path, items: list[InputFile], model: CamModel, led
             results.append(result)
     ledger.forget_missing(root, plans)
     return results
+
+
+def anonymize(scan_: Scan, ledger: Ledger) -> Scan:
+    """The scan with stable pseudonyms (keyed by the ledger's secret) in place of patient
+    name, ID and birth date."""
+    return replace(scan_, results=anonymized(scan_.results, ledger.pseudonym_key))
 
 
 def results_json(scan_: Scan) -> dict:

@@ -1,5 +1,5 @@
 """The state ledger through `api.scan`: what a re-run computes again and what it reuses,
-and locking. Inputs are copies of real chest X-rays; the model is the small
+locking, and pseudonyms. Inputs are copies of real chest X-rays; the model is the small
 real one from conftest."""
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import onnx
 import pytest
 
 from pneumoscan import api, pipeline
+from pneumoscan.anonymize import PSEUDONYM_PREFIX, anonymized
 from pneumoscan.ledger import Ledger, StateError, StateLocked
 from pneumoscan.records import FileResult
+
+from test_dicom import RAMP_12_BIT, cr_dataset, save
 
 PER_STUDY = 6
 
@@ -189,3 +192,45 @@ def test_a_file_that_is_not_a_state_file_is_refused_untouched(tmp_path):
     with pytest.raises(StateError, match="not a pneumoscan state file"):
         Ledger.open(results)
     assert results.read_bytes() == before
+
+
+PATIENTS = {"a": ("Doe^Jane", "P-12345", "19700101"), "b": ("Roe^Richard", "P-67890", "19800202")}
+
+
+def test_anonymized_results_carry_a_stable_pseudonym(tmp_path, model):
+    root = tmp_path / "scans"
+    root.mkdir()
+    for key, (name, patient_id, birth) in PATIENTS.items():
+        save(cr_dataset(RAMP_12_BIT, PatientName=name, PatientID=patient_id,
+                        PatientBirthDate=birth, StudyInstanceUID=f"1.2.3.{ord(key)}"),
+             root / f"{key}.dcm")
+    state, out = tmp_path / "state.sqlite", tmp_path / "results.json"
+    pseudonyms = []
+    for _ in range(2):  # the pseudonym key lives in the state: same pseudonyms next run
+        with Ledger.open(state) as ledger:
+            scan = api.anonymize(api.scan(root, model, render=False, ledger=ledger), ledger)
+        api.write_json(out, scan)
+        text = out.read_text()
+        for name, patient_id, birth in PATIENTS.values():
+            for value in (name, name.split("^")[0], patient_id, birth):
+                assert value not in text
+        pseudonyms.append([r.metadata["PatientID"] for r in scan.results])
+    assert pseudonyms[0] == pseudonyms[1]
+    assert len(set(pseudonyms[0])) == 2 and all(p.startswith(PSEUDONYM_PREFIX)
+                                                 for p in pseudonyms[0])
+
+
+def test_without_patient_id_the_name_and_birth_date_make_the_pseudonym():
+    def result(**metadata) -> FileResult:
+        return FileResult(Path("x.dcm"), "s", "ok", metadata=metadata)
+
+    key = b"k" * 32
+    same, other, anonymous = anonymized([
+        result(PatientName="Doe^Jane", PatientBirthDate="19700101", Modality="CR"),
+        result(PatientName="Doe^Jane", PatientBirthDate="19710101"),
+        result(Modality="DX"),
+    ], key)
+    again = anonymized([result(PatientName="Doe^Jane", PatientBirthDate="19700101")], key)[0]
+    assert same.metadata == {"Modality": "CR", "PatientID": again.metadata["PatientID"]}
+    assert other.metadata["PatientID"] != same.metadata["PatientID"]
+    assert anonymous.metadata == {"Modality": "DX"}
