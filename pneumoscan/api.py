@@ -37,6 +37,7 @@ EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
 EXIT_USAGE = 2  # bad command line
 EXIT_UNREADABLE = 3  # the run completed, but some files could not be read (status error)
+EXIT_LOCKED = 4  # another run holds the state file: this run did nothing
 
 
 @dataclass
@@ -145,6 +146,20 @@ def anonymize(scan_: Scan, ledger: Ledger) -> Scan:
     """The scan with stable pseudonyms (keyed by the ledger's secret) in place of patient
     name, ID and birth date."""
     return replace(scan_, results=anonymized(scan_.results, ledger.pseudonym_key))
+
+
+def default_state_path(json_path: Path | None, report_path: Path | None,
+                       per_study: Path | None) -> Path:
+    """Next to the outputs: `results.json` -> `results.pneumoscan.sqlite` (the JSON file
+    first, then the report), else inside the per-study folder."""
+    beside = json_path or report_path
+    if beside is not None:
+        return beside.with_name(f"{beside.stem}.pneumoscan.sqlite")
+    return per_study / "pneumoscan.sqlite"
+
+
+def default_log_path(state_path: Path) -> Path:
+    return state_path.with_suffix(".log.jsonl")
 
 
 def results_json(scan_: Scan) -> dict:
