@@ -4,28 +4,40 @@
     model = api.open_model()                      # the model shipped in the package
     scan = api.scan(Path("scans"), model)
     api.write_json(Path("results.json"), scan)
+
+Over a folder that keeps growing, keep a state ledger so that each run computes only what
+is new or changed (the results still cover the whole folder):
+
+    with Ledger.open(Path("state.sqlite")) as ledger:  # locked until closed
+        scan = api.scan(Path("scans"), model, ledger=ledger)
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .anonymize import anonymized
 from .cam import CamModel
 from .discover import discover
 from .files import write_atomic
+from .ledger import Basis, Ledger
 from .model import ModelError, default_model_path
 from .pipeline import classify
-from .records import FileResult, RunInfo
+from .records import FileResult, InputFile, RunInfo
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
 EXIT_USAGE = 2  # bad command line
 EXIT_UNREADABLE = 3  # the run completed, but some files could not be read (status error)
+EXIT_LOCKED = 4  # another run holds the state file: this run did nothing
 
 
 @dataclass
@@ -36,6 +48,11 @@ class Scan:
     @property
     def exit_code(self) -> int:
         return EXIT_UNREADABLE if any(r.status == "error" for r in self.results) else EXIT_OK
+
+    @property
+    def from_ledger(self) -> int:
+        """How many results were taken from the state ledger rather than computed."""
+        return sum(r.from_ledger for r in self.results)
 
     def counts(self) -> dict[str, int]:
         c = {"files": len(self.results), "ok": 0, "skipped": 0, "error": 0}
@@ -80,18 +97,69 @@ def run_info(model: CamModel, threshold: float | None) -> RunInfo:
 def scan(root: Path, model: CamModel, *, batch_size: int = 32, workers: int | None = None,
          threshold: float | None = None, render: bool = True,
          on_result: Callable[[FileResult], None] | None = None,
-         on_discovered: Callable[[int], None] | None = None) -> Scan:
-    """Classify every file under `root`; one result per file found."""
+         on_discovered: Callable[[int], None] | None = None,
+         ledger: Ledger | None = None, force: bool = False) -> Scan:
+    """Classify every file under `root`; one result per file found. With a `ledger`, only
+    files that are new or changed (or all, with `force`) are decoded and classified; the
+    others' results come from the ledger, and the ledger learns the new ones."""
     if not Path(root).exists():
         raise FileNotFoundError(f"no such file or folder: {root}")
     run = run_info(model, threshold)
     items = list(discover(Path(root)))
     if on_discovered:
         on_discovered(len(items))
-    results = list(classify(items, model, batch_size=batch_size, workers=workers,
-                            threshold=threshold, render=render, on_result=on_result))
+    options = dict(batch_size=batch_size, workers=workers, threshold=run.threshold,
+                   render=render)
+    if ledger is None:
+        results = list(classify(items, model, on_result=on_result, **options))
+    else:
+        basis = Basis(run.model_sha256, run.threshold, render)
+        results = _scan_incrementally(Path(root), items, model, ledger, basis, force,
+                                      on_result, options)
     run.finished = now_iso()
     return Scan(run, results)
+
+
+def _scan_incrementally(root: Path, items: list[InputFile], model: CamModel, ledger: Ledger,
+                        basis: Basis, force: bool,
+                        on_result: Callable[[FileResult], None] | None,
+                        options: dict) -> list[FileResult]:
+    plans = ledger.plan(items, basis, force=force)
+    # The pipeline sees only the files to compute, before any is decoded; its results come
+    # back in order, and are merged with the ledger's in discovery order.
+    to_compute = (plan.item for plan in plans if plan.cached is None)
+    results = []
+    with contextlib.closing(classify(to_compute, model, **options)) as computed:
+        for plan in plans:
+            result = plan.cached
+            if result is None:
+                result = next(computed)
+                ledger.record(plan, result, basis)
+            if on_result:
+                on_result(result)
+            results.append(result)
+    ledger.forget_missing(root, plans)
+    return results
+
+
+def anonymize(scan_: Scan, ledger: Ledger) -> Scan:
+    """The scan with stable pseudonyms (keyed by the ledger's secret) in place of patient
+    name, ID and birth date."""
+    return replace(scan_, results=anonymized(scan_.results, ledger.pseudonym_key))
+
+
+def default_state_path(json_path: Path | None, report_path: Path | None,
+                       per_study: Path | None) -> Path:
+    """Next to the outputs: `results.json` -> `results.pneumoscan.sqlite` (the JSON file
+    first, then the report), else inside the per-study folder."""
+    beside = json_path or report_path
+    if beside is not None:
+        return beside.with_name(f"{beside.stem}.pneumoscan.sqlite")
+    return per_study / "pneumoscan.sqlite"
+
+
+def default_log_path(state_path: Path) -> Path:
+    return state_path.with_suffix(".log.jsonl")
 
 
 def results_json(scan_: Scan) -> dict:
@@ -101,3 +169,53 @@ def results_json(scan_: Scan) -> dict:
 
 def write_json(path: Path, scan_: Scan) -> None:
     write_atomic(path, json.dumps(results_json(scan_), indent=1).encode())
+
+
+def write_report(path: Path, scan_: Scan, ledger: Ledger | None = None) -> list[Path]:
+    """The report of the whole scan, as PDF or HTML by the suffix of `path`. With a ledger,
+    not rendered again when the file is there showing the same results. Returns the files
+    written."""
+    from . import report
+
+    return _render_unless_current(
+        ledger, ("report", os.path.abspath(path)), shown_fingerprint(scan_.run, scan_.results),
+        lambda: [report.write_report(path, scan_.run, scan_.results)])
+
+
+def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None) -> list[Path]:
+    """One HTML and one PDF report per study in `directory`. With a ledger, only the studies
+    whose results changed since their reports were written are rendered again. Returns the
+    files written."""
+    from . import report
+
+    studies: dict[str, list[FileResult]] = {}
+    for result in scan_.results:
+        studies.setdefault(result.study, []).append(result)
+    written: list[Path] = []
+    for study, results in studies.items():
+        written += _render_unless_current(
+            ledger, ("per-study", os.path.abspath(directory), study),
+            shown_fingerprint(scan_.run, results),
+            lambda results=results: report.write_per_study(directory, scan_.run, results))
+    return written
+
+
+def _render_unless_current(ledger: Ledger | None, name: tuple[str, ...], fingerprint: str,
+                           render: Callable[[], list[Path]]) -> list[Path]:
+    """`render()` (which writes report files and returns them) unless the ledger knows its
+    files show `fingerprint` already."""
+    if ledger is None:
+        return render()
+    if ledger.output_is_current(name, fingerprint):
+        return []
+    ledger.forget_output(name)  # until all its files are written: a killed run redoes them
+    paths = render()
+    ledger.output_written(name, fingerprint, paths)
+    return paths
+
+
+def shown_fingerprint(run: RunInfo, results: Sequence[FileResult]) -> str:
+    """Changes when anything a report shows of these results changes (timestamps aside)."""
+    shown = {"model": run.model_sha256, "pneumoscan": run.pneumoscan_version,
+             "results": [r.to_json() for r in results]}
+    return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()

@@ -1,19 +1,28 @@
 """Command line: a thin layer over `pneumoscan.api`.
 
-Exit codes: 0 every file classified or skipped for a stated reason; 3 the run completed
-but some files could not be read (listed with reasons); 2 usage error; 1 fatal error.
+Exit codes of `pneumoscan run` (docs/CRON.md):
+  0  every file classified, or skipped for a stated reason
+  1  fatal error: the run could not be done (bad model, unusable state file, unwritable output)
+  2  usage error (bad command line)
+  3  the run completed, but some files could not be read (listed with reasons)
+  4  another run holds the state file: this run did nothing (see --wait)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__, api
+from .files import remove_leftover_temporaries
+from .ledger import Ledger, StateError, StateLocked
+from .loading import one_line
 from .model import DEVICES, ModelError
+from .runlog import RunLog
 
 log = logging.getLogger("pneumoscan")
 
@@ -97,47 +106,126 @@ class Progress:
               show_default=True, help="torch: CAMs via forward hooks from --checkpoint")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path, dir_okay=False),
               help="training checkpoint for --cam-backend torch")
+@click.option("--state", "state_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="state ledger (SQLite) of earlier runs: only new or changed files are "
+                   "computed (default: beside the JSON or report, NAME.pneumoscan.sqlite)")
+@click.option("--force", is_flag=True, help="compute every file again, ignoring the state")
+@click.option("--wait", is_flag=True,
+              help="when another run holds the state file, wait for it (default: exit 4)")
+@click.option("--log", "log_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="append this run's JSON-lines log here (default: beside the state file, "
+                   "NAME.log.jsonl)")
+@click.option("--anonymize", is_flag=True,
+              help="a stable pseudonym instead of patient name, ID and birth date in the "
+                   "reports and JSON")
 @click.option("-v", "--verbose", count=True, help="log each file (-vv: debug)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
-        cam_backend, checkpoint, verbose):
-    """Classify every image under SCANS and write a report and/or JSON."""
+        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, verbose):
+    """Classify every image under SCANS and write a report and/or JSON.
+
+    Safe to run from cron: each run computes only the files that are new or changed since
+    the last one (recorded in the state file), and the outputs still cover all of SCANS."""
     _setup_logging(verbose)
     if out is None and json_path is None and per_study is None:
         raise click.UsageError("give --out REPORT.pdf|.html, --json FILE or --per-study DIR")
     if out is not None and out.suffix.lower() not in REPORT_SUFFIXES:
         raise click.UsageError(f"--out must end in .pdf or .html, not {out.name!r}")
+    state_path = state_path or api.default_state_path(json_path, out, per_study)
+    try:
+        runlog = RunLog(log_path or api.default_log_path(state_path))
+    except OSError as exc:
+        fail(f"cannot open the run log: {exc}")
+    with runlog:
+        try:
+            with _lock_state(state_path, wait) as ledger:
+                code = _run_locked(scans, out, json_path, per_study, ledger, runlog,
+                                   model_path=model_path, device=device,
+                                   cam_backend=cam_backend, checkpoint=checkpoint,
+                                   batch_size=batch_size, workers=workers,
+                                   threshold=threshold, force=force, anonymize=anonymize,
+                                   progress=Progress(sys.stderr.isatty() and verbose == 0))
+        except RunStopped as exc:
+            runlog.write("locked" if exc.code == api.EXIT_LOCKED else "failed",
+                         message=str(exc), exit_code=exc.code)
+            fail(str(exc), exc.code)
+        except Exception as exc:  # a bug: leave a trace in the log, then the traceback
+            runlog.write("failed", message=one_line(exc), exit_code=api.EXIT_FATAL)
+            raise
+    sys.exit(code)
+
+
+class RunStopped(Exception):
+    """The run cannot go on (the message says why); `code` is its exit code."""
+
+    def __init__(self, message: str, code: int = api.EXIT_FATAL):
+        super().__init__(message)
+        self.code = code
+
+
+def _lock_state(state_path: Path, wait: bool) -> Ledger:
+    try:
+        try:
+            return Ledger.open(state_path)
+        except StateLocked as exc:
+            if not wait:
+                raise RunStopped(str(exc), api.EXIT_LOCKED) from None
+        click.echo(f"waiting for the run that holds {state_path}", err=True)
+        return Ledger.open(state_path, wait=True)
+    except StateError as exc:
+        raise RunStopped(str(exc)) from None
+
+
+def _run_locked(scans, out, json_path, per_study, ledger, runlog, *, model_path, device,
+                cam_backend, checkpoint, batch_size, workers, threshold, force, anonymize,
+                progress) -> int:
     try:
         model = api.open_model(model_path, device, cam_backend, checkpoint)
     except ModelError as exc:
-        fail(str(exc))
+        raise RunStopped(str(exc)) from None
     click.echo(f"model {model.info.name} {model.info.version} on {model.provider}", err=True)
-    progress = Progress(enabled=sys.stderr.isatty() and verbose == 0)
+    runlog.write("start", scans=str(scans), state=str(ledger.path), pid=os.getpid(),
+                 pneumoscan=__version__, force=force, anonymize=anonymize,
+                 model={"name": model.info.name, "version": model.info.version,
+                        "sha256": model.info.sha256})
+
+    def on_result(result) -> None:
+        progress.update(result)
+        if not result.from_ledger:
+            runlog.file(result)
+
     try:
         result = api.scan(scans, model, batch_size=batch_size, workers=workers,
                           threshold=threshold, render=out is not None or per_study is not None,
-                          on_result=progress.update, on_discovered=progress.start)
+                          on_result=on_result, on_discovered=progress.start, ledger=ledger,
+                          force=force)
     finally:
         progress.close()
+    if anonymize:
+        result = api.anonymize(result, ledger)
     try:
+        written = []
         if json_path:
             api.write_json(json_path, result)
-        if out or per_study:
-            from . import report
-
-            if out:
-                report.write_report(out, result.run, result.results)
-            if per_study:
-                report.write_per_study(per_study, result.run, result.results)
+            written.append(json_path)
+        if out:
+            written += api.write_report(out, result, ledger)
+        if per_study:
+            written += api.write_per_study(per_study, result, ledger)
+        for path in written:  # what killed runs left; no other run writes them: we hold the lock
+            remove_leftover_temporaries(path)
     except OSError as exc:
-        fail(f"cannot write output: {exc}")
+        raise RunStopped(f"cannot write output: {exc}") from None
     c = result.counts()
-    click.echo(f"{c['files']} files: {c['ok']} classified ({c['pneumonia']} PNEUMONIA, "
-               f"{c['normal']} NORMAL), {c['skipped']} skipped, {c['error']} unreadable",
-               err=True)
+    click.echo(f"{c['files']} files ({result.from_ledger} unchanged since the last run): "
+               f"{c['ok']} classified ({c['pneumonia']} PNEUMONIA, {c['normal']} NORMAL), "
+               f"{c['skipped']} skipped, {c['error']} unreadable", err=True)
     for r in result.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
-    sys.exit(result.exit_code)
+    runlog.write("summary", counts=c, from_ledger=result.from_ledger,
+                 computed=c["files"] - result.from_ledger, exit_code=result.exit_code,
+                 started=result.run.started, finished=result.run.finished)
+    return result.exit_code
 
 
 @main.command("export-onnx")

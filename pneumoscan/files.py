@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
+
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -14,7 +21,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     file. Reports hold patient data, hence owner-only permissions by default."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path),
+                               suffix=_TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -35,3 +43,11 @@ def study_file_stem(study_key: str) -> str:
     plain = re.sub(r"[^A-Za-z0-9._-]+", "_", study_key)[-60:].strip("._-")
     digest = hashlib.sha256(study_key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"study-{plain}-{digest}" if plain else f"study-{digest}"
+
+
+def remove_leftover_temporaries(path: Path) -> None:
+    """Delete the temporary files that a writer of `path` killed mid-write left beside it.
+    Only while no other process may be writing `path` (pneumoscan: under the state lock)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*{_TEMPORARY_SUFFIX}"):
+        leftover.unlink(missing_ok=True)

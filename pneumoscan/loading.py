@@ -91,10 +91,23 @@ def load_raster(path: Path, min_size: tuple[int, int] | None = None) -> LoadedIm
                 img.load()
             except OSError as exc:
                 raise UnreadableImage(f"truncated or corrupt {img.format} data ({exc})") from exc
+            if min_size is not None:
+                img = shrink_to_cover(img, min_size)
             img = ImageOps.exif_transpose(img)
             pixels = to_grey_uint8(img)
     return LoadedImage(path=path, study=str(path.parent), pixels=pixels,
                        original_size=(width, height))
+
+
+def shrink_to_cover(img: Image.Image, min_size: tuple[int, int]) -> Image.Image:
+    """`img` box-filtered by the largest whole factor that still covers `min_size` either
+    way round (EXIF may turn it), or `img` itself. Done first, so that a huge image is held
+    at full size once, by the decoder, and every later copy is small."""
+    factor = min(img.size) // max(min_size)
+    if factor < 2:
+        return img
+    size = (-(-img.width // factor), -(-img.height // factor))  # ceiling division
+    return img.resize(size, Image.Resampling.BOX)
 
 
 def to_grey_uint8(img: Image.Image) -> np.ndarray:

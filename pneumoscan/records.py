@@ -71,6 +71,7 @@ class FileResult:
     image_png: bytes | None = None
     overlay_png: bytes | None = None
     seconds: float | None = None
+    from_ledger: bool = False  # taken from the state ledger, not computed in this run
 
     def to_json(self) -> dict:
         return {

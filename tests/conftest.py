@@ -4,7 +4,10 @@ committed; tests that need it skip with a clear reason when it is absent."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,20 @@ from pneumoscan.records import FileResult, LoadedImage
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 SHARED = REPO.parent / "shared" / "data"
+
+
+def pneumoscan_command(*args) -> list[str]:
+    """`pneumoscan ARGS` as run from this checkout, for subprocess."""
+    return [sys.executable, "-m", "pneumoscan", *map(str, args)]
+
+
+# For subprocesses: this checkout's package first, whatever is installed.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run_pneumoscan(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(pneumoscan_command(*args), env=CLI_ENV, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def load_file(path: Path) -> LoadedImage | FileResult:

@@ -1,0 +1,5 @@
+"""`python -m pneumoscan`: the command line, as the `pneumoscan` script runs it."""
+
+from .cli import main
+
+main()

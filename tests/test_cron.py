@@ -1,0 +1,146 @@
+"""`pneumoscan run` as cron runs it, in subprocesses: killed with SIGKILL part-way and run
+again, and runs overlapping on one state file. Inputs: a few hundred real chest X-rays."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.api import EXIT_LOCKED, EXIT_OK
+
+from conftest import CLI_ENV, pneumoscan_command, run_pneumoscan
+
+STUDIES, PER_STUDY = 6, 50
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, kermany_train) -> Path:
+    """300 real images in 6 study folders, NORMAL and PNEUMONIA alike."""
+    root = tmp_path_factory.mktemp("cron") / "scans"
+    sources = [path for label in ("NORMAL", "PNEUMONIA")
+               for path in sorted((kermany_train / label).iterdir())[:STUDIES * PER_STUDY // 2]]
+    for index, source in enumerate(sources):
+        study = root / f"study-{index % STUDIES}"
+        study.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, study / source.name)
+    return root
+
+
+def start_run(*args) -> subprocess.Popen:
+    return subprocess.Popen(pneumoscan_command("run", *args), env=CLI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def recorded_count(state: Path) -> int:
+    """Rows in the ledger, read beside the run that writes it (0 until it exists)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM files").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def log_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def results_by_path(json_path: Path) -> dict[str, dict]:
+    results = json.loads(json_path.read_text())["results"]
+    paths = [r["path"] for r in results]
+    assert len(paths) == len(set(paths)), "a file appears twice"
+    return {r["path"]: r for r in results}
+
+
+def test_killed_run_then_rerun_accounts_for_every_file_once(scans, small_onnx, tmp_path):
+    total = STUDIES * PER_STUDY
+    reference = tmp_path / "reference" / "results.json"
+    done = run_pneumoscan("run", scans, "--json", reference, "--model", small_onnx)
+    assert done.returncode == EXIT_OK, done.stderr
+
+    out = tmp_path / "out" / "results.json"
+    state = out.with_name("results.pneumoscan.sqlite")  # the default places
+    log = out.with_name("results.pneumoscan.log.jsonl")
+    killed = start_run(scans, "--json", out, "--model", small_onnx)
+    wait_for(lambda: recorded_count(state) >= total // 3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    recorded_when_killed = recorded_count(state)
+    assert killed.returncode == -signal.SIGKILL and recorded_when_killed < total
+    assert not out.exists()
+    # What a run killed while writing its JSON leaves: the next run removes it.
+    (out.parent / f".{out.name}.k1ll3d.tmp").write_text('{"results": [')
+
+    again = run_pneumoscan("run", scans, "--json", out, "--model", small_onnx)
+    assert again.returncode == EXIT_OK, again.stderr
+    expected, got = results_by_path(reference), results_by_path(out)
+    assert len(got) == total and got == expected
+    assert recorded_count(state) == total
+    # No temporary file left over: only the outputs, the log and the state (with SQLite's
+    # own companion files).
+    assert {p.name for p in out.parent.iterdir()
+            if not p.name.startswith(state.name)} == {out.name, log.name}
+    # The re-run computed only what the killed run had not recorded.
+    summary = log_events(log)[-1]
+    assert summary["event"] == "summary"
+    assert summary["from_ledger"] >= recorded_when_killed
+    assert summary["computed"] == total - summary["from_ledger"]
+
+
+def test_a_run_finds_the_state_locked_and_exits_or_waits(scans, small_onnx, tmp_path):
+    few = tmp_path / "scans"
+    shutil.copytree(scans / "study-0", few / "study-0")
+    out, state = tmp_path / "results.json", tmp_path / "state.sqlite"
+    log = tmp_path / "log.jsonl"
+    args = [few, "--json", out, "--state", state, "--log", log, "--model", small_onnx]
+    with open(state, "a") as holder:  # stands for a run in progress
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        locked = run_pneumoscan("run", *args)
+        assert locked.returncode == EXIT_LOCKED
+        assert "in use by another pneumoscan run" in locked.stderr
+        assert "model" not in locked.stderr  # gave up before loading anything
+        assert [e["event"] for e in log_events(log)] == ["locked"]
+
+        waiting = start_run(*args, "--wait")
+        time.sleep(2)
+        assert waiting.poll() is None and not out.exists()
+    _, stderr = waiting.communicate(timeout=300)
+    assert waiting.returncode == EXIT_OK, stderr
+    assert "waiting for the run that holds" in stderr
+    assert len(results_by_path(out)) == PER_STUDY
+
+
+def test_two_concurrent_runs_never_both_process(scans, small_onnx, tmp_path):
+    log = tmp_path / "log.jsonl"
+    args = [scans, "--json", tmp_path / "results.json", "--log", log, "--model", small_onnx]
+    first, second = start_run(*args), start_run(*args)
+    wait_for(lambda: log.exists() and '"event": "start"' in log.read_text())  # one has the lock
+    late = start_run(*args, "--wait")  # queues behind it
+    for run in (first, second, late):
+        run.communicate(timeout=300)
+    assert sorted([first.returncode, second.returncode]) == [EXIT_OK, EXIT_LOCKED]
+    assert late.returncode == EXIT_OK
+
+    events = log_events(log)
+    computing = {e["run"] for e in events if e["event"] == "file"}
+    assert len(computing) == 1  # one run computed; no other run computed anything
+    assert sum(e["event"] == "file" for e in events) == STUDIES * PER_STUDY
+    computed = sorted(e["computed"] for e in events if e["event"] == "summary")
+    assert computed == [0, STUDIES * PER_STUDY]
+    assert [e["event"] for e in events].count("locked") == 1

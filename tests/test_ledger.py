@@ -1,0 +1,236 @@
+"""The state ledger through `api.scan`: what a re-run computes again and what it reuses,
+locking, and pseudonyms. Inputs are copies of real chest X-rays; the model is the small
+real one from conftest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pneumoscan import api, pipeline
+from pneumoscan.anonymize import PSEUDONYM_PREFIX, anonymized
+from pneumoscan.ledger import Ledger, StateError, StateLocked
+from pneumoscan.records import FileResult
+
+from test_dicom import RAMP_12_BIT, cr_dataset, save
+
+PER_STUDY = 6
+
+
+@pytest.fixture(scope="module")
+def model(small_onnx):
+    return api.open_model(small_onnx, "cpu")
+
+
+@pytest.fixture(scope="module")
+def spare_images(kermany_train) -> list[Path]:
+    """Real images to add to a folder or to change a file into."""
+    return sorted((kermany_train / "NORMAL").iterdir())[-4:]
+
+
+@pytest.fixture
+def scans(tmp_path, kermany_train) -> Path:
+    """Two study folders of real images, one NORMAL and one PNEUMONIA."""
+    root = tmp_path / "scans"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label.lower()).mkdir(parents=True)
+        for source in sorted((kermany_train / label).iterdir())[:PER_STUDY]:
+            shutil.copy(source, root / label.lower() / source.name)
+    return root
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[Path]:
+    """The paths the pipeline decodes from now on."""
+    paths = []
+    real_load = pipeline.load
+
+    def spying_load(item, *args, **kwargs):
+        paths.append(item.path)
+        return real_load(item, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load", spying_load)
+    return paths
+
+
+def scan_with_state(state: Path, root: Path, model, **options) -> api.Scan:
+    with Ledger.open(state) as ledger:
+        return api.scan(root, model, render=False, ledger=ledger, **options)
+
+
+def recorded_paths(state: Path) -> list[bytes]:
+    with sqlite3.connect(state) as db:
+        return [path for (path,) in db.execute("SELECT path FROM files")]
+
+
+def comparable(results: list[FileResult]) -> dict[Path, dict]:
+    return {r.path: r.to_json() for r in results}
+
+
+def test_rerun_computes_only_new_and_changed_files(scans, model, tmp_path, decoded,
+                                                   spare_images):
+    state = tmp_path / "state.sqlite"
+    first = scan_with_state(state, scans, model)
+    assert first.from_ledger == 0 and len(decoded) == 2 * PER_STUDY
+    decoded.clear()
+
+    changed, removed, *unchanged = sorted(scans.rglob("*.jpeg"))
+    shutil.copy(spare_images[0], changed)
+    removed.unlink()
+    added = scans / "normal" / "added later.jpeg"
+    shutil.copy(spare_images[1], added)
+    second = scan_with_state(state, scans, model)
+
+    assert sorted(decoded) == sorted([changed, added])
+    # The results still cover the whole folder, unchanged files as first computed.
+    assert sorted(r.path for r in second.results) == sorted(unchanged + [changed, added])
+    assert {r.path for r in second.results if r.from_ledger} == set(unchanged)
+    before = comparable(first.results)
+    assert all(before[r.path] == r.to_json() for r in second.results if r.from_ledger)
+    # The removed file is forgotten; every other file has exactly one row.
+    assert sorted(recorded_paths(state)) == sorted(
+        os.fsencode(p.absolute()) for p in unchanged + [changed, added])
+
+
+def test_a_touched_or_rewritten_file_is_hashed_not_decoded(scans, model, tmp_path, decoded):
+    state = tmp_path / "state.sqlite"
+    scan_with_state(state, scans, model)
+    decoded.clear()
+    touched, rewritten = sorted(scans.rglob("*.jpeg"))[:2]
+    os.utime(touched, ns=(0, 0))
+    rewritten.write_bytes(rewritten.read_bytes())
+    again = scan_with_state(state, scans, model)
+    assert decoded == [] and again.from_ledger == 2 * PER_STUDY
+
+
+@pytest.fixture(scope="module")
+def other_model(small_onnx, tmp_path_factory):
+    """The same network under another version: another file, another SHA-256."""
+    proto = onnx.load(str(small_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == "pneumoscan.version":
+            prop.value = "test-2"
+    path = tmp_path_factory.mktemp("other-model") / "model.onnx"
+    onnx.save(proto, str(path))
+    return api.open_model(path, "cpu")
+
+
+@pytest.mark.parametrize("change", ["force", "other model", "other threshold"])
+def test_everything_is_computed_again(change, scans, model, other_model, tmp_path, decoded):
+    state = tmp_path / "state.sqlite"
+    first = scan_with_state(state, scans, model)
+    decoded.clear()
+    options = {"force": {"force": True}, "other threshold": {"threshold": 0.123}}.get(change, {})
+    again = scan_with_state(state, scans, other_model if change == "other model" else model,
+                            **options)
+    assert len(decoded) == 2 * PER_STUDY and again.from_ledger == 0
+    assert len(recorded_paths(state)) == 2 * PER_STUDY  # replaced, not added
+    if change == "force":
+        assert comparable(again.results) == comparable(first.results)
+
+
+def test_content_changing_while_read_is_not_recorded(scans, model, tmp_path, decoded,
+                                                     monkeypatch):
+    """A file still being written when it is read is computed again by the next run."""
+    growing = sorted(scans.rglob("*.jpeg"))[3]
+    spying_load = pipeline.load
+
+    def load_while_written(item, *args, **kwargs):
+        result = spying_load(item, *args, **kwargs)
+        if item.path == growing:
+            with open(growing, "ab") as fh:
+                fh.write(b"\0" * 100)
+        return result
+
+    monkeypatch.setattr(pipeline, "load", load_while_written)
+    state = tmp_path / "state.sqlite"
+    scan_with_state(state, scans, model)
+    assert os.fsencode(growing.absolute()) not in recorded_paths(state)
+    monkeypatch.setattr(pipeline, "load", spying_load)
+    decoded.clear()
+    scan_with_state(state, scans, model)
+    assert decoded == [growing]
+
+
+def test_the_state_file_is_locked_while_open(tmp_path):
+    state = tmp_path / "state.sqlite"
+    opened = threading.Event()
+
+    def open_waiting() -> None:
+        with Ledger.open(state, wait=True):
+            opened.set()
+
+    with Ledger.open(state):
+        with pytest.raises(StateLocked, match="in use by another pneumoscan run"):
+            Ledger.open(state)
+        waiter = threading.Thread(target=open_waiting)
+        waiter.start()
+        assert not opened.wait(0.5)
+    assert opened.wait(10)
+    waiter.join()
+
+
+def test_the_state_file_is_private(tmp_path, scans, model):
+    state = tmp_path / "state.sqlite"
+    scan_with_state(state, scans, model)
+    for path in tmp_path.glob("state.sqlite*"):  # with SQLite's WAL files
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_file_that_is_not_a_state_file_is_refused_untouched(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": []}))
+    before = results.read_bytes()
+    with pytest.raises(StateError, match="not a pneumoscan state file"):
+        Ledger.open(results)
+    assert results.read_bytes() == before
+
+
+PATIENTS = {"a": ("Doe^Jane", "P-12345", "19700101"), "b": ("Roe^Richard", "P-67890", "19800202")}
+
+
+def test_anonymized_results_carry_a_stable_pseudonym(tmp_path, model):
+    root = tmp_path / "scans"
+    root.mkdir()
+    for key, (name, patient_id, birth) in PATIENTS.items():
+        save(cr_dataset(RAMP_12_BIT, PatientName=name, PatientID=patient_id,
+                        PatientBirthDate=birth, StudyInstanceUID=f"1.2.3.{ord(key)}"),
+             root / f"{key}.dcm")
+    state, out = tmp_path / "state.sqlite", tmp_path / "results.json"
+    pseudonyms = []
+    for _ in range(2):  # the pseudonym key lives in the state: same pseudonyms next run
+        with Ledger.open(state) as ledger:
+            scan = api.anonymize(api.scan(root, model, render=False, ledger=ledger), ledger)
+        api.write_json(out, scan)
+        text = out.read_text()
+        for name, patient_id, birth in PATIENTS.values():
+            for value in (name, name.split("^")[0], patient_id, birth):
+                assert value not in text
+        pseudonyms.append([r.metadata["PatientID"] for r in scan.results])
+    assert pseudonyms[0] == pseudonyms[1]
+    assert len(set(pseudonyms[0])) == 2 and all(p.startswith(PSEUDONYM_PREFIX)
+                                                 for p in pseudonyms[0])
+
+
+def test_without_patient_id_the_name_and_birth_date_make_the_pseudonym():
+    def result(**metadata) -> FileResult:
+        return FileResult(Path("x.dcm"), "s", "ok", metadata=metadata)
+
+    key = b"k" * 32
+    same, other, anonymous = anonymized([
+        result(PatientName="Doe^Jane", PatientBirthDate="19700101", Modality="CR"),
+        result(PatientName="Doe^Jane", PatientBirthDate="19710101"),
+        result(Modality="DX"),
+    ], key)
+    again = anonymized([result(PatientName="Doe^Jane", PatientBirthDate="19700101")], key)[0]
+    assert same.metadata == {"Modality": "CR", "PatientID": again.metadata["PatientID"]}
+    assert other.metadata["PatientID"] != same.metadata["PatientID"]
+    assert anonymous.metadata == {"Modality": "DX"}
