@@ -18,7 +18,7 @@ import numpy as np
 
 from .cam import CamModel, normalised_cams
 from .loading import load
-from .overlay import DISPLAY_SIDE, render_overlays
+from .overlay import DISPLAY_SIZE, render_overlays
 from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
 
@@ -53,7 +53,7 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 3
     info = model.info
     threshold = info.threshold if threshold is None else threshold
     prep = info.preprocessing
-    min_size = (max(prep.width, DISPLAY_SIDE), max(prep.height, DISPLAY_SIDE)) if render \
+    min_size = (max(prep.width, DISPLAY_SIZE), max(prep.height, DISPLAY_SIZE)) if render \
         else (prep.width, prep.height)
     negative = 1 - info.positive_class  # binary models: the other class
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
