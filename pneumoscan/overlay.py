@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 # Longest side of the report images: about 115 dpi at the 85 mm they are printed at.
-DISPLAY_SIDE = 384
+DISPLAY_SIZE = 384
 JPEG_QUALITY = 80
 # Weight of the colour map in the blend; the rest is the X-ray, which must stay readable.
 CAM_OPACITY = 0.4
@@ -43,7 +43,7 @@ def _turbo_lut() -> np.ndarray:
 TURBO_LUT = _turbo_lut()
 
 
-def display_size(width: int, height: int, longest: int = DISPLAY_SIDE) -> tuple[int, int]:
+def display_size(width: int, height: int, longest: int = DISPLAY_SIZE) -> tuple[int, int]:
     """(width, height) scaled down so the longest side is at most `longest`; never up."""
     scale = min(1.0, longest / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))

@@ -18,7 +18,7 @@ import numpy as np
 
 from .cam import CamModel, normalised_cams
 from .loading import load
-from .overlay import DISPLAY_SIDE, render_overlays
+from .overlay import DISPLAY_SIZE, render_overlays
 from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
 
@@ -55,7 +55,7 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 3
     prep = info.preprocessing
     # One decode size whether or not a report is rendered: JPEG DCT scaling changes the
     # pixels slightly, and a file's score must not depend on the output format.
-    min_size = (max(prep.width, DISPLAY_SIDE), max(prep.height, DISPLAY_SIDE))
+    min_size = (max(prep.width, DISPLAY_SIZE), max(prep.height, DISPLAY_SIZE))
     negative = 1 - info.positive_class  # binary models: the other class
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
         window: list[Future[Prepared]] = []

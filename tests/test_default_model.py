@@ -57,7 +57,7 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     import numpy as np
 
     from pneumoscan.loading import load_raster
-    from pneumoscan.overlay import DISPLAY_SIDE
+    from pneumoscan.overlay import DISPLAY_SIZE
     from pneumoscan.preprocess import model_input, prepare_pixels
 
     prep = shipped.info.preprocessing
@@ -66,7 +66,7 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     run_path, training = [], []
     for path in originals:
         copy = shared_data / "kermany224" / "train" / path.parent.name / path.name
-        run_path.append(load_raster(path, (DISPLAY_SIDE, DISPLAY_SIDE)).pixels)
+        run_path.append(load_raster(path, (DISPLAY_SIZE, DISPLAY_SIZE)).pixels)
         training.append(load_raster(copy).pixels)
     pixel_gap = np.mean([np.abs(prepare_pixels(a, prep).astype(float) - b).mean()
                          for a, b in zip(run_path, training)])

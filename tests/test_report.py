@@ -20,7 +20,7 @@ from PIL import Image
 from pneumoscan import report
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
-from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIDE, TURBO_LUT, colour_bar_png,
+from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIZE, TURBO_LUT, colour_bar_png,
                                 render_overlays)
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
 from pneumoscan.pdf import LocalOnlyFetcher, decode_data_uri, render_pdf
@@ -111,7 +111,7 @@ def test_overlays_are_compact_jpegs_at_display_size():
     image_bytes, overlay_bytes = render_overlays(pixels, cam_peaking_at(3, 3))
     image, overlay = decode(image_bytes), decode(overlay_bytes)
     assert (image.format, image.mode, overlay.format, overlay.mode) == ("JPEG", "L", "JPEG", "RGB")
-    assert image.size == overlay.size and max(image.size) == DISPLAY_SIDE
+    assert image.size == overlay.size and max(image.size) == DISPLAY_SIZE
     assert abs(image.width / image.height - pixels.shape[1] / pixels.shape[0]) < 0.01
     assert len(image_bytes) + len(overlay_bytes) < 80_000
 
