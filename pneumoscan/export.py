@@ -86,10 +86,14 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
             # 'SAME' padding is computed from the spatial size, which the model's metadata
             # fixes: tracing it as a constant is intended (only the batch axis is dynamic).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # torch cannot fold the reversed Slice in F.pad's pads; ORT does (fold_constants).
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1")
             torch.onnx.export(module, (example,), str(raw), dynamo=False, opset_version=OPSET,
                               input_names=["input"], output_names=list(OUTPUTS),
                               dynamic_axes={name: {0: "batch"} for name in ("input", *OUTPUTS)})
-        model = onnx.load(str(raw))
+        folded = Path(tmp) / "folded.onnx"
+        fold_constants(raw, folded)
+        model = fold_padding_into_convs(onnx.load(str(folded)))
     for key, value in metadata_props(metadata).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -97,6 +101,64 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
     tmp_out = out.with_name(out.name + ".tmp")
     onnx.save(model, str(tmp_out))
     tmp_out.replace(out)
+
+
+def fold_constants(source: Path, out: Path) -> None:
+    """ONNX Runtime's basic graph optimisations (constant folding, redundant nodes), which
+    are provider-independent and write plain ONNX: the exporter leaves the 'SAME' pads as
+    small chains of ops, which become constants here."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def fold_padding_into_convs(model):
+    """Each zero Pad feeding only a Conv becomes that Conv's own (asymmetric) pads. A
+    separate Pad copies the activations, and on CPU also forces a layout change before
+    and after it; ORT's PadFusion does not take the opset-18 Pad that torch writes."""
+    from collections import Counter
+
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    uses.update(output.name for output in graph.output)
+    pads_by_output = {node.output[0]: node for node in graph.node if node.op_type == "Pad"}
+    folded = []
+    for conv in (node for node in graph.node if node.op_type == "Conv"):
+        pad = pads_by_output.get(conv.input[0])
+        if pad is None or uses[pad.output[0]] != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode", b"constant")
+        extra = list(pad.input[2:])  # constant value, axes
+        if mode != b"constant" or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" \
+                or pad.input[1] not in constants or any(extra[1:]) \
+                or (extra and extra[0] and (extra[0] not in constants or constants[extra[0]].any())):
+            continue
+        amounts = constants[pad.input[1]].tolist()
+        rank = len(amounts) // 2
+        begins, ends = amounts[2:rank], amounts[rank + 2:]
+        if any(amounts[:2]) or any(amounts[rank:rank + 2]) or min(amounts) < 0:
+            continue  # pads batch or channels, or crops
+        own = attrs.get("pads", [0] * (2 * (rank - 2)))
+        merged = [a + b for a, b in zip(own, begins + ends)]
+        for attribute in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(attribute)
+        conv.attribute.append(helper.make_attribute("pads", merged))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for unused in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(unused)
+    return model
 
 
 def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]:
