@@ -170,7 +170,7 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
     from .cam.onnx_cam import softmax
     from .model import open_session
 
-    session, _ = open_session(onnx_path, "cpu")
+    session, _ = open_session(onnx_path, "cpu", cache=False)
     with torch.no_grad():
         reference = dict(zip(OUTPUTS, (t.numpy() for t in module(torch.from_numpy(batch)))))
     got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"input": batch})))
