@@ -1,4 +1,4 @@
-"""The ONNX Runtime session: the optimised graph cached on disk."""
+"""The ONNX Runtime session: the optimised graph cached on disk, and IO binding."""
 
 from __future__ import annotations
 
@@ -39,3 +39,12 @@ def test_an_unwritable_cache_is_no_error(small_onnx, tmp_path, monkeypatch):
     session, provider = open_session(small_onnx, "cpu")
     assert provider == "CPUExecutionProvider"
 
+
+def test_io_binding_gives_the_same_outputs_as_run(small_onnx):
+    """The CUDA path's IO binding, exercised here on the CPU provider."""
+    model = OnnxCamModel(small_onnx, "cpu")
+    batch = np.random.default_rng(1).normal(size=(4, 3, 128, 128)).astype(np.float32)
+    logits, cams = model.run_bound(batch, "cpu")
+    plain = model.predict(batch)
+    np.testing.assert_allclose(cams, plain.cams, atol=1e-6)
+    assert logits.shape == (4, 2)
