@@ -14,6 +14,7 @@ import click
 
 from . import __version__, api
 from .model import DEVICES, ModelError
+from .pipeline import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger("pneumoscan")
 
@@ -46,7 +47,8 @@ model_option = click.option("--model", "model_path", type=click.Path(path_type=P
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
                              show_default=True,
                              help="auto: CUDA when its provider really loads, else CPU.")
-batch_option = click.option("--batch-size", type=click.IntRange(1, 4096), default=32,
+batch_option = click.option("--batch-size", type=click.IntRange(1, 4096),
+                            default=DEFAULT_BATCH_SIZE,
                             show_default=True)
 workers_option = click.option("--workers", type=click.IntRange(1, 64),
                               help="decoding threads (default: up to 4, one per core)")

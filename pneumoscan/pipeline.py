@@ -22,6 +22,7 @@ from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
 
 DISPLAY_SIZE = 384  # longest side of the images shown in reports
+DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass
@@ -51,7 +52,7 @@ def _render(pixels: np.ndarray, cam: np.ndarray) -> tuple[bytes, bytes]:
     return render_overlays(pixels, cam)
 
 
-def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 32,
+def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
              workers: int | None = None, threshold: float | None = None,
              render: bool = True,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
