@@ -182,21 +182,37 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
     return {name: float(np.abs(reference[name] - got[name]).max()) for name in reference}
 
 
-def parity_images(payload: dict, check_images: Path | None, count: int = 8) -> list[Path]:
-    """Real images for the parity check: the given folder, else the checkpoint's own
-    validation split when its files are still there."""
+def split_images(checkpoint: Path, payload: dict, part: str) -> list[Path]:
+    """The checkpoint's own `part` ("train" or "val") images, those still there: from the
+    split.json that training wrote beside it (or in its configured output folder)."""
+    for folder in (Path(checkpoint).parent, Path(payload["config"]["out"])):
+        split = folder / "split.json"
+        if split.exists():
+            return [p for p in map(Path, json.loads(split.read_text())[part]) if p.exists()]
+    return []
+
+
+def folder_images(folder: Path) -> list[Path]:
     from .discover import discover
 
-    if check_images is not None:
-        found = [f.path for f in discover(check_images) if f.kind is not None]
-    else:
-        split = Path(payload["config"]["out"]) / "split.json"
-        found = [Path(p) for p in json.loads(split.read_text())["val"]] if split.exists() else []
-        found = [p for p in found if p.exists()]
+    return [f.path for f in discover(folder) if f.kind is not None]
+
+
+def spread(paths: list[Path], count: int) -> list[Path]:
+    """`count` of `paths`, evenly spaced (sorted lists: every class is represented)."""
+    step = max(1, len(paths) // count)
+    return paths[::step][:count]
+
+
+def parity_images(checkpoint: Path, payload: dict, check_images: Path | None,
+                  count: int = 8) -> list[Path]:
+    """Real images for the parity check: the given folder, else the checkpoint's own
+    validation split when its files are still there."""
+    found = folder_images(check_images) if check_images is not None \
+        else split_images(checkpoint, payload, "val")
     if not found:
         raise ExportError("no real images for the parity check: pass --check-images FOLDER")
-    step = max(1, len(found) // count)
-    return found[::step][:count]
+    return spread(found, count)
 
 
 def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = None,
@@ -216,7 +232,7 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
     module = export_module(network)
     prep = info.preprocessing
     images = []
-    for path in parity_images(payload, check_images):
+    for path in parity_images(checkpoint, payload, check_images):
         loaded = load(classify_file(path), min_size=(prep.width, prep.height))
         if not isinstance(loaded, FileResult):
             images.append(model_input(loaded.pixels, prep))
