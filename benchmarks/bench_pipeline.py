@@ -48,6 +48,20 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def jpeg_round_trip(img, quality: int | None):
+    """The model's preprocessing ends with a JPEG round trip (its training images were
+    quality-75 JPEGs); every configuration does it, so all feed the model the same pixels."""
+    if quality is None:
+        return img
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=quality)
+    return Image.open(buffer)
+
+
 def timed_runs(run_once, measured, warmup, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls run_once(measured), after one run_once(warmup)."""
     run_once(warmup)
@@ -109,8 +123,9 @@ def bench_naive_ort(args, folder: Path, warmup: Path) -> list[float]:
     def run_once(source: Path):
         results = {}
         for path in image_files(source):
-            img = Image.open(path).convert("RGB").resize((prep.width, prep.height),
-                                                         Image.Resampling.BILINEAR)
+            img = Image.open(path).convert("L").resize((prep.width, prep.height),
+                                                       Image.Resampling.BILINEAR)
+            img = jpeg_round_trip(img, prep.jpeg_quality).convert("RGB")
             x = (np.asarray(img, dtype=np.float32) / 255 - mean) / std
             logits, cams = session.run(["logits", "cams"], {"input": x.transpose(2, 0, 1)[None]})
             e = np.exp(logits[0] - logits[0].max())
@@ -139,8 +154,10 @@ def bench_eager(args, folder: Path, warmup: Path) -> list[float]:
     else:  # same architecture and cost; untrained weights do not change the speed
         network = build_network(info.arch, num_classes=len(info.class_names), pretrained=False)
     network.eval()
-    transform = T.Compose([T.Grayscale(prep.channels), T.Resize((prep.height, prep.width)),
-                           T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+    transform = T.Compose([T.Grayscale(1), T.Resize((prep.height, prep.width)),
+                           T.Lambda(lambda img: jpeg_round_trip(img, prep.jpeg_quality)),
+                           T.ToTensor(), T.Lambda(lambda x: x.expand(prep.channels, -1, -1)),
+                           T.Normalize(prep.mean, prep.std)])
 
     class Files(Dataset):
         def __init__(self, paths):
