@@ -30,7 +30,7 @@ from .discover import discover
 from .files import write_atomic
 from .ledger import Basis, Ledger
 from .model import ModelError, default_model_path
-from .pipeline import classify
+from .pipeline import DEFAULT_BATCH_SIZE, classify
 from .records import FileResult, InputFile, RunInfo
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
@@ -94,7 +94,7 @@ def run_info(model: CamModel, threshold: float | None) -> RunInfo:
                    threshold=info.threshold if threshold is None else threshold)
 
 
-def scan(root: Path, model: CamModel, *, batch_size: int = 32, workers: int | None = None,
+def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
          threshold: float | None = None, render: bool = True,
          on_result: Callable[[FileResult], None] | None = None,
          on_discovered: Callable[[int], None] | None = None,

@@ -68,7 +68,11 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
-        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
+        # Plain ints: when exported, the pads are then constants for the model's fixed input
+        # size, which ORT folds into the convolution, rather than a chain of shape ops
+        # feeding a separate Pad (a copy of the activations, and a layout change, per conv).
+        spatial = [int(size) for size in x.shape[-2:]]
+        for size, k, s in zip(reversed(spatial), reversed(self.kernel_size),
                               reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]

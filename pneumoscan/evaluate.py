@@ -10,12 +10,12 @@ from .cam import CamModel
 from .datasets import CLASS_NAMES, list_samples
 from .discover import classify_file
 from .metrics import binary_metrics, bootstrap_intervals, confusion
-from .pipeline import classify
+from .pipeline import DEFAULT_BATCH_SIZE, classify
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc", "f1", "precision")
 
 
-def evaluate_dataset(data: Path, model: CamModel, *, batch_size: int = 32,
+def evaluate_dataset(data: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
                      workers: int | None = None, threshold: float | None = None,
                      n_boot: int = 1000) -> dict:
     samples = list_samples(Path(data))

@@ -86,10 +86,14 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
             # 'SAME' padding is computed from the spatial size, which the model's metadata
             # fixes: tracing it as a constant is intended (only the batch axis is dynamic).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # torch cannot fold the reversed Slice in F.pad's pads; ORT does (fold_constants).
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1")
             torch.onnx.export(module, (example,), str(raw), dynamo=False, opset_version=OPSET,
                               input_names=["input"], output_names=list(OUTPUTS),
                               dynamic_axes={name: {0: "batch"} for name in ("input", *OUTPUTS)})
-        model = onnx.load(str(raw))
+        folded = Path(tmp) / "folded.onnx"
+        fold_constants(raw, folded)
+        model = fold_padding_into_convs(onnx.load(str(folded)))
     for key, value in metadata_props(metadata).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -97,6 +101,64 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
     tmp_out = out.with_name(out.name + ".tmp")
     onnx.save(model, str(tmp_out))
     tmp_out.replace(out)
+
+
+def fold_constants(source: Path, out: Path) -> None:
+    """ONNX Runtime's basic graph optimisations (constant folding, redundant nodes), which
+    are provider-independent and write plain ONNX: the exporter leaves the 'SAME' pads as
+    small chains of ops, which become constants here."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def fold_padding_into_convs(model):
+    """Each zero Pad feeding only a Conv becomes that Conv's own (asymmetric) pads. A
+    separate Pad copies the activations, and on CPU also forces a layout change before
+    and after it; ORT's PadFusion does not take the opset-18 Pad that torch writes."""
+    from collections import Counter
+
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    uses.update(output.name for output in graph.output)
+    pads_by_output = {node.output[0]: node for node in graph.node if node.op_type == "Pad"}
+    folded = []
+    for conv in (node for node in graph.node if node.op_type == "Conv"):
+        pad = pads_by_output.get(conv.input[0])
+        if pad is None or uses[pad.output[0]] != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode", b"constant")
+        extra = list(pad.input[2:])  # constant value, axes
+        if mode != b"constant" or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" \
+                or pad.input[1] not in constants or any(extra[1:]) \
+                or (extra and extra[0] and (extra[0] not in constants or constants[extra[0]].any())):
+            continue
+        amounts = constants[pad.input[1]].tolist()
+        rank = len(amounts) // 2
+        begins, ends = amounts[2:rank], amounts[rank + 2:]
+        if any(amounts[:2]) or any(amounts[rank:rank + 2]) or min(amounts) < 0:
+            continue  # pads batch or channels, or crops
+        own = attrs.get("pads", [0] * (2 * (rank - 2)))
+        merged = [a + b for a, b in zip(own, begins + ends)]
+        for attribute in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(attribute)
+        conv.attribute.append(helper.make_attribute("pads", merged))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for unused in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(unused)
+    return model
 
 
 def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]:
@@ -108,7 +170,7 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
     from .cam.onnx_cam import softmax
     from .model import open_session
 
-    session, _ = open_session(onnx_path, "cpu")
+    session, _ = open_session(onnx_path, "cpu", cache=False)
     with torch.no_grad():
         reference = dict(zip(OUTPUTS, (t.numpy() for t in module(torch.from_numpy(batch)))))
     got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"input": batch})))
@@ -120,21 +182,37 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
     return {name: float(np.abs(reference[name] - got[name]).max()) for name in reference}
 
 
-def parity_images(payload: dict, check_images: Path | None, count: int = 8) -> list[Path]:
-    """Real images for the parity check: the given folder, else the checkpoint's own
-    validation split when its files are still there."""
+def split_images(checkpoint: Path, payload: dict, part: str) -> list[Path]:
+    """The checkpoint's own `part` ("train" or "val") images, those still there: from the
+    split.json that training wrote beside it (or in its configured output folder)."""
+    for folder in (Path(checkpoint).parent, Path(payload["config"]["out"])):
+        split = folder / "split.json"
+        if split.exists():
+            return [p for p in map(Path, json.loads(split.read_text())[part]) if p.exists()]
+    return []
+
+
+def folder_images(folder: Path) -> list[Path]:
     from .discover import discover
 
-    if check_images is not None:
-        found = [f.path for f in discover(check_images) if f.kind is not None]
-    else:
-        split = Path(payload["config"]["out"]) / "split.json"
-        found = [Path(p) for p in json.loads(split.read_text())["val"]] if split.exists() else []
-        found = [p for p in found if p.exists()]
+    return [f.path for f in discover(folder) if f.kind is not None]
+
+
+def spread(paths: list[Path], count: int) -> list[Path]:
+    """`count` of `paths`, evenly spaced (sorted lists: every class is represented)."""
+    step = max(1, len(paths) // count)
+    return paths[::step][:count]
+
+
+def parity_images(checkpoint: Path, payload: dict, check_images: Path | None,
+                  count: int = 8) -> list[Path]:
+    """Real images for the parity check: the given folder, else the checkpoint's own
+    validation split when its files are still there."""
+    found = folder_images(check_images) if check_images is not None \
+        else split_images(checkpoint, payload, "val")
     if not found:
         raise ExportError("no real images for the parity check: pass --check-images FOLDER")
-    step = max(1, len(found) // count)
-    return found[::step][:count]
+    return spread(found, count)
 
 
 def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = None,
@@ -154,7 +232,7 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
     module = export_module(network)
     prep = info.preprocessing
     images = []
-    for path in parity_images(payload, check_images):
+    for path in parity_images(checkpoint, payload, check_images):
         loaded = load(classify_file(path), min_size=(prep.width, prep.height))
         if not isinstance(loaded, FileResult):
             images.append(model_input(loaded.pixels, prep))

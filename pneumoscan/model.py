@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def default_model_path() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    stat = os.stat(path)
+    return _sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    """Hashed once per version of a file (opening a model needs its hash twice)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -77,11 +85,21 @@ def read_model_info(path: Path, custom: dict[str, str]) -> ModelInfo:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def open_session(path: Path, device: str = "auto", threads: int | None = None):
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def open_session(path: Path, device: str = "auto", threads: int | None = None,
+                 cache: bool = True):
     """An ONNX Runtime session and the provider that really runs it.
 
-    ORT silently falls back to CPU when CUDA cannot load; we check what it did: `cuda` then
-    fails loudly, `auto` takes CPU quietly (ORT's own error log is muted)."""
+    ORT silently falls back to CPU when CUDA cannot load, so we find out first with a tiny
+    probe session: `cuda` then fails loudly, `auto` takes CPU quietly (ORT's own error log
+    is muted). CPU sessions reuse the graph ORT optimised for this machine the first time,
+    kept in the user's cache folder (`cache=False`: neither read nor written)."""
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -89,20 +107,132 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None):
     if not Path(path).is_file():
         raise ModelError(f"model file not found: {path}")
     ort.set_default_logger_severity(4)
+    on_cuda = device in ("auto", "cuda") and cuda_loads()
+    if device == "cuda" and not on_cuda:
+        raise ModelError("--device cuda: the CUDA execution provider could not be loaded "
+                         "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto")
+    if on_cuda:
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        session = _create_session(path, session_options(threads), providers)
+    else:
+        session = _cpu_session(Path(path), threads, cache)
+    return session, session.get_providers()[0]
+
+
+def session_options(threads: int | None):
+    """Tuned for a pipeline in which decoding threads share the cores with inference: all
+    cores for the model's intra-op pool, and no spinning, so that ORT threads waiting for
+    work yield their core to the decoders instead of burning it."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
-    wants_cuda = device in ("auto", "cuda") and \
-        "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = (["CUDAExecutionProvider"] if wants_cuda else []) + ["CPUExecutionProvider"]
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def _create_session(source: Path, options, providers: list[str]):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(source), options, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"cannot load model {source}: {exc}") from exc
+
+
+def _cpu_session(path: Path, threads: int | None, cache: bool):
+    """A CPU session, from the cached optimised graph when there is one; otherwise the
+    graph ORT optimises now is written to the cache for next time. The cache is only a
+    speed-up: any problem with it falls back to the model file itself."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    cached = optimized_model_path(path) if cache else None
+    if cached is not None and cached.is_file():
+        options = session_options(threads)
+        # Already optimised (for this CPU and ORT version: both are in the file name).
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached), options, providers=providers)
+        except Exception:
+            cached.unlink(missing_ok=True)  # damaged or foreign: rebuilt below
+    options = session_options(threads)
+    if cached is None:
+        return _create_session(path, options, providers)
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    options.optimized_model_filepath = str(partial)
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:
-        raise ModelError(f"cannot load model {path}: {exc}") from exc
-    provider = session.get_providers()[0]
-    if device == "cuda" and provider != "CUDAExecutionProvider":
-        raise ModelError("--device cuda: the CUDA execution provider could not be loaded "
-                         "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto")
-    return session, provider
+        partial.replace(cached)  # atomic: concurrent runs never read a partial file
+        return session
+    except Exception:
+        partial.unlink(missing_ok=True)
+        return _create_session(path, session_options(threads), providers)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PNEUMOSCAN_CACHE_DIR"):
+        return Path(os.environ["PNEUMOSCAN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pneumoscan"
+
+
+def optimized_model_path(path: Path) -> Path | None:
+    """Where ORT's optimised graph of `path` is cached, or None when the cache folder cannot
+    be written. ORT's fully optimised graph is specific to the CPU (NCHWc layouts, ISA)
+    and ORT version, so both are part of the key with the model's own hash."""
+    import onnxruntime as ort
+
+    folder = cache_dir() / "ort-optimized"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            return None
+    except OSError:
+        return None
+    key = f"{file_sha256(path)[:32]}-ort{ort.__version__}-{cpu_fingerprint()}.onnx"
+    return folder / key
+
+
+def cpu_fingerprint() -> str:
+    """A short hash of the CPU's identity and instruction set extensions."""
+    import platform
+
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags")):
+                    text += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
+def cuda_loads() -> bool:
+    """Whether ORT's CUDA provider really loads here (a one-node session finds out)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:
+        return False
+    return session.get_providers()[0] == "CUDAExecutionProvider"

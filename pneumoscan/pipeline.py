@@ -22,6 +22,8 @@ from .overlay import DISPLAY_SIZE, render_overlays
 from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
 
+DEFAULT_BATCH_SIZE = 32
+
 
 @dataclass
 class Prepared:
@@ -44,7 +46,7 @@ def _prepare(item: InputFile, model: CamModel, min_size: tuple[int, int]) -> Pre
     return Prepared(item, outcome, tensor, time.perf_counter() - t0)
 
 
-def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = 32,
+def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
              workers: int | None = None, threshold: float | None = None,
              render: bool = True,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:

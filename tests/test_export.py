@@ -38,6 +38,12 @@ def test_graph_has_dynamic_batch_and_cam_outputs(small_onnx):
     assert batch_dim.dim_param and not batch_dim.dim_value
 
 
+def test_same_padding_is_folded_into_the_convolutions(small_onnx):
+    """No separate Pad nor shape arithmetic: each costs a copy of the activations."""
+    ops = {node.op_type for node in onnx.load(str(small_onnx)).graph.node}
+    assert ops <= {"Conv", "Clip", "Add", "ReduceMean", "Gemm"}, ops
+
+
 def test_parity_on_real_images_for_several_batch_sizes(small_checkpoint, small_onnx, val_images):
     network, payload = load_network(small_checkpoint)
     prep = checkpoint_model_info(small_checkpoint, payload).preprocessing

@@ -10,6 +10,8 @@ import numpy as np
 from ..model import open_session, read_model_info
 from .base import CamModel, Predictions
 
+OUTPUTS = ["logits", "cams"]  # `features` is not needed on the run path
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
@@ -24,5 +26,19 @@ class OnnxCamModel(CamModel):
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> Predictions:
-        logits, cams = self.session.run(["logits", "cams"], {self.input_name: batch})
+        if self.provider == "CUDAExecutionProvider":
+            logits, cams = self.run_bound(batch, "cuda")
+        else:
+            logits, cams = self.session.run(OUTPUTS, {self.input_name: batch})
         return Predictions(softmax(logits), cams)
+
+    def run_bound(self, batch: np.ndarray, device: str) -> list[np.ndarray]:
+        """One run through ORT's IO binding: the batch is copied to the session's device
+        once, the network and its CAMs are computed there into outputs bound on `device`,
+        and only `logits` and `cams` are copied back (the large `features` maps never are)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        for name in OUTPUTS:
+            binding.bind_output(name, device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()

@@ -1,0 +1,291 @@
+"""`export-onnx --int8 / --fp16`: reduced-precision copies of an exported float32 model,
+judged against it on labelled validation images before they are written.
+
+int8: ONNX Runtime static quantisation in QDQ format, weights int8 per output channel,
+activations uint8 calibrated (min/max) on training images; ORT runs it with VNNI dot products
+where the CPU has them, AVX2 otherwise. Weights use the full 8 bits: ORT's advice for CPUs
+without VNNI is 7 (`reduce_range`, against saturation), but on the default model and an
+AVX2-only CPU 8 bits gave the better validation accuracy and CAM agreement, and were faster.
+The head (pooling, classifier, CAM convolution) stays float32: it is a sliver of the cost,
+and CAMs are then the float classifier applied to the (dequantised) last feature maps.
+
+fp16: every float tensor in half precision for GPUs, with float32 inputs and outputs, so the
+run path feeds it the same batches. (CPUs run it too, through casts, slowly.)
+
+A copy is written only when its validation AUC is within MAX_AUC_DROP of the float32
+model's; otherwise `QuantizeError` says by how much it missed, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import CLASS_NAMES
+from .loading import load
+from .metrics import binary_metrics
+from .preprocess import Preprocessing, model_input
+from .records import FileResult
+
+MAX_AUC_DROP = 0.005
+CALIBRATION_IMAGES = 200
+BATCH = 32
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+@dataclass
+class Comparison:
+    """A reduced-precision model against the float32 one on the same labelled images."""
+    images: int
+    reference: dict[str, float]  # float32: auc, accuracy
+    candidate: dict[str, float]
+    max_probability_difference: float
+    cam_correlation_mean: float  # Pearson r of the decided class's CAM, per image
+    cam_correlation_min: float
+    speedup: float  # float32 seconds / candidate seconds, model calls only, this machine
+
+    @property
+    def auc_drop(self) -> float:
+        return self.reference["auc"] - self.candidate["auc"]
+
+    def summary(self, name: str) -> str:
+        ref, new = self.reference, self.candidate
+        return (f"{name} vs float32 on {self.images} validation images: "
+                f"AUC {ref['auc']:.4f} -> {new['auc']:.4f} ({-self.auc_drop:+.4f}), "
+                f"accuracy {ref['accuracy']:.4f} -> {new['accuracy']:.4f} "
+                f"({new['accuracy'] - ref['accuracy']:+.4f}), max |probability difference| "
+                f"{self.max_probability_difference:.2e}, CAM correlation mean "
+                f"{self.cam_correlation_mean:.3f} (min {self.cam_correlation_min:.3f}), "
+                f"model {self.speedup:.2f}x the speed of float32 on this machine")
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "float32": self.reference, "this_model": self.candidate,
+                "max_probability_difference": self.max_probability_difference,
+                "cam_correlation_mean": self.cam_correlation_mean,
+                "cam_correlation_min": self.cam_correlation_min,
+                "speedup_vs_float32": self.speedup}
+
+
+def labelled_images(paths: list[Path]) -> tuple[list[Path], np.ndarray]:
+    """Images whose folder names their class (NORMAL/ or PNEUMONIA/), as in the checkpoint's
+    split; others are left out."""
+    kept = [p for p in paths if p.parent.name in CLASS_NAMES]
+    return kept, np.array([CLASS_NAMES.index(p.parent.name) for p in kept])
+
+
+def preprocessed_batches(paths: list[Path], prep: Preprocessing, size: int = BATCH):
+    """float32 model inputs, `size` at a time, of the images that load (others skipped);
+    yields (batch, indices into paths)."""
+    from .discover import classify_file
+
+    tensors, indices = [], []
+    for i, path in enumerate(paths):
+        loaded = load(classify_file(path), min_size=(prep.width, prep.height))
+        if isinstance(loaded, FileResult):
+            continue
+        tensors.append(model_input(loaded.pixels, prep))
+        indices.append(i)
+        if len(tensors) == size:
+            yield np.stack(tensors), indices
+            tensors, indices = [], []
+    if tensors:
+        yield np.stack(tensors), indices
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preprocessing,
+                  log=print) -> None:
+    """Static QDQ quantisation of `fp32`, calibrated on the `calibration` images."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = (batch for batch, _ in preprocessed_batches(calibration, prep))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch}
+
+    model = onnx.load(str(fp32))
+    log(f"int8: calibrating on {len(calibration)} training images")
+    quantize_static(str(fp32), str(out), Calibration(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, reduce_range=False,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=head_nodes(model))
+    set_metadata(out, {"precision": f"int8 static QDQ, per-channel weights, calibrated on "
+                                    f"{len(calibration)} training images"}, source=model)
+
+
+def convert_fp16(fp32: Path, out: Path) -> None:
+    import onnx
+    from onnxconverter_common import float16
+
+    model = separate_read_outputs(onnx.load(str(fp32)))
+    with warnings.catch_warnings():
+        # One per weight too small for float16 (flushed to 1e-7): expected, not news.
+        warnings.simplefilter("ignore", UserWarning)
+        half = float16.convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(half, str(out))
+    set_metadata(out, {"precision": "float16, float32 inputs and outputs"})
+
+
+def separate_read_outputs(model):
+    """Graph outputs that nodes also read (`features`, read by the head) handed out through
+    an Identity instead: the float16 converter casts outputs for keep_io_types, and would
+    otherwise feed the head the float32 cast."""
+    from onnx import helper
+
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input}
+    for output in [o.name for o in graph.output if o.name in read]:
+        inner = f"{output}.inner"
+        for node in graph.node:
+            node.input[:] = [inner if name == output else name for name in node.input]
+            node.output[:] = [inner if name == output else name for name in node.output]
+        graph.node.append(helper.make_node("Identity", [inner], [output], name=f"{output}.out"))
+    return model
+
+
+def head_nodes(model) -> list[str]:
+    """The nodes downstream of the `features` output: pooling, classifier, CAM conv."""
+    graph = model.graph
+    reached, names = {"features"}, []
+    for node in graph.node:  # ONNX nodes are topologically sorted
+        if any(name in reached for name in node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def set_metadata(path: Path, entries: dict[str, str], source=None) -> None:
+    """Add pneumoscan metadata `entries` to the model at `path`, after replacing all its
+    metadata with that of the `source` model when given."""
+    import onnx
+
+    from .model import metadata_props
+
+    model = onnx.load(str(path))
+    if source is not None:
+        del model.metadata_props[:]
+        model.metadata_props.extend(source.metadata_props)
+    for key, value in metadata_props(entries).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) -> Comparison:
+    """Both models on the same decoded images: metrics, probability and CAM agreement, and
+    the time each spends in its model calls."""
+    from .cam import normalised_cams
+    from .cam.onnx_cam import OnnxCamModel
+
+    models = [OnnxCamModel(fp32, "cpu"), OnnxCamModel(candidate, "cpu")]
+    info = models[0].info
+    positive = info.positive_class
+    probabilities = [[], []]
+    seconds = [0.0, 0.0]
+    correlations, kept = [], []
+    for batch, indices in preprocessed_batches(paths, info.preprocessing):
+        cams = []
+        for k, model in enumerate(models):
+            t0 = time.perf_counter()
+            predictions = model.predict(batch)
+            seconds[k] += time.perf_counter() - t0
+            probabilities[k].append(predictions.probabilities[:, positive])
+            cams.append(predictions.cams)
+        decided = np.where(probabilities[0][-1] >= info.threshold, positive, 1 - positive)
+        a, b = (normalised_cams(c, decided).reshape(len(batch), -1) for c in cams)
+        correlations += [pearson(x, y) for x, y in zip(a, b)]
+        kept += indices
+    if not kept:
+        raise QuantizeError("none of the validation images could be read")
+    truth = labels[kept] == positive
+    ref, new = (np.concatenate(p) for p in probabilities)
+    metrics = [binary_metrics(truth, p, info.threshold) for p in (ref, new)]
+    pick = [{"auc": m["auc"], "accuracy": m["accuracy"]} for m in metrics]
+    return Comparison(images=len(kept), reference=pick[0], candidate=pick[1],
+                      max_probability_difference=float(np.abs(ref - new).max()),
+                      cam_correlation_mean=float(np.mean(correlations)),
+                      cam_correlation_min=float(np.min(correlations)),
+                      speedup=seconds[0] / seconds[1])
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Correlation of two maps; 1 when both are flat (nothing to disagree on)."""
+    x, y = x - x.mean(), y - y.mean()
+    norm = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / norm) if norm > 0 else 1.0
+
+
+def reduced_path(out: Path, kind: str) -> Path:
+    """model.onnx -> model.int8.onnx / model.fp16.onnx"""
+    return out.with_name(f"{out.stem}.{kind}{out.suffix}")
+
+
+def export_reduced(checkpoint: Path, fp32: Path, kinds: list[str],
+                   calibration_images: Path | None = None,
+                   calibration_count: int = CALIBRATION_IMAGES, eval_images: Path | None = None,
+                   max_auc_drop: float | None = None, log=print) -> dict[str, Comparison]:
+    """The `kinds` copies of the float32 model exported from `checkpoint`, beside it.
+    Calibration and validation images default to the checkpoint's own training and
+    validation splits; `max_auc_drop` to MAX_AUC_DROP."""
+    from .checkpoint import read_checkpoint
+    from .datasets import list_samples
+    from .export import folder_images, split_images, spread
+
+    payload = read_checkpoint(checkpoint)
+    if eval_images is not None:
+        try:
+            samples = list_samples(eval_images)
+        except (FileNotFoundError, ValueError) as exc:
+            raise QuantizeError(f"--eval-images: {exc}") from exc
+        paths, labels = [s.path for s in samples], np.array([s.label for s in samples])
+    else:
+        paths, labels = labelled_images(split_images(checkpoint, payload, "val"))
+    calibration = spread(folder_images(calibration_images) if calibration_images is not None
+                         else split_images(checkpoint, payload, "train"), calibration_count)
+    if "int8" in kinds and not calibration:
+        raise QuantizeError("no training images to calibrate on: pass --calibration-images")
+    limit = MAX_AUC_DROP if max_auc_drop is None else max_auc_drop
+    return {kind: write_reduced(kind, fp32, reduced_path(fp32, kind), paths, labels,
+                                calibration, limit, log) for kind in kinds}
+
+
+def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: np.ndarray,
+                  calibration: list[Path], max_auc_drop: float, log=print) -> Comparison:
+    """Write the `kind` ("int8" or "fp16") copy of `fp32` to `out` if, on the labelled
+    images, it keeps the AUC within `max_auc_drop`; raise QuantizeError (writing nothing)
+    if not."""
+    from .cam.onnx_cam import OnnxCamModel
+
+    if len(set(labels.tolist())) < 2:
+        raise QuantizeError("the evaluation images need both classes (NORMAL/ and PNEUMONIA/ "
+                            "folders): pass --eval-images")
+    prep = OnnxCamModel(fp32, "cpu").info.preprocessing
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        if kind == "int8":
+            quantize_int8(fp32, partial, calibration, prep, log)
+        else:
+            convert_fp16(fp32, partial)
+        comparison = compare(fp32, partial, paths, labels)
+        log(comparison.summary(kind))
+        if comparison.auc_drop > max_auc_drop:
+            raise QuantizeError(f"{kind} model NOT written: its validation AUC is "
+                                f"{comparison.auc_drop:.4f} below float32's, more than the "
+                                f"{max_auc_drop} allowed")
+        set_metadata(partial, {"validation_vs_float32": comparison.to_json()})
+        partial.replace(out)
+        log(f"wrote {out}")
+    finally:
+        partial.unlink(missing_ok=True)
+    return comparison

@@ -1,0 +1,76 @@
+"""export-onnx --int8 / --fp16: reduced-precision copies, judged against float32."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from pneumoscan.cam.onnx_cam import OnnxCamModel
+from pneumoscan.cli import main
+from pneumoscan.quantize import QuantizeError, export_reduced, head_nodes, reduced_path
+
+
+@pytest.fixture
+def fp32(small_onnx, tmp_path):
+    copy = tmp_path / "model.onnx"
+    shutil.copy(small_onnx, copy)
+    return copy
+
+
+def test_int8_is_quantised_calibrated_on_the_training_split_and_keeps_cams(
+        small_checkpoint, fp32, val_images):
+    # The checkpoint is trained for a few steps only: its AUC is noise, so no limit here.
+    comparison = export_reduced(small_checkpoint, fp32, ["int8"], calibration_count=16,
+                                eval_images=val_images, max_auc_drop=1.0,
+                                log=lambda m: None)["int8"]
+    int8 = reduced_path(fp32, "int8")
+    graph = onnx.load(str(int8)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("DequantizeLinear") > 50 and "QuantizeLinear" in ops
+    head = set(head_nodes(onnx.load(str(fp32))))
+    assert {"Gemm", "Conv"} <= {n.op_type for n in onnx.load(str(fp32)).graph.node
+                                 if n.name in head}
+    assert head <= {node.name for node in graph.node}  # kept float32, under their own names
+    model = OnnxCamModel(int8, "cpu")
+    assert "int8" in model.info.extra["precision"]
+    assert "validation_vs_float32" in model.info.extra
+    batch = np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype(np.float32)
+    out = model.predict(batch)
+    assert out.probabilities.shape == (2, 2) and out.cams.shape == (2, 2, 4, 4)
+    assert comparison.images == 16
+    assert comparison.cam_correlation_mean > 0.5
+    assert comparison.max_probability_difference < 0.5
+
+
+def test_int8_is_not_written_when_its_auc_drops_too_much(small_checkpoint, fp32, val_images):
+    with pytest.raises(QuantizeError, match="NOT written"):
+        export_reduced(small_checkpoint, fp32, ["int8"], calibration_count=8,
+                       eval_images=val_images, max_auc_drop=-1.0, log=lambda m: None)
+    assert sorted(p.name for p in fp32.parent.iterdir()) == ["model.onnx"]
+
+
+def test_fp16_keeps_float32_inputs_and_outputs(small_checkpoint, fp32, val_images):
+    comparison = export_reduced(small_checkpoint, fp32, ["fp16"], eval_images=val_images,
+                                log=lambda m: None)["fp16"]
+    half = onnx.load(str(reduced_path(fp32, "fp16")))
+    assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in half.graph.output)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in half.graph.initializer)
+    assert comparison.max_probability_difference < 1e-2
+    assert comparison.cam_correlation_min > 0.99
+
+
+def test_cli_says_when_a_reduced_model_is_refused(small_checkpoint, tmp_path, val_images,
+                                                  monkeypatch):
+    monkeypatch.setattr("pneumoscan.quantize.MAX_AUC_DROP", -1.0)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export-onnx", str(small_checkpoint), "--out", str(out),
+                                       "--check-images", str(val_images), "--fp16",
+                                       "--eval-images", str(val_images)])
+    assert result.exit_code == 1, result.output
+    assert "fp16 model NOT written" in result.output
+    assert out.is_file() and not reduced_path(out, "fp16").exists()
