@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -68,34 +68,47 @@ def results_by_path(json_path: Path) -> dict[str, dict]:
     return {r["path"]: r for r in results}
 
 
+def report_images(report: Path) -> list[str]:
+    """The X-ray and CAM pictures of an HTML report, as data URIs, sorted."""
+    html = report.read_text()
+    assert html.rstrip().endswith("</html>")
+    return sorted(re.findall(r'<img src="(data:image/jpeg;base64,[^"]+)"', html))
+
+
 def test_killed_run_then_rerun_accounts_for_every_file_once(scans, small_onnx, tmp_path):
     total = STUDIES * PER_STUDY
     reference = tmp_path / "reference" / "results.json"
-    done = run_pneumoscan("run", scans, "--json", reference, "--model", small_onnx)
+    done = run_pneumoscan("run", scans, "--json", reference, "--out",
+                          reference.with_name("report.html"), "--model", small_onnx)
     assert done.returncode == EXIT_OK, done.stderr
 
     out = tmp_path / "out" / "results.json"
+    report = out.with_name("report.html")
     state = out.with_name("results.pneumoscan.sqlite")  # the default places
     log = out.with_name("results.pneumoscan.log.jsonl")
-    killed = start_run(scans, "--json", out, "--model", small_onnx)
+    args = [scans, "--json", out, "--out", report, "--model", small_onnx]
+    killed = start_run(*args)
     wait_for(lambda: recorded_count(state) >= total // 3)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     recorded_when_killed = recorded_count(state)
     assert killed.returncode == -signal.SIGKILL and recorded_when_killed < total
-    assert not out.exists()
+    assert not out.exists() and not report.exists()
     # What a run killed while writing its JSON leaves: the next run removes it.
     (out.parent / f".{out.name}.k1ll3d.tmp").write_text('{"results": [')
 
-    again = run_pneumoscan("run", scans, "--json", out, "--model", small_onnx)
+    again = run_pneumoscan("run", *args)
     assert again.returncode == EXIT_OK, again.stderr
     expected, got = results_by_path(reference), results_by_path(out)
     assert len(got) == total and got == expected
+    # The report shows the same pictures, those of the killed run's files from the ledger.
+    assert report_images(report) == report_images(reference.with_name("report.html"))
+    assert len(report_images(report)) == 2 * total
     assert recorded_count(state) == total
     # No temporary file left over: only the outputs, the log and the state (with SQLite's
     # own companion files).
     assert {p.name for p in out.parent.iterdir()
-            if not p.name.startswith(state.name)} == {out.name, log.name}
+            if not p.name.startswith(state.name)} == {out.name, report.name, log.name}
     # The re-run computed only what the killed run had not recorded.
     summary = log_events(log)[-1]
     assert summary["event"] == "summary"

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from pneumoscan import api, pipeline
+from pneumoscan import api, pipeline, report
 from pneumoscan.anonymize import PSEUDONYM_PREFIX, anonymized
 from pneumoscan.ledger import Ledger, StateError, StateLocked
 from pneumoscan.records import FileResult
@@ -135,6 +135,81 @@ def test_everything_is_computed_again(change, scans, model, other_model, tmp_pat
     assert len(recorded_paths(state)) == 2 * PER_STUDY  # replaced, not added
     if change == "force":
         assert comparable(again.results) == comparable(first.results)
+
+
+def test_only_the_reports_of_changed_studies_are_rendered_again(scans, model, tmp_path,
+                                                               spare_images):
+    state, whole = tmp_path / "state.sqlite", tmp_path / "all.html"
+    per_study = tmp_path / "studies"
+
+    def run() -> tuple[list[Path], list[Path]]:
+        with Ledger.open(state) as ledger:
+            scan = api.scan(scans, model, ledger=ledger)
+            return api.write_report(whole, scan, ledger), api.write_per_study(per_study, scan, ledger)
+
+    def identities() -> dict[Path, tuple[int, int]]:
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in per_study.iterdir()}
+
+    assert run()[0] == [whole] and len(identities()) == 4  # HTML and PDF of each study
+    before = identities()
+    normal = {p for p in before if "_normal-" in p.name}
+    assert len(normal) == 2
+    shutil.copy(spare_images[0], sorted((scans / "normal").iterdir())[0])
+    wrote_whole, written = run()
+    assert wrote_whole == [whole] and set(written) == normal
+    after = identities()
+    assert all(after[p] == before[p] for p in before.keys() - normal)  # not touched
+
+    assert run() == ([], [])  # nothing changed: nothing rendered
+    removed = next(iter(normal))
+    removed.unlink()
+    assert set(run()[1]) == normal  # a report that went missing is made again
+
+
+def test_a_study_whose_rendering_was_cut_short_is_rendered_again(scans, model, tmp_path,
+                                                                  spare_images, monkeypatch):
+    """Even when its results go back to those of its previous reports: the files of an
+    interrupted rendering may show results that are neither."""
+    state, per_study = tmp_path / "state.sqlite", tmp_path / "studies"
+
+    def run() -> list[Path]:
+        with Ledger.open(state) as ledger:
+            return api.write_per_study(per_study, api.scan(scans, model, ledger=ledger), ledger)
+
+    normal = {p for p in run() if "_normal-" in p.name}
+    changed = sorted((scans / "normal").iterdir())[0]
+    original = changed.read_bytes()
+    shutil.copy(spare_images[0], changed)
+    write_per_study = report.write_per_study
+
+    def killed_after_writing(*args, **kwargs):
+        write_per_study(*args, **kwargs)
+        raise KeyboardInterrupt  # before the ledger learns the files were written
+
+    monkeypatch.setattr(report, "write_per_study", killed_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(report, "write_per_study", write_per_study)
+    changed.write_bytes(original)
+    assert set(run()) == normal
+
+
+def test_a_report_run_after_a_json_only_run_makes_the_images(scans, model, tmp_path, decoded):
+    state = tmp_path / "state.sqlite"
+    scan_with_state(state, scans, model)
+    decoded.clear()
+
+    def images(scan: api.Scan) -> list[tuple[bytes, bytes]]:
+        return [(r.image_png, r.overlay_png) for r in scan.results]
+
+    with Ledger.open(state) as ledger:
+        rendered = api.scan(scans, model, ledger=ledger)
+    assert len(decoded) == 2 * PER_STUDY and all(all(pair) for pair in images(rendered))
+    decoded.clear()
+    with Ledger.open(state) as ledger:
+        again = api.scan(scans, model, ledger=ledger)
+    assert decoded == [] and images(again) == images(rendered)
+    assert scan_with_state(state, scans, model).from_ledger == 2 * PER_STUDY
 
 
 def test_content_changing_while_read_is_not_recorded(scans, model, tmp_path, decoded,
