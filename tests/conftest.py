@@ -71,13 +71,23 @@ def shared_data() -> Path:
     return shared_path()
 
 
+def installed_program(name: str, debian_package: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        pytest.skip(f"{name} not installed (Debian package {debian_package})")
+    return exe
+
+
 @pytest.fixture(scope="session")
 def dcmj2pnm() -> str:
     """The dcmtk renderer used as an independent reference."""
-    exe = shutil.which("dcmj2pnm")
-    if exe is None:
-        pytest.skip("dcmj2pnm not installed (Debian package dcmtk)")
-    return exe
+    return installed_program("dcmj2pnm", "dcmtk")
+
+
+@pytest.fixture(scope="session")
+def pdftotext() -> str:
+    """poppler's PDF to text converter, to read what a PDF report says."""
+    return installed_program("pdftotext", "poppler-utils")
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from markupsafe import escape
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000MC
@@ -24,7 +28,7 @@ from pneumoscan import api
 from pneumoscan.api import EXIT_UNREADABLE
 from pneumoscan.ledger import Ledger
 
-from conftest import CLI_ENV, run_pneumoscan
+from conftest import CLI_ENV, invoke_cli, run_pneumoscan
 from test_dicom import RAMP_12_BIT, cr_dataset, save
 from test_discover import make_messy_folder
 from test_loading import SAMPLE_JPEG, chest, png_chunk  # noqa: F401 (chest: a fixture)
@@ -193,3 +197,46 @@ def test_an_unreadable_file_is_an_error(tmp_path, chest, model):
     with Ledger.open(tmp_path / "state.sqlite") as ledger:
         [result] = api.scan(root, model, render=False, ledger=ledger).results
     assert (result.status, result.reason) == ("error", "cannot open: Permission denied")
+
+
+SCRIPT = "<script>alert(1)</script>"
+IMG_TAG = "<img src=x onerror=alert(2)>"
+REMOTE_IMG = '<img src="http://example.invalid/x.png">'
+
+
+def test_hostile_dicom_text_stays_text_and_fetches_nothing(tmp_path, small_onnx, monkeypatch,
+                                                           pdftotext):
+    """Markup in DICOM attributes, read by the real loader, is text in the HTML and PDF
+    reports; a study UID made to climb out of the report folder does not; nothing is
+    fetched over the network."""
+    network = []
+
+    def no_network(*args, **kwargs):
+        network.append(args)
+        raise OSError("network use in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    root, reports = tmp_path / "scans", tmp_path / "reports"
+    root.mkdir()
+    with warnings.catch_warnings():  # pydicom warns that these are not valid values
+        warnings.simplefilter("ignore")
+        save(cr_dataset(RAMP_12_BIT, PatientName=SCRIPT, PatientID=IMG_TAG,
+                        AccessionNumber=REMOTE_IMG, StudyInstanceUID="../../../../escape"),
+             root / "hostile.dcm")
+    result = invoke_cli("run", root, "--model", small_onnx, "--per-study", reports,
+                        "--state", tmp_path / "state.sqlite", "--log", tmp_path / "log.jsonl")
+    assert result.exit_code == 0, result.output
+
+    html_path, pdf_path = sorted(reports.iterdir())  # both in the folder, nothing else
+    assert (html_path.suffix, pdf_path.suffix) == (".html", ".pdf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "log.jsonl", "reports", "scans", "state.sqlite"]
+    html = html_path.read_text()
+    for markup in (SCRIPT, IMG_TAG, REMOTE_IMG):
+        assert markup not in html and escape(markup) in html  # as autoescape writes it
+    assert all(src.startswith("data:image/") for src in re.findall(r' src="([^"]*)"', html))
+    pdf_text = subprocess.run([pdftotext, pdf_path, "-"], capture_output=True, text=True,
+                              check=True).stdout
+    assert SCRIPT in pdf_text and IMG_TAG in pdf_text  # shown as the text it is
+    assert network == []

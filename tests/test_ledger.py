@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -272,27 +273,34 @@ def test_a_file_that_is_not_a_state_file_is_refused_untouched(tmp_path):
 PATIENTS = {"a": ("Doe^Jane", "P-12345", "19700101"), "b": ("Roe^Richard", "P-67890", "19800202")}
 
 
-def test_anonymized_results_carry_a_stable_pseudonym(tmp_path, model):
+def test_anonymized_outputs_carry_a_stable_pseudonym_and_no_identity(tmp_path, model,
+                                                                     pdftotext):
     root = tmp_path / "scans"
     root.mkdir()
     for key, (name, patient_id, birth) in PATIENTS.items():
         save(cr_dataset(RAMP_12_BIT, PatientName=name, PatientID=patient_id,
                         PatientBirthDate=birth, StudyInstanceUID=f"1.2.3.{ord(key)}"),
              root / f"{key}.dcm")
-    state, out = tmp_path / "state.sqlite", tmp_path / "results.json"
+    state = tmp_path / "state.sqlite"
+    results, html, pdf = (tmp_path / f"out.{suffix}" for suffix in ("json", "html", "pdf"))
     pseudonyms = []
     for _ in range(2):  # the pseudonym key lives in the state: same pseudonyms next run
         with Ledger.open(state) as ledger:
-            scan = api.anonymize(api.scan(root, model, render=False, ledger=ledger), ledger)
-        api.write_json(out, scan)
-        text = out.read_text()
-        for name, patient_id, birth in PATIENTS.values():
-            for value in (name, name.split("^")[0], patient_id, birth):
-                assert value not in text
+            scan = api.anonymize(api.scan(root, model, ledger=ledger), ledger)
+            api.write_json(results, scan)
+            api.write_report(html, scan, ledger)
+            api.write_report(pdf, scan, ledger)
         pseudonyms.append([r.metadata["PatientID"] for r in scan.results])
     assert pseudonyms[0] == pseudonyms[1]
     assert len(set(pseudonyms[0])) == 2 and all(p.startswith(PSEUDONYM_PREFIX)
                                                  for p in pseudonyms[0])
+    pdf_text = subprocess.run([pdftotext, pdf, "-"], capture_output=True, text=True,
+                              check=True).stdout
+    for text in (results.read_text(), html.read_text(), pdf_text):
+        assert all(pseudonym in text for pseudonym in pseudonyms[0])
+        for name, patient_id, birth in PATIENTS.values():
+            for value in (name, name.split("^")[0], patient_id, birth):
+                assert value not in text
 
 
 def test_without_patient_id_the_name_and_birth_date_make_the_pseudonym():
