@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import pneumoscan
 from pneumoscan.discover import classify_file
 from pneumoscan.loading import load
 from pneumoscan.records import FileResult, LoadedImage
@@ -22,12 +23,12 @@ SHARED = REPO.parent / "shared" / "data"
 
 
 def pneumoscan_command(*args) -> list[str]:
-    """`pneumoscan ARGS` as run from this checkout, for subprocess."""
+    """`pneumoscan ARGS` for subprocess (with CLI_ENV: the package under test)."""
     return [sys.executable, "-m", "pneumoscan", *map(str, args)]
 
 
-# For subprocesses: this checkout's package first, whatever is installed.
-CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+# For subprocesses: the pneumoscan package these tests import, installed or not.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(pneumoscan.__file__).parents[1])}
 
 
 def run_pneumoscan(*args, timeout: float = 300) -> subprocess.CompletedProcess:
