@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from .ledger import Basis, Ledger
 from .model import ModelError, default_model_path
 from .pipeline import DEFAULT_BATCH_SIZE, classify
 from .records import FileResult, InputFile, RunInfo
+from .summary import Counts
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
@@ -54,13 +55,8 @@ class Scan:
         """How many results were taken from the state ledger rather than computed."""
         return sum(r.from_ledger for r in self.results)
 
-    def counts(self) -> dict[str, int]:
-        c = {"files": len(self.results), "ok": 0, "skipped": 0, "error": 0}
-        for r in self.results:
-            c[r.status] += 1
-        c["pneumonia"] = sum(r.label == "PNEUMONIA" for r in self.results)
-        c["normal"] = sum(r.label == "NORMAL" for r in self.results)
-        return c
+    def counts(self) -> Counts:
+        return Counts.of(self.results)
 
 
 def open_model(model_path: Path | None = None, device: str = "auto", cam_backend: str = "onnx",
@@ -164,7 +160,7 @@ def default_log_path(state_path: Path) -> Path:
 
 def results_json(scan_: Scan) -> dict:
     return {"schema": "pneumoscan-results-1", "run": scan_.run.to_json(),
-            "counts": scan_.counts(), "results": [r.to_json() for r in scan_.results]}
+            "counts": asdict(scan_.counts()), "results": [r.to_json() for r in scan_.results]}
 
 
 def write_json(path: Path, scan_: Scan) -> None:

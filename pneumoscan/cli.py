@@ -219,9 +219,9 @@ def _run_locked(scans, out, json_path, per_study, ledger, runlog, *, model_path,
     except OSError as exc:
         raise RunStopped(f"cannot write output: {exc}") from None
     c = result.counts()
-    click.echo(f"{c['files']} files ({result.from_ledger} unchanged since the last run): "
-               f"{c['ok']} classified ({c['pneumonia']} PNEUMONIA, {c['normal']} NORMAL), "
-               f"{c['skipped']} skipped, {c['error']} unreadable", err=True)
+    click.echo(f"{c.files} files ({result.from_ledger} unchanged since the last run): "
+               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
+               f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in result.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
