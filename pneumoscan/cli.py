@@ -11,6 +11,7 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 import os
 import sys
 from pathlib import Path
@@ -225,8 +226,8 @@ def _run_locked(scans, out, json_path, per_study, ledger, runlog, *, model_path,
     for r in result.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
-    runlog.write("summary", counts=c, from_ledger=result.from_ledger,
-                 computed=c["files"] - result.from_ledger, exit_code=result.exit_code,
+    runlog.write("summary", counts=asdict(c), from_ledger=result.from_ledger,
+                 computed=c.files - result.from_ledger, exit_code=result.exit_code,
                  started=result.run.started, finished=result.run.finished)
     return result.exit_code
 
