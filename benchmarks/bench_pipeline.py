@@ -247,15 +247,17 @@ def run_config(args, config: str, model: Path, folder: Path, warmup: Path) -> di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(args, rows: dict[str, tuple[str, Path]], folder: Path, warmup: Path) -> dict:
-    """Each row (name -> configuration, model) run args.repeats times, the repeats
-    interleaved across rows so that any background load falls on all of them alike."""
+def measure(args, rows: dict[str, tuple[str, Path]], folder: Path, warmup: Path,
+            repeats: int) -> dict:
+    """Each row (name -> configuration, model) run `repeats` times, the repeats interleaved
+    across rows so that any background load falls on all of them alike."""
     runs: dict[str, list[dict]] = {row: [] for row in rows}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         for row, (config, model) in rows.items():
             runs[row].append(run_config(args, config, model, folder, warmup))
             print(f"  {row:<16} {folder.name:>6} files, run {repeat + 1}: "
-                  f"{runs[row][-1]['seconds'][0]:.2f} s", file=sys.stderr, flush=True)
+                  f"{runs[row][-1]['seconds'][0]:.2f} s, peak RSS "
+                  f"{runs[row][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     results = {}
     for row, done in runs.items():
         seconds = [r["seconds"][0] for r in done]
@@ -308,12 +310,12 @@ def comparison_table(name: str, results: dict, repeats: int) -> list[str]:
     return lines + [""]
 
 
-def scaling_table(rows: list[tuple[str, dict]], repeats: int) -> list[str]:
-    lines = [f"### pneumoscan end to end: how cost grows (median of {repeats} runs)", "",
-             "| images | files | total (s) | ms / image | images/s | peak RSS (MB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+def scaling_table(rows: list[tuple[str, dict]]) -> list[str]:
+    lines = ["### pneumoscan end to end: how cost grows", "",
+             "| images | files | runs | total (s, median) | ms / image | images/s | "
+             "peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows:
-        lines.append(f"| {name} | {r['images']} | {r['median_s']:.2f} | "
+        lines.append(f"| {name} | {r['images']} | {len(r['seconds'])} | {r['median_s']:.2f} | "
                      f"{1000 * r['median_s'] / r['images']:.2f} | {r['images_per_s']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
     return lines + [""]
@@ -335,6 +337,8 @@ def main() -> None:
                    help="number of files at which all configurations run")
     p.add_argument("--sets", default="original,224")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scaling-repeats", type=int,
+                   help="repeats at the sizes other than --compare-size (default: --repeats)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
     p.add_argument("--json", type=Path, help="also write the raw measurements here")
@@ -363,8 +367,9 @@ def main() -> None:
             raw[name] = {}
             for n in sizes:
                 folder = build_folder(sources, n, root / name)
-                at_n = measure(args, compared if n == args.compare_size else scaled, folder,
-                               warmup)
+                compare = n == args.compare_size
+                at_n = measure(args, compared if compare else scaled, folder, warmup,
+                               args.repeats if compare else args.scaling_repeats or args.repeats)
                 raw[name][n] = at_n
                 if LABELS["pneumoscan"] in at_n:
                     scaling.append((name, at_n[LABELS["pneumoscan"]]))
@@ -372,7 +377,7 @@ def main() -> None:
                     out += comparison_table(name, at_n, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out += scaling_table(scaling, args.repeats)
+    out += scaling_table(scaling)
     print("\n".join(out))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": raw}, indent=1))
