@@ -27,12 +27,15 @@ def pneumoscan_command(*args) -> list[str]:
     return [sys.executable, "-m", "pneumoscan", *map(str, args)]
 
 
-# For subprocesses: the pneumoscan package these tests import, installed or not.
+# For subprocesses: the pneumoscan package these tests import, installed or not. They run
+# from the tests folder: `python -m` puts the working directory first on sys.path, and from the
+# repository root that would be the source tree, which lacks the installed `templates`.
 CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(pneumoscan.__file__).parents[1])}
+CLI_CWD = Path(__file__).resolve().parent
 
 
 def run_pneumoscan(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(pneumoscan_command(*args), env=CLI_ENV, capture_output=True,
+    return subprocess.run(pneumoscan_command(*args), env=CLI_ENV, cwd=CLI_CWD, capture_output=True,
                           text=True, timeout=timeout)
 
 

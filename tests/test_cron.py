@@ -18,7 +18,7 @@ import pytest
 
 from pneumoscan.api import EXIT_LOCKED, EXIT_OK
 
-from conftest import CLI_ENV, pneumoscan_command, run_pneumoscan
+from conftest import CLI_CWD, CLI_ENV, pneumoscan_command, run_pneumoscan
 
 STUDIES, PER_STUDY = 6, 50
 
@@ -37,7 +37,7 @@ def scans(tmp_path_factory, kermany_train) -> Path:
 
 
 def start_run(*args) -> subprocess.Popen:
-    return subprocess.Popen(pneumoscan_command("run", *args), env=CLI_ENV,
+    return subprocess.Popen(pneumoscan_command("run", *args), env=CLI_ENV, cwd=CLI_CWD,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

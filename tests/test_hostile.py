@@ -28,7 +28,7 @@ from pneumoscan import api
 from pneumoscan.api import EXIT_UNREADABLE
 from pneumoscan.ledger import Ledger
 
-from conftest import CLI_ENV, invoke_cli, run_pneumoscan
+from conftest import CLI_CWD, CLI_ENV, invoke_cli, run_pneumoscan
 from test_dicom import RAMP_12_BIT, cr_dataset, save
 from test_discover import make_messy_folder
 from test_loading import SAMPLE_JPEG, chest, png_chunk  # noqa: F401 (chest: a fixture)
@@ -149,7 +149,7 @@ def test_a_very_large_image_is_classified_without_full_size_copies(tmp_path, sma
         img.convert("L").resize((side, side), Image.Resampling.BILINEAR).save(
             folder / "large.png", compress_level=1)
     run = subprocess.run([sys.executable, "-c", MEASURE_PEAK_MEMORY, str(small_onnx),
-                          str(folder)], env=CLI_ENV, capture_output=True, text=True,
+                          str(folder)], env=CLI_ENV, cwd=CLI_CWD, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     measured = json.loads(run.stdout)
