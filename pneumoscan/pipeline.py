@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
     min_size = (max(prep.width, DISPLAY_SIZE), max(prep.height, DISPLAY_SIZE))
     negative = 1 - info.positive_class  # binary models: the other class
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
-        window: list[Future[Prepared]] = []
+        window: deque[Future[Prepared]] = deque()
         iterator = iter(items)
         exhausted = False
 
@@ -77,7 +78,7 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
             chunk: list[Prepared] = []
             ready = 0
             while window and ready < batch_size:
-                prepared = window.pop(0).result()
+                prepared = window.popleft().result()
                 chunk.append(prepared)
                 ready += prepared.tensor is not None
                 refill()
