@@ -233,7 +233,7 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
     prep = info.preprocessing
     images = []
     for path in parity_images(checkpoint, payload, check_images):
-        loaded = load(classify_file(path), min_size=(prep.width, prep.height))
+        loaded = load(classify_file(path), min_size=prep.decode_size)
         if not isinstance(loaded, FileResult):
             images.append(model_input(loaded.pixels, prep))
     if not images:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .cam import CamModel, normalised_cams
 from .loading import load
-from .overlay import DISPLAY_SIZE, render_overlays
+from .overlay import render_overlays
 from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
 
@@ -55,10 +55,9 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
     (for reports); without it the run is classification only."""
     info = model.info
     threshold = info.threshold if threshold is None else threshold
-    prep = info.preprocessing
-    # One decode size whether or not a report is rendered: JPEG DCT scaling changes the
-    # pixels slightly, and a file's score must not depend on the output format.
-    min_size = (max(prep.width, DISPLAY_SIZE), max(prep.height, DISPLAY_SIZE))
+    # The report's pictures come from the same decode as the model's input (at least the
+    # model's size; large scans are shown at up to DISPLAY_SIZE): one decode per file.
+    min_size = info.preprocessing.decode_size
     negative = 1 - info.positive_class  # binary models: the other class
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
         window: deque[Future[Prepared]] = deque()

@@ -30,6 +30,14 @@ class Preprocessing:
     resize: str = "bilinear"
     jpeg_quality: int | None = None
 
+    @property
+    def decode_size(self) -> tuple[int, int]:
+        """(width, height) that a decoder scaling as it decodes (JPEG in the DCT domain)
+        must still cover: the model's input. Training, evaluation, the export's parity check
+        and `run` all decode at it, so the network gets the same pixels from a file
+        whichever of them reads it, and a score never depends on whether a report is made."""
+        return (self.width, self.height)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

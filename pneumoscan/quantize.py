@@ -87,7 +87,7 @@ def preprocessed_batches(paths: list[Path], prep: Preprocessing, size: int = BAT
 
     tensors, indices = [], []
     for i, path in enumerate(paths):
-        loaded = load(classify_file(path), min_size=(prep.width, prep.height))
+        loaded = load(classify_file(path), min_size=prep.decode_size)
         if isinstance(loaded, FileResult):
             continue
         tensors.append(model_input(loaded.pixels, prep))

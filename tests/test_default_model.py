@@ -57,7 +57,6 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     import numpy as np
 
     from pneumoscan.loading import load_raster
-    from pneumoscan.overlay import DISPLAY_SIZE
     from pneumoscan.preprocess import model_input, prepare_pixels
 
     prep = shipped.info.preprocessing
@@ -66,7 +65,7 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     run_path, training = [], []
     for path in originals:
         copy = shared_data / "kermany224" / "train" / path.parent.name / path.name
-        run_path.append(load_raster(path, (DISPLAY_SIZE, DISPLAY_SIZE)).pixels)
+        run_path.append(load_raster(path, prep.decode_size).pixels)
         training.append(load_raster(copy).pixels)
     pixel_gap = np.mean([np.abs(prepare_pixels(a, prep).astype(float) - b).mean()
                          for a, b in zip(run_path, training)])
@@ -79,3 +78,29 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
                                       for x in run_path])).probabilities[:, 1]
     # The round trip is what closes the gap: without it the scores drift far more.
     assert np.abs(plain - scores[1]).mean() > 2 * np.abs(scores[0] - scores[1]).mean()
+
+
+def test_run_scores_an_original_scan_as_training_and_eval_would(shipped, shared_data, tmp_path):
+    """Large scans are decoded once, at the model's own size, whether or not a report is
+    rendered: `run`, with or without pictures, gives exactly the score that the training
+    loader's pixels give."""
+    import numpy as np
+
+    from pneumoscan import api
+    from pneumoscan.datasets import Sample
+    from pneumoscan.preprocess import normalise
+    from training.data import load_cached
+
+    originals = sorted((shared_data / "kermany-original").rglob("*.jpeg"))[::12]
+    for path in originals:
+        (tmp_path / path.name).symlink_to(path)
+    prep = shipped.info.preprocessing
+    pixels, _, problems = load_cached([Sample(p, 0, p.name) for p in originals], prep)
+    assert not problems
+    expected = shipped.predict(normalise(pixels, prep)).probabilities[:, 1]
+    for render in (False, True):
+        results = sorted(api.scan(tmp_path, shipped, render=render).results,
+                         key=lambda r: r.path.name)
+        assert [r.path.name for r in results] == [p.name for p in originals]
+        assert all((r.image_png is not None) == render for r in results)
+        np.testing.assert_allclose([r.probability for r in results], expected, atol=1e-5)

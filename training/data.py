@@ -40,7 +40,7 @@ def load_cached(samples: list[Sample], prep: Preprocessing) -> tuple[np.ndarray,
     input size (and JPEG round trip) as inference does: uint8 (N, H, W), labels (N,), and the reasons of files that were left out."""
     images, labels, problems = [], [], []
     for s in samples:
-        loaded = load(classify_file(s.path), min_size=(prep.width, prep.height))
+        loaded = load(classify_file(s.path), min_size=prep.decode_size)
         if isinstance(loaded, FileResult):
             problems.append(f"{s.path}: {loaded.status}: {loaded.reason}")
             continue
