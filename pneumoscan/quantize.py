@@ -18,6 +18,7 @@ model's; otherwise `QuantizeError` says by how much it missed, and nothing is wr
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Calibration(CalibrationDataReader):
         def __init__(self):
@@ -116,11 +118,16 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
 
     model = onnx.load(str(fp32))
     log(f"int8: calibrating on {len(calibration)} training images")
-    quantize_static(str(fp32), str(out), Calibration(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=head_nodes(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        # ONNX Runtime's own step before quantising: shapes inferred and the graph cleaned
+        # up, so that every tensor gets its quantisation parameters.
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(str(prepared), str(out), Calibration(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=head_nodes(onnx.load(str(prepared))))
     set_metadata(out, {"precision": f"int8 static QDQ, per-channel weights, calibrated on "
                                     f"{len(calibration)} training images"}, source=model)
 
