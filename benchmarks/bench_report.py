@@ -25,7 +25,7 @@ from typing import TypeVar
 import numpy as np
 
 from pneumoscan.loading import load_raster
-from pneumoscan.overlay import render_overlays
+from pneumoscan.overlay import render_picture
 from pneumoscan.pdf import render_pdf
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.report import render_html
@@ -94,14 +94,14 @@ def build_results(paths: list[Path]) -> tuple[list[FileResult], Timing]:
         pneumonia = path.parent.name == "PNEUMONIA"
         probability = float(np.clip(rng.normal(0.85 if pneumonia else 0.2, 0.15), 0, 1))
         cam = plausible_cam(rng, pneumonia)
-        overlay_time, (image, overlay) = timed(lambda: render_overlays(loaded.pixels, cam), 1)
+        overlay_time, picture = timed(lambda: render_picture(loaded.pixels, cam), 1)
         overlays = Timing(overlays.wall + overlay_time.wall, overlays.cpu + overlay_time.cpu)
         metadata = {"PatientID": patient, "PatientName": f"Anonymous^{patient}", "Modality": "CR",
                     "ViewPosition": "PA", "StudyDate": "20250101"}
         results.append(FileResult(path, patient, "ok", probability=probability,
                                   label="PNEUMONIA" if probability >= THRESHOLD else "NORMAL",
                                   threshold=THRESHOLD, metadata=metadata,
-                                  image_png=image, overlay_png=overlay))
+                                  picture=picture))
     return results, overlays
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .records import FileResult, InputFile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE settings (
@@ -40,11 +40,10 @@ CREATE TABLE files (
     content_sha256 TEXT NOT NULL,
     model_sha256 TEXT NOT NULL,
     threshold REAL NOT NULL,
-    rendered INTEGER NOT NULL,     -- 1 when the run made report images (stored below)
+    rendered INTEGER NOT NULL,     -- 1 when the run made the report picture (stored below)
     result TEXT NOT NULL,          -- FileResult.to_json()
     seconds REAL,
-    image_png BLOB,
-    overlay_png BLOB,
+    picture BLOB,
     recorded TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 CREATE TABLE outputs (
@@ -54,6 +53,15 @@ CREATE TABLE outputs (
 );
 INSERT INTO settings VALUES ('pseudonym_key', randomblob(32));
 """
+
+# Format N -> N + 1. Format 1 kept the X-ray and its overlay as two images; its scores
+# stay valid, and the pictures are made again when a report next needs them.
+MIGRATIONS = {
+    1: """ALTER TABLE files DROP COLUMN image_png;
+          ALTER TABLE files DROP COLUMN overlay_png;
+          ALTER TABLE files ADD COLUMN picture BLOB;
+          UPDATE files SET rendered = 0;""",
+}
 
 HASH_CHUNK = 1 << 20
 
@@ -180,19 +188,18 @@ class Ledger:
         plan.key, plan.stat, plan.content_sha256 = key, stat, digest
 
     def _reusable(self, plan: Planned, basis: Basis) -> FileResult | None:
-        images = "image_png, overlay_png" if basis.render else "NULL, NULL"
+        picture = "picture" if basis.render else "NULL"
         row = self._db.execute(
-            f"SELECT result, seconds, rendered, {images} FROM files WHERE path = ?"
+            f"SELECT result, seconds, rendered, {picture} FROM files WHERE path = ?"
             " AND content_sha256 = ? AND model_sha256 = ? AND threshold = ?",
             (plan.key, plan.content_sha256, basis.model_sha256, basis.threshold)).fetchone()
         if row is None:
             return None
-        result_json, seconds, rendered, image_png, overlay_png = row
+        result_json, seconds, rendered, picture = row
         data = json.loads(result_json)
         if basis.render and not rendered and data["status"] == "ok":
             return None  # classified without report images: make them now
-        return result_from_json(data, plan.item.path, seconds=seconds,
-                                image_png=image_png, overlay_png=overlay_png)
+        return result_from_json(data, plan.item.path, seconds=seconds, picture=picture)
 
     def record(self, plan: Planned, result: FileResult, basis: Basis) -> None:
         """Keep `result` of a planned file, in its own transaction. Only results of content
@@ -203,11 +210,11 @@ class Ledger:
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO files (path, stat, content_sha256, model_sha256,"
-                " threshold, rendered, result, seconds, image_png, overlay_png)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " threshold, rendered, result, seconds, picture)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (plan.key, plan.stat, plan.content_sha256, basis.model_sha256,
                  basis.threshold, int(basis.render), json.dumps(result.to_json()),
-                 result.seconds, result.image_png, result.overlay_png))
+                 result.seconds, result.picture))
 
     def forget_missing(self, root: Path, plans: Sequence[Planned]) -> None:
         """Drop the rows of files under `root` that this run did not find (deleted, moved),
@@ -280,6 +287,11 @@ def _connect(path: Path) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone():
             db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        elif version in MIGRATIONS:
+            while version < SCHEMA_VERSION:
+                version += 1
+                db.executescript(f"BEGIN; {MIGRATIONS[version - 1]}"
+                                 f" PRAGMA user_version = {version}; COMMIT;")
         elif version != SCHEMA_VERSION:
             raise StateError(f"state file {path} has format {version}, this pneumoscan reads "
                              f"format {SCHEMA_VERSION}: give another --state file")

@@ -1,7 +1,7 @@
-"""Report images: the X-ray and its class activation map (CAM) blended over it, encoded at
-the size the report shows them.
+"""The report's picture of an image: the X-ray and its class activation map (CAM) blended
+over it, side by side in one JPEG at the size the report shows them.
 
-`render_overlays` runs once per image in the pipeline's worker threads, so it uses only
+`render_picture` runs once per image in the pipeline's worker threads, so it uses only
 numpy and Pillow (whose resize, blend and encode release the GIL) on uint8 / float32 arrays
 at display size; matplotlib is not imported.
 """
@@ -19,6 +19,9 @@ DISPLAY_SIZE = 384
 JPEG_QUALITY = 80
 # Weight of the colour map in the blend; the rest is the X-ray, which must stay readable.
 CAM_OPACITY = 0.4
+# Pixels between the X-ray and its map, and between the map and its colour scale.
+GAP = 8
+SCALE_HEIGHT = 6
 
 # Turbo colour map (Mikhailov, Google AI 2019), sampled at 33 evenly spaced points from
 # matplotlib's table; linear interpolation between them stays within 4/255 of it.
@@ -49,21 +52,33 @@ def display_size(width: int, height: int, longest: int = DISPLAY_SIZE) -> tuple[
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def render_overlays(pixels: np.ndarray, cam: np.ndarray) -> tuple[bytes, bytes]:
-    """The report's two pictures of one X-ray, as JPEG bytes at display size.
+def render_picture(pixels: np.ndarray, cam: np.ndarray) -> bytes:
+    """The report's picture of one X-ray, as JPEG bytes: on the left the X-ray, at most
+    DISPLAY_SIZE on its longest side; on the right the same with the CAM in the turbo colour
+    map blended over it, and the colour scale (low to high) under that. One picture rather
+    than two: every image is a box for WeasyPrint to lay out and an object in the PDF.
 
     pixels: greyscale uint8 (H, W), 0 = black (a LoadedImage's pixels).
     cam: float32 (h, w), any small grid (e.g. 7 x 7), normalised to 0..1 for the predicted
     class; it is stretched over the whole image.
-    Returns (the X-ray alone, the X-ray with the CAM in the turbo colour map blended over it).
     """
     grey = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     size = display_size(*grey.size)
     if grey.size != size:
         grey = grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    heat = colourise(cam, size)
-    overlay = Image.blend(grey.convert("RGB"), heat, CAM_OPACITY)
-    return encode_jpeg(grey), encode_jpeg(overlay)
+    grey = grey.convert("RGB")
+    width, height = size
+    picture = Image.new("RGB", picture_size(width, height), "white")
+    picture.paste(grey, (0, 0))
+    picture.paste(Image.blend(grey, colourise(cam, size), CAM_OPACITY), (width + GAP, 0))
+    scale = Image.fromarray(TURBO_LUT[None]).resize((width, SCALE_HEIGHT))
+    picture.paste(scale, (width + GAP, height + GAP))
+    return encode_jpeg(picture)
+
+
+def picture_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the picture of an X-ray shown at `width` x `height`."""
+    return 2 * width + GAP, height + GAP + SCALE_HEIGHT
 
 
 def colourise(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:

@@ -2,7 +2,7 @@
 
 Worker threads load and preprocess files ahead of the model (a bounded window, so memory
 stays flat however many files there are) while the calling thread runs batches through the
-model; overlays for the report are rendered back in the workers. Results come out in input
+model; the report's pictures are rendered back in the workers. Results come out in input
 order, one per input file, whatever happened to it.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from .cam import CamModel, normalised_cams
 from .loading import load
-from .overlay import render_overlays
+from .overlay import render_picture
 from .preprocess import model_input
 from .records import FileResult, InputFile, LoadedImage
 
@@ -51,7 +51,7 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
              workers: int | None = None, threshold: float | None = None,
              render: bool = True,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
-    """One FileResult per item, in order. `render` adds display images and CAM overlays
+    """One FileResult per item, in order. `render` adds the report's pictures (X-ray and CAM overlay)
     (for reports); without it the run is classification only."""
     info = model.info
     threshold = info.threshold if threshold is None else threshold
@@ -97,15 +97,14 @@ def _finish_chunk(chunk, model, threshold, info, negative, batch_size, render_po
         positive = probabilities >= threshold
         decided = np.where(positive, info.positive_class, negative)
         cams = normalised_cams(predictions.cams, decided)
-        renders = [render_pool.submit(render_overlays, p.outcome.pixels, cam)
-                   if render_pool else None for p, cam in zip(loaded, cams)]
-        for p, prob, cls, render in zip(loaded, probabilities, decided, renders):
-            image_png, overlay_png = render.result() if render else (None, None)
+        pictures = [render_pool.submit(render_picture, p.outcome.pixels, cam)
+                    if render_pool else None for p, cam in zip(loaded, cams)]
+        for p, prob, cls, picture in zip(loaded, probabilities, decided, pictures):
             img: LoadedImage = p.outcome
             by_id[id(p)] = FileResult(
                 path=img.path, study=img.study, status="ok", probability=float(prob),
                 label=info.class_names[cls], threshold=float(threshold),
-                metadata=img.metadata, image_png=image_png, overlay_png=overlay_png,
+                metadata=img.metadata, picture=picture.result() if picture else None,
                 seconds=p.seconds + share)
     for p in chunk:
         result = by_id.get(id(p)) or p.outcome

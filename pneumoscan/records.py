@@ -67,9 +67,9 @@ class FileResult:
     label: str | None = None
     threshold: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    # For the report only (not serialised): display image and its CAM overlay, encoded.
-    image_png: bytes | None = None
-    overlay_png: bytes | None = None
+    # For the report only (not serialised): the X-ray and its CAM overlay side by side,
+    # JPEG (overlay.render_picture).
+    picture: bytes | None = None
     seconds: float | None = None
     from_ledger: bool = False  # taken from the state ledger, not computed in this run
 

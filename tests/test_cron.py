@@ -103,7 +103,7 @@ def test_killed_run_then_rerun_accounts_for_every_file_once(scans, small_onnx, t
     assert len(got) == total and got == expected
     # The report shows the same pictures, those of the killed run's files from the ledger.
     assert report_images(report) == report_images(reference.with_name("report.html"))
-    assert len(report_images(report)) == 2 * total
+    assert len(report_images(report)) == total
     assert recorded_count(state) == total
     # No temporary file left over: only the outputs, the log and the state (with SQLite's
     # own companion files).

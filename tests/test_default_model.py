@@ -102,5 +102,5 @@ def test_run_scores_an_original_scan_as_training_and_eval_would(shipped, shared_
         results = sorted(api.scan(tmp_path, shipped, render=render).results,
                          key=lambda r: r.path.name)
         assert [r.path.name for r in results] == [p.name for p in originals]
-        assert all((r.image_png is not None) == render for r in results)
+        assert all((r.picture is not None) == render for r in results)
         np.testing.assert_allclose([r.probability for r in results], expected, atol=1e-5)

@@ -195,17 +195,42 @@ def test_a_study_whose_rendering_was_cut_short_is_rendered_again(scans, model, t
     assert set(run()) == normal
 
 
+def test_a_state_file_of_the_first_format_is_upgraded_and_its_scores_kept(scans, model,
+                                                                        tmp_path, decoded):
+    """Format 1 kept two images per file; format 2 keeps one picture. Upgrading keeps every
+    score, and a report run makes the pictures again."""
+    state = tmp_path / "state.sqlite"
+    with Ledger.open(state) as ledger:
+        first = api.scan(scans, model, ledger=ledger)
+    with sqlite3.connect(state) as db:  # back to the first format, images and all
+        db.executescript("ALTER TABLE files DROP COLUMN picture;"
+                         " ALTER TABLE files ADD COLUMN image_png BLOB;"
+                         " ALTER TABLE files ADD COLUMN overlay_png BLOB;"
+                         " UPDATE files SET image_png = x'ffd8', overlay_png = x'ffd8';"
+                         " PRAGMA user_version = 1;")
+    decoded.clear()
+    upgraded = scan_with_state(state, scans, model)
+    assert decoded == [] and upgraded.from_ledger == 2 * PER_STUDY
+    assert comparable(upgraded.results) == comparable(first.results)
+    with Ledger.open(state) as ledger:
+        rendered = api.scan(scans, model, ledger=ledger)
+    assert len(decoded) == 2 * PER_STUDY
+    assert [r.picture for r in rendered.results] == [r.picture for r in first.results]
+    with sqlite3.connect(state) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
 def test_a_report_run_after_a_json_only_run_makes_the_images(scans, model, tmp_path, decoded):
     state = tmp_path / "state.sqlite"
     scan_with_state(state, scans, model)
     decoded.clear()
 
-    def images(scan: api.Scan) -> list[tuple[bytes, bytes]]:
-        return [(r.image_png, r.overlay_png) for r in scan.results]
+    def images(scan: api.Scan) -> list[bytes | None]:
+        return [r.picture for r in scan.results]
 
     with Ledger.open(state) as ledger:
         rendered = api.scan(scans, model, ledger=ledger)
-    assert len(decoded) == 2 * PER_STUDY and all(all(pair) for pair in images(rendered))
+    assert len(decoded) == 2 * PER_STUDY and all(images(rendered))
     decoded.clear()
     with Ledger.open(state) as ledger:
         again = api.scan(scans, model, ledger=ledger)

@@ -20,8 +20,8 @@ from PIL import Image
 from pneumoscan import report
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
-from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIZE, TURBO_LUT, colour_bar_png,
-                                render_overlays)
+from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIZE, GAP, TURBO_LUT, colour_bar_png,
+                                display_size, picture_size, render_picture)
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
 from pneumoscan.pdf import LocalOnlyFetcher, decode_data_uri, render_pdf
 from pneumoscan.report import DISCLAIMER, render_html, write_per_study, write_report
@@ -81,11 +81,11 @@ def results() -> list[FileResult]:
         loaded = load_file(path)
         pneumonia = "pneumonia" in loaded.study
         probability = 0.55 + index * 0.02 if pneumonia else 0.05 + index * 0.01
-        image, overlay = render_overlays(loaded.pixels, cam_peaking_at(3, 2 + pneumonia))
+        picture = render_picture(loaded.pixels, cam_peaking_at(3, 2 + pneumonia))
         metadata = {"PatientID": path.parent.name, "Modality": "CR", "ViewPosition": "PA"}
         out.append(FileResult(path, loaded.study, "ok", probability=probability,
                               label="PNEUMONIA" if pneumonia else "NORMAL", threshold=0.5,
-                              metadata=metadata, image_png=image, overlay_png=overlay))
+                              metadata=metadata, picture=picture))
     out[0].metadata.update(PatientName=SCRIPT, AccessionNumber=IMG_TAG, StudyDate=REMOTE)
     for name, status, reason in (("study-pneumonia-1/notes.txt", "skipped", "unknown file type"),
                                  ("study-normal-2/cut.dcm", "error", "truncated JPEG data")):
@@ -104,23 +104,38 @@ def pdf(html) -> bytes:
     return render_pdf(html)
 
 
-# --- overlays ---------------------------------------------------------------------------
+# --- pictures ---------------------------------------------------------------------------
 
-def test_overlays_are_compact_jpegs_at_display_size():
+def halves(picture: bytes, shown: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The X-ray, its overlay and the colour scale cut out of a picture whose X-ray is
+    shown at `shown` (width, height), as float32 RGB."""
+    width, height = shown
+    data = np.asarray(decode(picture), dtype=np.float32)
+    assert data.shape[:2][::-1] == picture_size(width, height)
+    return (data[:height, :width], data[:height, width + GAP:],
+            data[height + GAP:, width + GAP:])
+
+
+def test_the_picture_is_one_compact_jpeg_of_the_xray_beside_its_map():
     pixels = sample_pixels()
-    image_bytes, overlay_bytes = render_overlays(pixels, cam_peaking_at(3, 3))
-    image, overlay = decode(image_bytes), decode(overlay_bytes)
-    assert (image.format, image.mode, overlay.format, overlay.mode) == ("JPEG", "L", "JPEG", "RGB")
-    assert image.size == overlay.size and max(image.size) == DISPLAY_SIZE
-    assert abs(image.width / image.height - pixels.shape[1] / pixels.shape[0]) < 0.01
-    assert len(image_bytes) + len(overlay_bytes) < 80_000
+    picture = render_picture(pixels, cam_peaking_at(3, 3))
+    image = decode(picture)
+    assert (image.format, image.mode) == ("JPEG", "RGB") and len(picture) < 80_000
+    shown = display_size(pixels.shape[1], pixels.shape[0])
+    assert max(shown) == DISPLAY_SIZE
+    xray, overlay, scale = halves(picture, shown)
+    resized = np.asarray(Image.fromarray(pixels).resize(shown, Image.Resampling.BILINEAR),
+                         dtype=np.float32)
+    assert np.abs(xray.mean(axis=2) - resized).mean() < 3  # the X-ray as read, grey
+    assert np.abs(overlay - xray).mean() > 10  # the map is blended over it
+    expected_scale = Image.fromarray(TURBO_LUT[None]).resize((shown[0], 1))
+    assert np.abs(scale.mean(axis=0) - np.asarray(expected_scale, np.float32)[0]).mean() < 8
 
 
 def test_overlay_blends_the_colour_map_where_the_cam_is():
     grey = np.full((400, 512), 128, np.uint8)
-    image, overlay = (np.asarray(decode(b), dtype=np.float32)
-                      for b in render_overlays(grey, cam_peaking_at(0, 0)))
-    assert np.abs(image - 128).max() <= 2
+    xray, overlay, _ = halves(render_picture(grey, cam_peaking_at(0, 0)), display_size(512, 400))
+    assert np.abs(xray - 128).max() <= 2
     for corner, colour in ((overlay[:8, :8], TURBO_LUT[255]), (overlay[-8:, -8:], TURBO_LUT[0])):
         expected = (1 - CAM_OPACITY) * 128 + CAM_OPACITY * colour.astype(np.float32)
         assert np.abs(corner.mean(axis=(0, 1)) - expected).max() < 8
@@ -130,16 +145,15 @@ def test_small_images_are_not_upscaled_and_odd_cams_do_not_break():
     pixels = np.tile(np.arange(224, dtype=np.uint8), (200, 1))
     for cam in (np.full((7, 7), np.nan, np.float32), np.ones((1, 1), np.float32),
                 np.linspace(-1, 2, 49, dtype=np.float32).reshape(7, 7)):
-        image, overlay = render_overlays(pixels, cam)
-        assert decode(image).size == decode(overlay).size == (224, 200)
+        assert decode(render_picture(pixels, cam)).size == picture_size(224, 200)
 
 
-def test_overlays_made_in_threads_are_those_made_in_one():
+def test_pictures_made_in_threads_are_those_made_in_one():
     pixels = sample_pixels()
     cams = [cam_peaking_at(row, col) for row in range(3) for col in range(3)]
-    alone = [render_overlays(pixels, cam) for cam in cams]
+    alone = [render_picture(pixels, cam) for cam in cams]
     with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda cam: render_overlays(pixels, cam), cams)) == alone
+        assert list(pool.map(lambda cam: render_picture(pixels, cam), cams)) == alone
 
 
 def test_turbo_lut_matches_matplotlib():
