@@ -3,10 +3,10 @@
 Images: the 224 px Kermany JPEGs under shared/data/kermany224/train, grouped into studies
 by patient as the data README describes (about 1.8 images per study), with synthetic but
 plausible CAMs (two blobs over the lung fields), probabilities and DICOM-like metadata,
-plus 1 % skipped files. Prints wall-clock and CPU seconds for the overlays (made in the
-pipeline's worker threads; one thread here), the HTML and the PDF, and the PDF's images/s
-to hold against classification (about 50 images/s on the development machine). On a
-shared machine the CPU seconds are the steadier figure.
+plus 1 % skipped files. Prints wall-clock and CPU seconds for the pictures (X-ray beside
+its CAM overlay, made in the pipeline's worker threads; one thread here), the HTML and the
+PDF, and the PDF's images/s to hold against classification (bench_pipeline.py). On a shared
+machine the CPU seconds are the steadier figure.
 
     nice -n 19 python benchmarks/bench_report.py [--sizes 100 1000] [--repeats 3]
 """
@@ -82,9 +82,9 @@ def timed(work: Callable[[], T], repeats: int) -> tuple[Timing, T]:
 
 
 def build_results(paths: list[Path]) -> tuple[list[FileResult], Timing]:
-    """FileResults with real pixels and overlays; also the time spent on overlays."""
+    """FileResults with real pixels and pictures; also the time spent on pictures."""
     rng = np.random.default_rng(0)
-    results, overlays = [], Timing(0.0, 0.0)
+    results, pictures = [], Timing(0.0, 0.0)
     for i, path in enumerate(paths):
         patient = patient_of(path)
         if i % 100 == 99:
@@ -94,15 +94,15 @@ def build_results(paths: list[Path]) -> tuple[list[FileResult], Timing]:
         pneumonia = path.parent.name == "PNEUMONIA"
         probability = float(np.clip(rng.normal(0.85 if pneumonia else 0.2, 0.15), 0, 1))
         cam = plausible_cam(rng, pneumonia)
-        overlay_time, picture = timed(lambda: render_picture(loaded.pixels, cam), 1)
-        overlays = Timing(overlays.wall + overlay_time.wall, overlays.cpu + overlay_time.cpu)
+        picture_time, picture = timed(lambda: render_picture(loaded.pixels, cam), 1)
+        pictures = Timing(pictures.wall + picture_time.wall, pictures.cpu + picture_time.cpu)
         metadata = {"PatientID": patient, "PatientName": f"Anonymous^{patient}", "Modality": "CR",
                     "ViewPosition": "PA", "StudyDate": "20250101"}
         results.append(FileResult(path, patient, "ok", probability=probability,
                                   label="PNEUMONIA" if probability >= THRESHOLD else "NORMAL",
                                   threshold=THRESHOLD, metadata=metadata,
                                   picture=picture))
-    return results, overlays
+    return results, pictures
 
 
 def main() -> None:
@@ -110,16 +110,16 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--repeats", type=int, default=3, help="runs per size under 1000 images")
     args = parser.parse_args()
-    print("wall / CPU seconds (overlays: total of one thread; HTML and PDF: median of runs)")
-    print(f"{'N':>5} {'studies':>7} {'overlays s':>13} {'HTML s':>11} {'PDF s':>13} "
+    print("wall / CPU seconds (pictures: total of one thread; HTML and PDF: median of runs)")
+    print(f"{'N':>5} {'studies':>7} {'pictures s':>13} {'HTML s':>11} {'PDF s':>13} "
           f"{'PDF images/s':>13} {'HTML MB':>7} {'PDF MB':>6}")
     for n in args.sizes:
-        results, overlays = build_results(pick_files(n))
+        results, pictures = build_results(pick_files(n))
         repeats = args.repeats if n < 1000 else 1
         html_time, html = timed(lambda: render_html(RUN, results), repeats)
         pdf_time, pdf = timed(lambda: render_pdf(html), repeats)
         studies = len({r.study for r in results})
-        print(f"{n:>5} {studies:>7} {overlays.wall:>6.2f}/{overlays.cpu:<6.2f} "
+        print(f"{n:>5} {studies:>7} {pictures.wall:>6.2f}/{pictures.cpu:<6.2f} "
               f"{html_time.wall:>5.2f}/{html_time.cpu:<5.2f} {pdf_time.wall:>6.2f}/{pdf_time.cpu:<6.2f} "
               f"{n / pdf_time.wall:>6.1f}/{n / pdf_time.cpu:<6.1f} "
               f"{len(html) / 1e6:>7.1f} {len(pdf) / 1e6:>6.1f}")

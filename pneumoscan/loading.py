@@ -37,7 +37,8 @@ class UnreadableImage(ImageProblem):
 
 def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
     """Read one discovered file. `min_size` (width, height) lets decoders that can scale
-    while decoding (JPEG) produce a smaller image that is still at least that large."""
+    while decoding (JPEG, JPEG 2000) produce a smaller image that is still at least that
+    large."""
     study = str(item.path.parent)
     if item.kind is None:
         return FileResult(item.path, study, "error" if item.unreadable else "skipped",
@@ -45,7 +46,7 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
     try:
         if item.kind == "dicom":
             from .dicom import load_dicom
-            return load_dicom(item.path)
+            return load_dicom(item.path, min_size)
         return load_raster(item.path, min_size)
     except ImageProblem as exc:
         status = "skipped" if isinstance(exc, SkipImage) else "error"

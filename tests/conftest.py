@@ -39,9 +39,10 @@ def run_pneumoscan(*args, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def load_file(path: Path) -> LoadedImage | FileResult:
-    """The way `pneumoscan run` reads a file: classified by content, then loaded."""
-    return load(classify_file(path))
+def load_file(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
+    """The way `pneumoscan run` reads a file: classified by content, then loaded (at a
+    size that covers `min_size`, for the decoders that can scale while decoding)."""
+    return load(classify_file(path), min_size=min_size)
 
 
 def invoke_cli(*args):

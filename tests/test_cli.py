@@ -63,13 +63,16 @@ def test_run_json_accounts_for_every_file(scans, small_onnx, tmp_path):
     assert "unreadable" in result.output and "corrupt.jpeg" in result.output
 
 
-def test_lossless_transfer_syntaxes_agree_and_lossy_gives_same_decision(small_onnx, tmp_path):
+def test_transfer_syntaxes_of_one_scan_agree(small_onnx, tmp_path):
+    """One scan stored three ways. JPEG 2000 is decoded from its wavelet levels at twice
+    the model's size and uncompressed data box-averaged to that, so even the lossless pair
+    differs a little (the wavelet's low band is not a box filter); the decision does not."""
     out = tmp_path / "r.json"
     invoke("run", SAMPLES / "dicom", "--model", small_onnx, "--json", out)
     by_name = {Path(r["path"]).name: r for r in json.loads(out.read_text())["results"]}
     uncr, j2kr, j2ki = (by_name[f"RG1_{s}.dcm"] for s in ("UNCR", "J2KR", "J2KI"))
-    assert abs(uncr["probability"] - j2kr["probability"]) < 1e-4
     assert uncr["label"] == j2kr["label"] == j2ki["label"]
+    assert abs(uncr["probability"] - j2kr["probability"]) < 0.03
     assert abs(uncr["probability"] - j2ki["probability"]) < 0.05
 
 

@@ -16,8 +16,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
-                         JPEG2000MC, JPEGBaseline8Bit, RLELossless, generate_uid)
+                         JPEG2000Lossless, JPEG2000MC, JPEGBaseline8Bit, RLELossless,
+                         generate_uid)
 
+from pneumoscan import dicom
 from pneumoscan.discover import classify_file
 from pneumoscan.loading import load
 from pneumoscan.records import FileResult, LoadedImage
@@ -113,6 +115,57 @@ def test_rg1_lossless_syntaxes_give_identical_pixels(rg1):
 def test_rg1_lossy_jpeg2000_is_close(rg1):
     r = correlation(rg1["RG1_UNCR"].pixels, rg1["RG1_J2KI"].pixels)
     assert r > 0.999, f"correlation lossy vs lossless {r:.5f}"
+
+
+def test_scans_are_decoded_at_the_size_asked_for_whatever_the_syntax(rg1, monkeypatch):
+    """With a size to cover (the model's), JPEG 2000 is decoded at a reduced resolution
+    from its wavelet levels, never in full, and uncompressed data is box-averaged to the
+    same size (twice the size asked for): each is close to the full-size image brought
+    down to that size."""
+    full = Image.fromarray(rg1["RG1_UNCR"].pixels)
+    reduced = {"RG1_UNCR": load_file(DICOM_SAMPLES / "RG1_UNCR.dcm", min_size=(224, 224))}
+    with monkeypatch.context() as m:
+        m.setattr(Dataset, "pixel_array", property(lambda ds: pytest.fail("decoded in full")))
+        for name in ("RG1_J2KR", "RG1_J2KI"):
+            reduced[name] = load_file(DICOM_SAMPLES / f"{name}.dcm", min_size=(224, 224))
+    for name, image in reduced.items():
+        assert isinstance(image, LoadedImage), image
+        # 1841 x 1955 halved twice (to cover 448 x 448), rounded up; the original size is kept.
+        assert image.pixels.shape == (489, 461) and image.original_size == (1841, 1955)
+        reference = np.asarray(full.resize((461, 489), Image.Resampling.BOX))
+        assert correlation(reference, image.pixels) > 0.995, name
+        assert np.abs(reference.astype(float) - image.pixels).mean() < 3, name
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_reduced_jpeg2000_keeps_the_stored_values(chest_crop, tmp_path, bits):
+    """Pillow widens samples to 8 or 16 bits; the reduced decode gives the stored values
+    back, as a box average of the full decode would give them."""
+    stored = (chest_crop.astype(np.int64) << bits >> 15).astype(np.uint8 if bits == 8 else np.uint16)
+    ds = cr_dataset(stored, BitsStored=bits)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds = pydicom.dcmread(save(ds, tmp_path / "j2k.dcm"))
+    reduced = dicom._decode_jpeg2000_reduced(ds, (100, 100))
+    assert reduced is not None and reduced.dtype == stored.dtype
+    assert reduced.shape == (123, 116)  # 489 x 461 halved twice, rounded up
+    box = np.asarray(Image.fromarray(stored.astype(np.float32)).resize((116, 123),
+                                                                        Image.Resampling.BOX))
+    assert np.abs(reduced - box).mean() < 0.02 * (2 ** bits)
+    assert correlation(box, reduced) > 0.98  # the wavelet low band is not quite a box filter
+
+
+def test_small_scans_and_signed_jpeg2000_are_decoded_in_full(tmp_path, chest_crop):
+    image = load_file(DICOM_SAMPLES / "RG1_J2KR.dcm", min_size=(500, 500))
+    assert image.pixels.shape == (1955, 1841)  # no halving covers 1000 x 1000
+    signed = cr_dataset(chest_crop.astype(np.int16) - 8000)
+    signed.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    path = save(signed, tmp_path / "signed.dcm")
+    image = load_file(path, min_size=(100, 100))
+    assert isinstance(image, LoadedImage), image
+    assert image.pixels.shape == (245, 231)  # 489 x 461 decoded in full, then box-averaged
+    reference = np.asarray(Image.fromarray(load_file(path).pixels).resize(
+        (231, 245), Image.Resampling.BOX))
+    assert correlation(reference, image.pixels) > 0.99
 
 
 def test_rg1_matches_dcmtk(rg1, dcmj2pnm, tmp_path):
