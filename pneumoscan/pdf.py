@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import base64
 import mimetypes
-from importlib.resources import files
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlsplit
 from urllib.request import url2pathname
 
 from PIL import ImageFile
+
+from .resources import templates
 
 # Importing WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES, after which the
 # loader would read truncated scans without a word; keep Pillow's setting as it was.
@@ -34,7 +35,7 @@ class LocalOnlyFetcher(URLFetcher):
 
     def __init__(self) -> None:
         super().__init__(fail_on_errors=False)
-        folder = files("pneumoscan.templates")
+        folder = templates()
         # Installed as plain files (the usual case) the templates can be served as file: URLs.
         self.templates_dir = Path(folder).resolve() if isinstance(folder, Path) else None
         self.templates_url = self.templates_dir.as_uri() + "/" if self.templates_dir else None

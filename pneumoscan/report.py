@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from functools import lru_cache
-from importlib.resources import files
 from pathlib import Path
 
 import jinja2
@@ -19,6 +18,7 @@ from .files import study_file_stem, write_atomic
 from .overlay import colour_bar_png
 from .pdf import render_pdf
 from .records import FileResult, RunInfo
+from .resources import templates
 from .summary import NEGATIVE, POSITIVE, Counts, group_studies
 
 DISCLAIMER = "Research use only; not a medical diagnosis."
@@ -95,7 +95,7 @@ def _environment() -> jinja2.Environment:
 
 
 def _template_source(name: str) -> str:
-    return files("pneumoscan.templates").joinpath(name).read_text("utf-8")
+    return templates().joinpath(name).read_text("utf-8")
 
 
 @lru_cache(maxsize=1)

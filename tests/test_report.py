@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -245,6 +246,27 @@ def test_pdf_text_has_disclaimer_studies_and_literal_script(pdf, tmp_path):
     words = " ".join(text.split())  # undo line wrapping
     assert SCRIPT in words and IMG_TAG in words
     assert SHA256[:12] in words
+
+
+def test_a_source_checkout_renders_with_its_own_templates(tmp_path):
+    """pneumoscan imported from a clone (as `python -m pytest` in one does) while the
+    installed copy is elsewhere: the clone's own `templates/` folder serves the report."""
+    repo = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "checkout"
+    shutil.copytree(repo / "pneumoscan", checkout / "pneumoscan",
+                    ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    shutil.copytree(repo / "templates", checkout / "templates")
+    (checkout / "templates" / "report.css").write_text(
+        (repo / "templates" / "report.css").read_text() + "\n/* the checkout's own */\n")
+    script = ("import pneumoscan, pneumoscan.report as r, pneumoscan.pdf as p;"
+              "print(pneumoscan.__file__); print(repr(r._stylesheet()[-30:]));"
+              "print(p.render_pdf('<p>x</p>')[:5])")
+    done = subprocess.run([sys.executable, "-c", script], cwd=checkout, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(checkout)})
+    assert done.returncode == 0, done.stderr
+    module, css_tail, pdf_head = done.stdout.splitlines()
+    assert module.startswith(str(checkout))
+    assert "the checkout's own" in css_tail and pdf_head == "b'%PDF-'"
 
 
 def test_pdf_page_converts_to_an_image(pdf, tmp_path):
