@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from typing import TypeVar
 
 import numpy as np
 
+from pneumoscan.api import Scan, write_per_study
 from pneumoscan.loading import load_raster
+from pneumoscan.model import available_cores
 from pneumoscan.overlay import render_picture
 from pneumoscan.pdf import render_pdf
 from pneumoscan.records import FileResult, RunInfo
@@ -110,19 +113,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--repeats", type=int, default=3, help="runs per size under 1000 images")
     args = parser.parse_args()
-    print("wall / CPU seconds (pictures: total of one thread; HTML and PDF: median of runs)")
+    print("wall / CPU seconds (pictures: total of one thread; HTML and PDF: median of runs);"
+          " per-study reports: wall seconds, in this process / in one worker process per core")
     print(f"{'N':>5} {'studies':>7} {'pictures s':>13} {'HTML s':>11} {'PDF s':>13} "
-          f"{'PDF images/s':>13} {'HTML MB':>7} {'PDF MB':>6}")
+          f"{'PDF images/s':>13} {'HTML MB':>7} {'PDF MB':>6} {'per-study s':>13}")
     for n in args.sizes:
         results, pictures = build_results(pick_files(n))
         repeats = args.repeats if n < 1000 else 1
         html_time, html = timed(lambda: render_html(RUN, results), repeats)
         pdf_time, pdf = timed(lambda: render_pdf(html), repeats)
         studies = len({r.study for r in results})
+        scan = Scan(run=RUN, results=results)
+        with tempfile.TemporaryDirectory() as folder:
+            per_study = [timed(lambda: write_per_study(Path(folder), scan, processes=processes),
+                               1)[0].wall for processes in (1, available_cores())]
         print(f"{n:>5} {studies:>7} {pictures.wall:>6.2f}/{pictures.cpu:<6.2f} "
               f"{html_time.wall:>5.2f}/{html_time.cpu:<5.2f} {pdf_time.wall:>6.2f}/{pdf_time.cpu:<6.2f} "
               f"{n / pdf_time.wall:>6.1f}/{n / pdf_time.cpu:<6.1f} "
-              f"{len(html) / 1e6:>7.1f} {len(pdf) / 1e6:>6.1f}")
+              f"{len(html) / 1e6:>7.1f} {len(pdf) / 1e6:>6.1f} "
+              f"{per_study[0]:>6.2f}/{per_study[1]:<6.2f}")
 
 
 if __name__ == "__main__":

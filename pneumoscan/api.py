@@ -15,10 +15,13 @@ is new or changed (the results still cover the whole folder):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +32,7 @@ from .cam import CamModel
 from .discover import discover
 from .files import write_atomic
 from .ledger import Basis, Ledger
-from .model import ModelError, default_model_path
+from .model import ModelError, available_cores, default_model_path
 from .pipeline import DEFAULT_BATCH_SIZE, classify
 from .records import FileResult, InputFile, RunInfo
 from .summary import Counts
@@ -173,40 +176,67 @@ def write_report(path: Path, scan_: Scan, ledger: Ledger | None = None) -> list[
     written."""
     from . import report
 
-    return _render_unless_current(
-        ledger, ("report", os.path.abspath(path)), shown_fingerprint(scan_.run, scan_.results),
-        lambda: [report.write_report(path, scan_.run, scan_.results)])
+    name = ("report", os.path.abspath(path))
+    fingerprint = shown_fingerprint(scan_.run, scan_.results)
+    if not _due(ledger, name, fingerprint):
+        return []
+    return _written(ledger, name, fingerprint, [report.write_report(path, scan_.run, scan_.results)])
 
 
-def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None) -> list[Path]:
+# Fewer studies than this are rendered in this process: a worker process costs about a
+# second to start (importing WeasyPrint), as much as rendering eight studies.
+PARALLEL_STUDIES_FROM = 8
+
+
+def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None, *,
+                    processes: int | None = None) -> list[Path]:
     """One HTML and one PDF report per study in `directory`. With a ledger, only the studies
-    whose results changed since their reports were written are rendered again. Returns the
-    files written."""
+    whose results changed since their reports were written are rendered again. Studies
+    are independent documents, so they are rendered in `processes` worker processes
+    (default: one per core) when there are enough of them. Returns the files written."""
     from . import report
 
     studies: dict[str, list[FileResult]] = {}
     for result in scan_.results:
         studies.setdefault(result.study, []).append(result)
-    written: list[Path] = []
+    due = []
     for study, results in studies.items():
-        written += _render_unless_current(
-            ledger, ("per-study", os.path.abspath(directory), study),
-            shown_fingerprint(scan_.run, results),
-            lambda results=results: report.write_per_study(directory, scan_.run, results))
+        name = ("per-study", os.path.abspath(directory), study)
+        fingerprint = shown_fingerprint(scan_.run, results)
+        if _due(ledger, name, fingerprint):
+            due.append((name, fingerprint, results))
+    render = functools.partial(report.write_per_study, directory, scan_.run)
+    processes = processes or available_cores()
+    written: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        if processes > 1 and len(due) >= PARALLEL_STUDIES_FROM:
+            # spawn, not fork: this process runs ONNX Runtime's and the decoders' threads.
+            pool = stack.enter_context(ProcessPoolExecutor(
+                min(processes, len(due)), mp_context=multiprocessing.get_context("spawn")))
+            rendered = pool.map(render, [results for _, _, results in due])
+        else:
+            rendered = map(render, [results for _, _, results in due])
+        for (name, fingerprint, _), paths in zip(due, rendered):
+            written += _written(ledger, name, fingerprint, paths)
     return written
 
 
-def _render_unless_current(ledger: Ledger | None, name: tuple[str, ...], fingerprint: str,
-                           render: Callable[[], list[Path]]) -> list[Path]:
-    """`render()` (which writes report files and returns them) unless the ledger knows its
-    files show `fingerprint` already."""
+def _due(ledger: Ledger | None, name: tuple[str, ...], fingerprint: str) -> bool:
+    """Whether output `name` must be rendered: its files do not show `fingerprint` yet.
+    A due output is forgotten by the ledger until all its files are written, so a run
+    killed in between renders it again."""
     if ledger is None:
-        return render()
+        return True
     if ledger.output_is_current(name, fingerprint):
-        return []
-    ledger.forget_output(name)  # until all its files are written: a killed run redoes them
-    paths = render()
-    ledger.output_written(name, fingerprint, paths)
+        return False
+    ledger.forget_output(name)
+    return True
+
+
+def _written(ledger: Ledger | None, name: tuple[str, ...], fingerprint: str,
+             paths: list[Path]) -> list[Path]:
+    if ledger is not None:
+        ledger.output_written(name, fingerprint, paths)
     return paths
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -18,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pneumoscan import report
+from pneumoscan import api, report
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIZE, GAP, TURBO_LUT, colour_bar_png,
@@ -384,6 +385,23 @@ def test_per_study_reports_hold_their_own_study(results, tmp_path):
     assert len(written) == 2 * len(STUDIES)
     html = (tmp_path / f"{study_file_stem(str(SAMPLES / 'study-normal-2'))}.html").read_text()
     assert "cut.dcm" in html and "notes.txt" not in html and "study-pneumonia" not in html
+
+
+def test_per_study_reports_from_worker_processes_are_those_made_in_one(results, tmp_path):
+    """Enough studies are rendered in worker processes; the files are the same."""
+    many = [dataclasses.replace(r, study=f"{r.study}-{copy}") for copy in range(3)
+            for r in results]
+    scan = api.Scan(run=RUN, results=many)
+    serial = api.write_per_study(tmp_path / "one", scan, processes=1)
+    parallel = api.write_per_study(tmp_path / "two", scan, processes=2)
+    assert len(serial) == 2 * 3 * len(STUDIES) >= 2 * api.PARALLEL_STUDIES_FROM
+    assert [p.name for p in parallel] == [p.name for p in serial]
+    for one, two in zip(serial, parallel):
+        if one.suffix == ".html":
+            assert two.read_bytes() == one.read_bytes()
+        else:
+            assert pdf_text(two.read_bytes(), tmp_path) == pdf_text(one.read_bytes(), tmp_path)
+        assert stat.S_IMODE(two.stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("suffix", [".html", ".pdf"])
