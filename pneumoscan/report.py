@@ -25,8 +25,11 @@ DISCLAIMER = "Research use only; not a medical diagnosis."
 DEFAULT_TITLE = "Chest X-ray pneumonia screening report"
 
 
-def render_html(run: RunInfo, results: Sequence[FileResult], *, title: str = DEFAULT_TITLE) -> str:
-    """The whole report as one HTML document, images and stylesheet included."""
+def render_html(run: RunInfo, results: Sequence[FileResult], *, title: str = DEFAULT_TITLE,
+                summary: bool = True) -> str:
+    """The whole report as one HTML document, images and stylesheet included. Without
+    `summary` (a report of one study), the page of counts and tables is left out: the
+    study's own section says what it would."""
     studies = group_studies(results)
     html = _environment().get_template("report.html.j2").render(
         title=title,
@@ -37,6 +40,7 @@ def render_html(run: RunInfo, results: Sequence[FileResult], *, title: str = DEF
         colour_bar=data_uri(colour_bar_png()),
         disclaimer=DISCLAIMER,
         css=_stylesheet(),
+        summary=summary,
     )
     # Names that are not valid UTF-8 reach us as lone surrogates (os.fsdecode); neither
     # an HTML file nor PDF text can hold them, so they are shown escaped: "\udcff".
@@ -62,7 +66,7 @@ def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileR
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = []
     for study in group_studies(results):
-        html = render_html(run, study.files, title=f"Study {study.key}")
+        html = render_html(run, study.files, title=f"Study {study.key}", summary=False)
         stem = study_file_stem(study.key)
         for suffix in (".html", ".pdf"):
             path = directory / f"{stem}{suffix}"

@@ -385,6 +385,19 @@ def test_per_study_reports_hold_their_own_study(results, tmp_path):
     assert len(written) == 2 * len(STUDIES)
     html = (tmp_path / f"{study_file_stem(str(SAMPLES / 'study-normal-2'))}.html").read_text()
     assert "cut.dcm" in html and "notes.txt" not in html and "study-pneumonia" not in html
+    # One study needs no page of counts and tables; the model and threshold are still said.
+    assert 'class="summary"' not in html and 'class="counts"' not in html
+    assert f"SHA-256 {SHA256}" in html and "decision threshold 0.500" in html
+
+
+def test_a_study_with_nothing_classified_still_gets_a_report_listing_its_files(results, tmp_path):
+    unreadable = [r for r in results if r.status != "ok"]
+    lone = [dataclasses.replace(r, study="lone-study") for r in unreadable]
+    [html_path, pdf_path] = write_per_study(tmp_path, RUN, lone)
+    html = html_path.read_text()
+    assert "lone-study · NOT CLASSIFIED" in html
+    assert all(r.path.name in html and r.reason in html for r in lone)
+    assert "truncated JPEG data" in pdf_text(pdf_path.read_bytes(), tmp_path)
 
 
 def test_per_study_reports_from_worker_processes_are_those_made_in_one(results, tmp_path):
