@@ -51,8 +51,8 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
              workers: int | None = None, threshold: float | None = None,
              render: bool = True,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
-    """One FileResult per item, in order. `render` adds the report's pictures (X-ray and CAM overlay)
-    (for reports); without it the run is classification only."""
+    """One FileResult per item, in order. `render` adds the report's pictures (the X-ray
+    beside its CAM overlay); without it the run is classification only."""
     info = model.info
     threshold = info.threshold if threshold is None else threshold
     # The report's pictures come from the same decode as the model's input (at least the
