@@ -128,7 +128,8 @@ def main() -> None:
             per_study = [timed(lambda: write_per_study(Path(folder), scan, processes=processes),
                                1)[0].wall for processes in (1, available_cores())]
         print(f"{n:>5} {studies:>7} {pictures.wall:>6.2f}/{pictures.cpu:<6.2f} "
-              f"{html_time.wall:>5.2f}/{html_time.cpu:<5.2f} {pdf_time.wall:>6.2f}/{pdf_time.cpu:<6.2f} "
+              f"{html_time.wall:>5.2f}/{html_time.cpu:<5.2f} "
+              f"{pdf_time.wall:>6.2f}/{pdf_time.cpu:<6.2f} "
               f"{n / pdf_time.wall:>6.1f}/{n / pdf_time.cpu:<6.1f} "
               f"{len(html) / 1e6:>7.1f} {len(pdf) / 1e6:>6.1f} "
               f"{per_study[0]:>6.2f}/{per_study[1]:<6.2f}")

@@ -35,7 +35,7 @@ from .ledger import Basis, Ledger
 from .model import ModelError, available_cores, default_model_path
 from .pipeline import DEFAULT_BATCH_SIZE, classify
 from .records import FileResult, InputFile, RunInfo
-from .summary import Counts
+from .summary import Counts, group_studies
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
@@ -93,8 +93,8 @@ def run_info(model: CamModel, threshold: float | None) -> RunInfo:
                    threshold=info.threshold if threshold is None else threshold)
 
 
-def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-         threshold: float | None = None, render: bool = True,
+def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
+         workers: int | None = None, threshold: float | None = None, render: bool = True,
          on_result: Callable[[FileResult], None] | None = None,
          on_discovered: Callable[[int], None] | None = None,
          ledger: Ledger | None = None, force: bool = False) -> Scan:
@@ -180,7 +180,8 @@ def write_report(path: Path, scan_: Scan, ledger: Ledger | None = None) -> list[
     fingerprint = shown_fingerprint(scan_.run, scan_.results)
     if not _due(ledger, name, fingerprint):
         return []
-    return _written(ledger, name, fingerprint, [report.write_report(path, scan_.run, scan_.results)])
+    written = report.write_report(path, scan_.run, scan_.results)
+    return _written(ledger, name, fingerprint, [written])
 
 
 # Fewer studies than this are rendered in this process: a worker process costs about a
@@ -196,15 +197,12 @@ def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None, 
     (default: one per core) when there are enough of them. Returns the files written."""
     from . import report
 
-    studies: dict[str, list[FileResult]] = {}
-    for result in scan_.results:
-        studies.setdefault(result.study, []).append(result)
     due = []
-    for study, results in studies.items():
-        name = ("per-study", os.path.abspath(directory), study)
-        fingerprint = shown_fingerprint(scan_.run, results)
+    for study in group_studies(scan_.results):
+        name = ("per-study", os.path.abspath(directory), study.key)
+        fingerprint = shown_fingerprint(scan_.run, study.files)
         if _due(ledger, name, fingerprint):
-            due.append((name, fingerprint, results))
+            due.append((name, fingerprint, study.files))
     render = functools.partial(report.write_per_study, directory, scan_.run)
     processes = processes or available_cores()
     written: list[Path] = []

@@ -11,9 +11,9 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click

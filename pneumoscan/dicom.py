@@ -25,7 +25,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless)
 
-from .loading import MAX_PIXELS, ImageProblem, SkipImage, UnreadableImage, one_line
+from .loading import (MAX_PIXELS, ImageProblem, SkipImage, UnreadableImage, one_line,
+                      shrink_to_cover)
 from .records import DICOM_FIELDS, LoadedImage
 
 # Elements larger than this (the pixel data) are read only when used, so files skipped by
@@ -253,15 +254,12 @@ def _decode_jpeg2000_reduced(ds: Dataset, min_size: tuple[int, int]) -> np.ndarr
 
 
 def _shrink_to_cover(stored: np.ndarray, min_size: tuple[int, int]) -> np.ndarray:
-    """Stored values box-averaged to the smallest halved size that still covers `min_size`,
-    as a reduced JPEG 2000 decode gives them: every later step (LUTs in floating point)
-    then works on a small image, and a scan scores alike whatever its transfer syntax."""
-    height, width = stored.shape
-    halvings = _halvings(width, height, min_size)
-    if halvings == 0:
+    """Stored values box-averaged as `loading.shrink_to_cover` does raster images, so that
+    every later step (LUTs in floating point) works on a small image, as after a reduced
+    JPEG 2000 decode."""
+    small = shrink_to_cover(Image.fromarray(stored.astype(np.float32)), min_size)
+    if small.size == stored.shape[::-1]:
         return stored
-    size = (_halved(width, halvings), _halved(height, halvings))
-    small = Image.fromarray(stored.astype(np.float32)).resize(size, Image.Resampling.BOX)
     return np.rint(np.asarray(small)).astype(stored.dtype)
 
 

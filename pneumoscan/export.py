@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -135,11 +134,12 @@ def fold_padding_into_convs(model):
         if pad is None or uses[pad.output[0]] != 1:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode", b"constant")
-        extra = list(pad.input[2:])  # constant value, axes
-        if mode != b"constant" or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" \
-                or pad.input[1] not in constants or any(extra[1:]) \
-                or (extra and extra[0] and (extra[0] not in constants or constants[extra[0]].any())):
+        pad_attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        value, *axes = list(pad.input[2:]) or [""]  # constant value, axes
+        nonzero_value = value and (value not in constants or constants[value].any())
+        if pad_attrs.get("mode", b"constant") != b"constant" \
+                or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" \
+                or pad.input[1] not in constants or any(axes) or nonzero_value:
             continue
         amounts = constants[pad.input[1]].tolist()
         rank = len(amounts) // 2

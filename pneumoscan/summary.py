@@ -83,7 +83,8 @@ class Study:
             for keyword, value in result.metadata.items():
                 if value:
                     values.setdefault(keyword, {})[value] = None
-        order = [k for k in DICOM_FIELDS if k in values] + sorted(values.keys() - DICOM_FIELDS.keys())
+        others = sorted(values.keys() - DICOM_FIELDS.keys())
+        order = [k for k in DICOM_FIELDS if k in values] + others
         return [(k, DICOM_FIELDS.get(k, k), list(values[k])) for k in order]
 
 

@@ -37,7 +37,8 @@ def split_by_patient(samples: list[Sample], val_fraction: float,
 
 def load_cached(samples: list[Sample], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode every sample once through pneumoscan's loader and bring it to the model's
-    input size (and JPEG round trip) as inference does: uint8 (N, H, W), labels (N,), and the reasons of files that were left out."""
+    input size (and JPEG round trip) as inference does: uint8 (N, H, W), labels (N,), and
+    the reasons of files that were left out."""
     images, labels, problems = [], [], []
     for s in samples:
         loaded = load(classify_file(s.path), min_size=prep.decode_size)
