@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def _setup_logging(verbose: int) -> None:
     # WeasyPrint warns about its own optional font libraries (HarfBuzz-Subset) on every
     # render; that is not the user's business unless they ask for logs.
     logging.getLogger("weasyprint").setLevel(level if verbose else logging.ERROR)
+    # pydicom logs every decoder that fails on a file, traceback and all, and warns about
+    # attribute values that break the standard; the file's result already says what
+    # matters. Filtered at our handlers: importing pydicom resets its loggers' level.
+    for handler in logging.getLogger().handlers:
+        if verbose:
+            handler.removeFilter(_not_pydicom)
+        else:
+            handler.addFilter(_not_pydicom)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
+def _not_pydicom(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("pydicom")
 
 
 def fail(message: str, code: int = api.EXIT_FATAL) -> None:
