@@ -77,8 +77,8 @@ def bench_ceiling(args, folder: Path, warmup: Path) -> list[float]:
     import numpy as np
 
     from pneumoscan import api
-    from pneumoscan.loading import load_raster
-    from pneumoscan.preprocess import model_input
+    from pneumoscan.inputs.raster import load_raster
+    from pneumoscan.inference.preprocess import model_input
 
     model = api.open_model(args.model, "cpu")
     prep = model.info.preprocessing
@@ -114,7 +114,7 @@ def bench_naive_ort(args, folder: Path, warmup: Path) -> list[float]:
     import onnxruntime as ort
     from PIL import Image
 
-    from pneumoscan.model import read_model_info
+    from pneumoscan.inference.model import read_model_info
 
     session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     prep = read_model_info(args.model, session.get_modelmeta().custom_metadata_map).preprocessing
@@ -142,9 +142,9 @@ def bench_eager(args, folder: Path, warmup: Path) -> list[float]:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms as T
 
-    from pneumoscan.architectures import build_network
-    from pneumoscan.checkpoint import load_network
-    from pneumoscan.model import read_model_info
+    from pneumoscan.modelling.architectures import build_network
+    from pneumoscan.modelling.checkpoint import load_network
+    from pneumoscan.inference.model import read_model_info
 
     meta = {p.key: p.value for p in onnx.load(str(args.model)).metadata_props}
     info = read_model_info(args.model, meta)
@@ -322,8 +322,8 @@ def scaling_table(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def main() -> None:
-    from pneumoscan.model import default_model_path
-    from pneumoscan.pipeline import DEFAULT_BATCH_SIZE
+    from pneumoscan.inference.model import default_model_path
+    from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=default_model_path())

@@ -26,12 +26,12 @@ from typing import TypeVar
 import numpy as np
 
 from pneumoscan.api import Scan, write_per_study
-from pneumoscan.loading import load_raster
-from pneumoscan.model import available_cores
-from pneumoscan.overlay import render_picture
-from pneumoscan.pdf import render_pdf
+from pneumoscan.inputs.raster import load_raster
+from pneumoscan.inference.model import available_cores
+from pneumoscan.report.pictures import render_picture
+from pneumoscan.report.pdf import render_pdf
 from pneumoscan.records import FileResult, RunInfo
-from pneumoscan.report import render_html
+from pneumoscan.report.html import render_html
 
 T = TypeVar("T")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany224" / "train"

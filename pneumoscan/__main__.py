@@ -1,6 +1,6 @@
 """`python -m pneumoscan`: the command line, as the `pneumoscan` script runs it."""
 
-from .cli import main
+from pneumoscan.cli import main
 
 # Guarded: worker processes started with "spawn" import this module again.
 if __name__ == "__main__":

@@ -26,16 +26,16 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .anonymize import anonymized
-from .cam import CamModel
-from .discover import discover
-from .files import write_atomic
-from .ledger import Basis, Ledger
-from .model import ModelError, available_cores, default_model_path
-from .pipeline import DEFAULT_BATCH_SIZE, classify
-from .records import FileResult, InputFile, RunInfo
-from .summary import Counts, group_studies
+from pneumoscan import __version__
+from pneumoscan.results.anonymize import anonymized
+from pneumoscan.inference.cam import CamModel
+from pneumoscan.inputs.discover import discover
+from pneumoscan.files import write_atomic
+from pneumoscan.results.ledger import Basis, Ledger
+from pneumoscan.inference.model import ModelError, available_cores, default_model_path
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
+from pneumoscan.records import FileResult, InputFile, RunInfo
+from pneumoscan.results.summary import Counts, group_studies
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
@@ -69,12 +69,12 @@ def open_model(model_path: Path | None = None, device: str = "auto", cam_backend
     if cam_backend == "torch":
         if checkpoint is None:
             raise ModelError("--cam-backend torch needs --checkpoint FILE")
-        from .cam.torch_hooks import TorchHookCamModel
+        from pneumoscan.modelling.torch_cam import TorchHookCamModel
 
         return TorchHookCamModel(checkpoint, device="cpu" if device == "cpu" else "auto")
     if cam_backend != "onnx":
         raise ModelError(f"unknown CAM backend {cam_backend!r}")
-    from .cam.onnx_cam import OnnxCamModel
+    from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 
     path = model_path or default_model_path()
     if not Path(path).is_file():
@@ -174,7 +174,7 @@ def write_report(path: Path, scan_: Scan, ledger: Ledger | None = None) -> list[
     """The report of the whole scan, as PDF or HTML by the suffix of `path`. With a ledger,
     not rendered again when the file is there showing the same results. Returns the files
     written."""
-    from . import report
+    from pneumoscan.report import html as report
 
     name = ("report", os.path.abspath(path))
     fingerprint = shown_fingerprint(scan_.run, scan_.results)
@@ -195,7 +195,7 @@ def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None, 
     whose results changed since their reports were written are rendered again. Studies
     are independent documents, so they are rendered in `processes` worker processes
     (default: one per core) when there are enough of them. Returns the files written."""
-    from . import report
+    from pneumoscan.report import html as report
 
     due = []
     for study in group_studies(scan_.results):

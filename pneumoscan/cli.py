@@ -19,14 +19,15 @@ from pathlib import Path
 
 import click
 
-from . import __version__, api
-from .files import remove_leftover_temporaries
-from .ledger import Ledger, StateError, StateLocked
-from .loading import one_line
-from .model import DEVICES, ModelError
-from .pipeline import DEFAULT_BATCH_SIZE
-from .quantize import CALIBRATION_IMAGES
-from .runlog import RunLog
+from pneumoscan import __version__
+from pneumoscan import api
+from pneumoscan.files import remove_leftover_temporaries
+from pneumoscan.results.ledger import Ledger, StateError, StateLocked
+from pneumoscan.text import one_line
+from pneumoscan.inference.model import DEVICES, ModelError
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
+from pneumoscan.results.runlog import RunLog
 
 log = logging.getLogger("pneumoscan")
 
@@ -276,8 +277,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
     --int8 and --fp16 copies are written only if their validation AUC is at most
     0.005 below the float32 model's; otherwise the command says by how much they missed,
     writes no copy and exits with status 1 (the float32 model is written either way)."""
-    from .export import ExportError, export_checkpoint
-    from .quantize import QuantizeError, export_reduced
+    from pneumoscan.modelling.export import ExportError, export_checkpoint
+    from pneumoscan.modelling.quantize import QuantizeError, export_reduced
 
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
@@ -312,7 +313,7 @@ def evaluate(data, model_path, device, batch_size, workers, threshold, json_path
              bootstrap):
     """Metrics of the model on a labelled DATA folder ({NORMAL,PNEUMONIA}/...) or CSV:
     accuracy, sensitivity, specificity, AUC, F1 with bootstrap 95% CIs, confusion matrix."""
-    from .evaluate import evaluate_dataset, format_report
+    from pneumoscan.evaluation.evaluate import evaluate_dataset, format_report
 
     try:
         model = api.open_model(model_path, device)
@@ -326,7 +327,7 @@ def evaluate(data, model_path, device, batch_size, workers, threshold, json_path
 
         api.write_atomic(json_path, json.dumps(report, indent=1).encode(), mode=0o644)
     if roc_path:
-        from .evaluate import write_roc
+        from pneumoscan.evaluation.evaluate import write_roc
 
         write_roc(report, roc_path)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import pneumoscan
-from pneumoscan.discover import classify_file
-from pneumoscan.loading import load
+from pneumoscan.inputs.discover import classify_file
+from pneumoscan.inputs.loading import load
 from pneumoscan.records import FileResult, LoadedImage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def small_checkpoint(tmp_path_factory, kermany_train) -> Path:
 
 @pytest.fixture(scope="session")
 def small_onnx(tmp_path_factory, small_checkpoint, val_images) -> Path:
-    from pneumoscan.export import export_checkpoint
+    from pneumoscan.modelling.export import export_checkpoint
 
     out = tmp_path_factory.mktemp("small-onnx") / "model.onnx"
     export_checkpoint(small_checkpoint, out, check_images=val_images, version="test",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumoscan.cam import normalised_cams
-from pneumoscan.cam.onnx_cam import OnnxCamModel
-from pneumoscan.cam.torch_hooks import TorchHookCamModel
-from pneumoscan.preprocess import model_input
+from pneumoscan.inference.cam import normalised_cams
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.modelling.torch_cam import TorchHookCamModel
+from pneumoscan.inference.preprocess import model_input
 
 from conftest import load_file
 

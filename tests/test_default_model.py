@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pneumoscan.cam.onnx_cam import OnnxCamModel
-from pneumoscan.model import default_model_path
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.inference.model import default_model_path
 
 from conftest import SAMPLES, invoke_cli
 
@@ -56,8 +56,8 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     must give the network nearly the pixels, and the scores, it was trained on."""
     import numpy as np
 
-    from pneumoscan.loading import load_raster
-    from pneumoscan.preprocess import model_input, prepare_pixels
+    from pneumoscan.inputs.raster import load_raster
+    from pneumoscan.inference.preprocess import model_input, prepare_pixels
 
     prep = shipped.info.preprocessing
     assert prep.jpeg_quality == 75
@@ -87,8 +87,8 @@ def test_run_scores_an_original_scan_as_training_and_eval_would(shipped, shared_
     import numpy as np
 
     from pneumoscan import api
-    from pneumoscan.datasets import Sample
-    from pneumoscan.preprocess import normalise
+    from pneumoscan.evaluation.datasets import Sample
+    from pneumoscan.inference.preprocess import normalise
     from training.data import load_cached
 
     originals = sorted((shared_data / "kermany-original").rglob("*.jpeg"))[::12]

@@ -19,9 +19,9 @@ from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, Explic
                          JPEG2000Lossless, JPEG2000MC, JPEGBaseline8Bit, RLELossless,
                          generate_uid)
 
-from pneumoscan import dicom
-from pneumoscan.discover import classify_file
-from pneumoscan.loading import load
+from pneumoscan.inputs import dicom
+from pneumoscan.inputs.discover import classify_file
+from pneumoscan.inputs.loading import load
 from pneumoscan.records import FileResult, LoadedImage
 
 from conftest import SAMPLES, load_file

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.discover import HEAD_BYTES, classify_file, detect_kind, discover
-from pneumoscan.loading import load
+from pneumoscan.inputs.discover import HEAD_BYTES, classify_file, detect_kind, discover
+from pneumoscan.inputs.loading import load
 from pneumoscan.records import LoadedImage
 
 from conftest import SAMPLES

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from pneumoscan.cam.onnx_cam import OnnxCamModel
-from pneumoscan.checkpoint import checkpoint_model_info, read_checkpoint
-from pneumoscan.export import OPSET, PARITY_LIMITS, check_parity, export_module
-from pneumoscan.checkpoint import load_network
-from pneumoscan.preprocess import model_input
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.modelling.checkpoint import checkpoint_model_info, read_checkpoint
+from pneumoscan.modelling.export import OPSET, PARITY_LIMITS, check_parity, export_module
+from pneumoscan.modelling.checkpoint import load_network
+from pneumoscan.inference.preprocess import model_input
 
 from conftest import invoke_cli, load_file
 

@@ -27,7 +27,7 @@ from pydicom.uid import JPEG2000MC
 
 from pneumoscan import api
 from pneumoscan.api import EXIT_UNREADABLE
-from pneumoscan.ledger import Ledger
+from pneumoscan.results.ledger import Ledger
 
 from conftest import CLI_CWD, CLI_ENV, invoke_cli, run_pneumoscan
 from test_dicom import DICOM_SAMPLES, RAMP_12_BIT, cr_dataset, save

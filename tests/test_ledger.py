@@ -16,9 +16,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-from pneumoscan import api, pipeline, report
-from pneumoscan.anonymize import PSEUDONYM_PREFIX, anonymized
-from pneumoscan.ledger import Ledger, StateError, StateLocked
+from pneumoscan import api
+from pneumoscan.inference import pipeline
+from pneumoscan.report import html as report
+from pneumoscan.results.anonymize import PSEUDONYM_PREFIX, anonymized
+from pneumoscan.results.ledger import Ledger, StateError, StateLocked
 from pneumoscan.records import FileResult
 
 from test_dicom import RAMP_12_BIT, cr_dataset, save

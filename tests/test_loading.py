@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.discover import classify_file
-from pneumoscan.loading import load
+from pneumoscan.inputs.discover import classify_file
+from pneumoscan.inputs.loading import load
 from pneumoscan.records import LoadedImage
 
 from conftest import SAMPLES, load_file

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from pneumoscan.cam.onnx_cam import OnnxCamModel
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.cli import main
-from pneumoscan.quantize import QuantizeError, export_reduced, head_nodes, reduced_path
+from pneumoscan.modelling.quantize import QuantizeError, export_reduced, head_nodes, reduced_path
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_fp16_keeps_float32_inputs_and_outputs(small_checkpoint, fp32, val_image
 
 def test_cli_says_when_a_reduced_model_is_refused(small_checkpoint, tmp_path, val_images,
                                                   monkeypatch):
-    monkeypatch.setattr("pneumoscan.quantize.MAX_AUC_DROP", -1.0)
+    monkeypatch.setattr("pneumoscan.modelling.quantize.MAX_AUC_DROP", -1.0)
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(main, ["export-onnx", str(small_checkpoint), "--out", str(out),
                                        "--check-images", str(val_images), "--fp16",

@@ -19,15 +19,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pneumoscan import api, report
+from pneumoscan import api
+from pneumoscan.report import html as report
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
-from pneumoscan.overlay import (CAM_OPACITY, DISPLAY_SIZE, GAP, TURBO_LUT, colour_bar_png,
+from pneumoscan.report.pictures import (CAM_OPACITY, DISPLAY_SIZE, GAP, TURBO_LUT, colour_bar_png,
                                 display_size, picture_size, render_picture)
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
-from pneumoscan.pdf import LocalOnlyFetcher, decode_data_uri, render_pdf
-from pneumoscan.report import DISCLAIMER, render_html, write_per_study, write_report
-from pneumoscan.summary import Counts, group_studies
+from pneumoscan.report.pdf import LocalOnlyFetcher, decode_data_uri, render_pdf
+from pneumoscan.report.html import DISCLAIMER, render_html, write_per_study, write_report
+from pneumoscan.results.summary import Counts, group_studies
 
 from conftest import SAMPLES, load_file
 
@@ -254,12 +255,12 @@ def test_a_source_checkout_renders_with_its_own_templates(tmp_path):
     installed copy is elsewhere: the clone's own `templates/` folder serves the report."""
     repo = Path(__file__).resolve().parents[1]
     checkout = tmp_path / "checkout"
-    shutil.copytree(repo / "pneumoscan", checkout / "pneumoscan",
+    shutil.copytree(repo / "pneumoscan", checkout / "pneumoscan", symlinks=True,
                     ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
     shutil.copytree(repo / "templates", checkout / "templates")
     (checkout / "templates" / "report.css").write_text(
         (repo / "templates" / "report.css").read_text() + "\n/* the checkout's own */\n")
-    script = ("import pneumoscan, pneumoscan.report as r, pneumoscan.pdf as p;"
+    script = ("import pneumoscan, pneumoscan.report.html as r, pneumoscan.report.pdf as p;"
               "print(pneumoscan.__file__); print(repr(r._stylesheet()[-30:]));"
               "print(p.render_pdf('<p>x</p>')[:5])")
     done = subprocess.run([sys.executable, "-c", script], cwd=checkout, capture_output=True,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumoscan.cam.onnx_cam import OnnxCamModel
-from pneumoscan.model import open_session, optimized_model_path
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.inference.model import open_session, optimized_model_path
 
 
 def test_the_optimised_graph_is_cached_and_gives_the_same_outputs(small_onnx, tmp_path,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.architectures import build_imagenet_network, build_network, NORMALISATION
-from pneumoscan.datasets import list_samples, patient_id
+from pneumoscan.modelling.architectures import build_imagenet_network, build_network, NORMALISATION
+from pneumoscan.evaluation.datasets import list_samples, patient_id
 from training.data import split_by_patient
 from training.train import TrainConfig, open_stages_at, param_groups, set_trainable, train
 
@@ -144,7 +144,7 @@ def test_training_writes_everything_and_resumes(kermany_train, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet50", "densenet161"])
 def test_large_backbones_train_and_export(arch, kermany_train, val_images, tmp_path):
-    from pneumoscan.export import PARITY_LIMITS, export_checkpoint
+    from pneumoscan.modelling.export import PARITY_LIMITS, export_checkpoint
 
     cfg = _tiny_config(kermany_train, tmp_path, arch=arch, pretrained=False,
                        limit_samples=6, batch_size=3)

@@ -1,6 +1,6 @@
 """Training data: patient-level splitting and in-memory caching of decoded images.
 
-Pixels come from `pneumoscan.loading`, the loader `pneumoscan run` uses, so training and
+Pixels come from `pneumoscan.inputs.loading`, the loader `pneumoscan run` uses, so training and
 inference see identical pixels.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumoscan.datasets import CLASS_NAMES, Sample
-from pneumoscan.discover import classify_file
-from pneumoscan.loading import load
-from pneumoscan.preprocess import Preprocessing, prepare_pixels
+from pneumoscan.evaluation.datasets import CLASS_NAMES, Sample
+from pneumoscan.inputs.discover import classify_file
+from pneumoscan.inputs.loading import load
+from pneumoscan.inference.preprocess import Preprocessing, prepare_pixels
 from pneumoscan.records import FileResult
 
 __all__ = ["CLASS_NAMES", "Sample", "split_by_patient", "load_cached"]

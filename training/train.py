@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from pneumoscan.architectures import ARCHITECTURES, NORMALISATION, PneumoniaNet, build_network
-from pneumoscan.metrics import binary_metrics, bootstrap_intervals, choose_threshold
-from pneumoscan.preprocess import Preprocessing, normalise
+from pneumoscan.modelling.architectures import ARCHITECTURES, NORMALISATION, PneumoniaNet, build_network
+from pneumoscan.evaluation.metrics import binary_metrics, bootstrap_intervals, choose_threshold
+from pneumoscan.inference.preprocess import Preprocessing, normalise
 
-from pneumoscan.datasets import CLASS_NAMES, list_samples
+from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
 
 from .data import load_cached, split_by_patient
 
@@ -317,7 +317,7 @@ def write_history(history: list[dict], out: Path) -> None:
 
 def finalize(out: Path, cfg: TrainConfig) -> dict:
     """Metrics with bootstrap CIs and plots for the best checkpoint."""
-    from pneumoscan.plots import write_plots
+    from pneumoscan.evaluation.plots import write_plots
 
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     preds = np.load(out / "val_predictions.npz")

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cam import CamModel, normalised_cams
-from .loading import load
-from .overlay import render_picture
-from .preprocess import model_input
-from .records import FileResult, InputFile, LoadedImage
+from pneumoscan.inference.cam import CamModel, normalised_cams
+from pneumoscan.inputs.loading import load
+from pneumoscan.report.pictures import render_picture
+from pneumoscan.inference.preprocess import model_input
+from pneumoscan.records import FileResult, InputFile, LoadedImage
 
 DEFAULT_BATCH_SIZE = 32
 

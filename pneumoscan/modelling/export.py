@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import metadata_props
+from pneumoscan.inference.model import metadata_props
 
 OPSET = 18
 OUTPUTS = ("logits", "features", "cams")
@@ -166,9 +166,9 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
     options) for each output, and for what `run` derives from them."""
     import torch
 
-    from .cam import normalised_cams
-    from .cam.onnx_cam import softmax
-    from .model import open_session
+    from pneumoscan.inference.cam import normalised_cams
+    from pneumoscan.inference.cam.onnx_cam import softmax
+    from pneumoscan.inference.model import open_session
 
     session, _ = open_session(onnx_path, "cpu", cache=False)
     with torch.no_grad():
@@ -193,7 +193,7 @@ def split_images(checkpoint: Path, payload: dict, part: str) -> list[Path]:
 
 
 def folder_images(folder: Path) -> list[Path]:
-    from .discover import discover
+    from pneumoscan.inputs.discover import discover
 
     return [f.path for f in discover(folder) if f.kind is not None]
 
@@ -221,11 +221,11 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
     """Export, then verify on real images; raises ExportError past PARITY_LIMITS."""
     import torch
 
-    from .checkpoint import checkpoint_model_info, load_network
-    from .discover import classify_file
-    from .loading import load
-    from .preprocess import model_input
-    from .records import FileResult
+    from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network
+    from pneumoscan.inputs.discover import classify_file
+    from pneumoscan.inputs.loading import load
+    from pneumoscan.inference.preprocess import model_input
+    from pneumoscan.records import FileResult
 
     network, payload = load_network(checkpoint)
     info = checkpoint_model_info(checkpoint, payload)

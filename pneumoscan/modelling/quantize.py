@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import CLASS_NAMES
-from .loading import load
-from .metrics import binary_metrics
-from .preprocess import Preprocessing, model_input
-from .records import FileResult
+from pneumoscan.evaluation.datasets import CLASS_NAMES
+from pneumoscan.inputs.loading import load
+from pneumoscan.evaluation.metrics import binary_metrics
+from pneumoscan.inference.preprocess import Preprocessing, model_input
+from pneumoscan.records import FileResult
 
 MAX_AUC_DROP = 0.005
 CALIBRATION_IMAGES = 200
@@ -84,7 +84,7 @@ def labelled_images(paths: list[Path]) -> tuple[list[Path], np.ndarray]:
 def preprocessed_batches(paths: list[Path], prep: Preprocessing, size: int = BATCH):
     """float32 model inputs, `size` at a time, of the images that load (others skipped);
     yields (batch, indices into paths)."""
-    from .discover import classify_file
+    from pneumoscan.inputs.discover import classify_file
 
     tensors, indices = [], []
     for i, path in enumerate(paths):
@@ -178,7 +178,7 @@ def set_metadata(path: Path, entries: dict[str, str], source=None) -> None:
     metadata with that of the `source` model when given."""
     import onnx
 
-    from .model import metadata_props
+    from pneumoscan.inference.model import metadata_props
 
     model = onnx.load(str(path))
     if source is not None:
@@ -192,8 +192,8 @@ def set_metadata(path: Path, entries: dict[str, str], source=None) -> None:
 def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) -> Comparison:
     """Both models on the same decoded images: metrics, probability and CAM agreement, and
     the time each spends in its model calls."""
-    from .cam import normalised_cams
-    from .cam.onnx_cam import OnnxCamModel
+    from pneumoscan.inference.cam import normalised_cams
+    from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 
     models = [OnnxCamModel(fp32, "cpu"), OnnxCamModel(candidate, "cpu")]
     info = models[0].info
@@ -245,9 +245,9 @@ def export_reduced(checkpoint: Path, fp32: Path, kinds: list[str],
     """The `kinds` copies of the float32 model exported from `checkpoint`, beside it.
     Calibration and validation images default to the checkpoint's own training and
     validation splits; `max_auc_drop` to MAX_AUC_DROP."""
-    from .checkpoint import read_checkpoint
-    from .datasets import list_samples
-    from .export import folder_images, split_images, spread
+    from pneumoscan.modelling.checkpoint import read_checkpoint
+    from pneumoscan.evaluation.datasets import list_samples
+    from pneumoscan.modelling.export import folder_images, split_images, spread
 
     payload = read_checkpoint(checkpoint)
     if eval_images is not None:
@@ -272,7 +272,7 @@ def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: n
     """Write the `kind` ("int8" or "fp16") copy of `fp32` to `out` if, on the labelled
     images, it keeps the AUC within `max_auc_drop`; raise QuantizeError (writing nothing)
     if not."""
-    from .cam.onnx_cam import OnnxCamModel
+    from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 
     if len(set(labels.tolist())) < 2:
         raise QuantizeError("the evaluation images need both classes (NORMAL/ and PNEUMONIA/ "

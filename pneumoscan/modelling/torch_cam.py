@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import CamModel, Predictions
+from pneumoscan.inference.cam.base import CamModel, Predictions
 
 
 class TorchHookCamModel(CamModel):
     def __init__(self, checkpoint: Path, device: str = "cpu"):
         import torch
 
-        from ..checkpoint import checkpoint_model_info, load_network
+        from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network
 
         self.torch = torch
         self.device = torch.device("cuda" if device == "cuda" else "cpu")

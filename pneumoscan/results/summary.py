@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from .records import DICOM_FIELDS, FileResult
+from pneumoscan.records import DICOM_FIELDS, FileResult
 
 POSITIVE = "PNEUMONIA"
 NEGATIVE = "NORMAL"

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pneumoscan.metrics import confusion, roc_auc, roc_curve  # noqa: E402
+from pneumoscan.evaluation.metrics import confusion, roc_auc, roc_curve  # noqa: E402
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:

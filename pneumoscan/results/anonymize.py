@@ -12,7 +12,7 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import replace
 
-from .records import FileResult
+from pneumoscan.records import FileResult
 
 IDENTIFYING_FIELDS = ("PatientName", "PatientID", "PatientBirthDate")
 PSEUDONYM_PREFIX = "anon-"

@@ -1,8 +1,4 @@
-"""Load pixels and metadata of one input file (second stage of the pipeline).
-
-`load` never raises for a bad file: it returns a `FileResult` with status `skipped` (not a
-frontal chest radiograph, by its metadata) or `error` (cannot be read), and a one-line reason.
-"""
+"""PNG, JPEG and TIFF files: pixels at the size the model needs."""
 
 from __future__ import annotations
 
@@ -12,66 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .records import FileResult, InputFile, LoadedImage
-
-# Refuse to decode images declaring more pixels than this (decompression bombs); PIL's own
-# limit is a warning below 2x its default, so we check before decoding.
-MAX_PIXELS = 20_000 * 20_000 // 4  # 100 M pixels: 10000 x 10000
-
-
-class ImageProblem(Exception):
-    """Why a file gives no image (the message). A loader that already knows the file's
-    study and metadata (DICOM) sets them, so the result is grouped and labelled like the
-    file's readable siblings."""
-    study: str | None = None
-    metadata: dict[str, str] | None = None
-
-
-class SkipImage(ImageProblem):
-    """The file is readable but must not be classified (the message says why)."""
-
-
-class UnreadableImage(ImageProblem):
-    """The file cannot be decoded (the message says why)."""
-
-
-def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
-    """Read one discovered file. `min_size` (width, height) lets decoders that can scale
-    while decoding (JPEG, JPEG 2000) produce a smaller image that is still at least that
-    large."""
-    study = str(item.path.parent)
-    if item.kind is None:
-        return FileResult(item.path, study, "error" if item.unreadable else "skipped",
-                          item.skip_reason or "not an image")
-    try:
-        if item.kind == "dicom":
-            from .dicom import load_dicom
-            return load_dicom(item.path, min_size)
-        return load_raster(item.path, min_size)
-    except ImageProblem as exc:
-        status = "skipped" if isinstance(exc, SkipImage) else "error"
-        return FileResult(item.path, exc.study or study, status, str(exc),
-                          metadata=exc.metadata or {})
-    except FileNotFoundError:
-        return FileResult(item.path, study, "error", "file disappeared before it could be read")
-    except PermissionError:
-        return FileResult(item.path, study, "error", "permission denied")
-    except MemoryError:
-        return FileResult(item.path, study, "error", "not enough memory to decode the image")
-    except Exception as exc:  # any decoder failure is a file-level error, never a crash
-        return FileResult(item.path, study, "error", f"cannot read: {one_line(exc)}")
-
-
-def one_line(exc: BaseException) -> str:
-    """`exc` as one line: its type and message, every line of it kept (pydicom lists what
-    each decoder plugin said on lines of their own, after a first line ending in ':')."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0]
-    for line in lines[1:]:
-        text += (" " if text.endswith(":") else "; ") + line
-    return f"{type(exc).__name__}: {text}"
+from pneumoscan.inputs.problems import MAX_PIXELS, SkipImage, UnreadableImage
+from pneumoscan.records import LoadedImage
 
 
 def load_raster(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .preprocess import Preprocessing
+from pneumoscan.inference.preprocess import Preprocessing
 
 META_PREFIX = "pneumoscan."
 DEFAULT_MODEL_NAME = "default.onnx"

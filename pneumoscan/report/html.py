@@ -14,12 +14,12 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from .files import study_file_stem, write_atomic
-from .overlay import colour_bar_png
-from .pdf import render_pdf
-from .records import FileResult, RunInfo
-from .resources import templates
-from .summary import NEGATIVE, POSITIVE, Counts, group_studies
+from pneumoscan.files import study_file_stem, write_atomic
+from pneumoscan.report.pictures import colour_bar_png
+from pneumoscan.report.pdf import render_pdf
+from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.report.templates import templates
+from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, group_studies
 
 DISCLAIMER = "Research use only; not a medical diagnosis."
 DEFAULT_TITLE = "Chest X-ray pneumonia screening report"

@@ -4,6 +4,6 @@
 `torch_hooks.TorchHookCamModel` (the reference: a PyTorch checkpoint with a forward hook).
 """
 
-from .base import CamModel, Predictions, normalised_cams
+from pneumoscan.inference.cam.base import CamModel, Predictions, normalised_cams
 
 __all__ = ["CamModel", "Predictions", "normalised_cams"]

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import FileResult, InputFile
+from pneumoscan.records import FileResult, InputFile
 
 SCHEMA_VERSION = 2
 

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from .records import FileKind, InputFile
+from pneumoscan.records import FileKind, InputFile
 
 HEAD_BYTES = 512
 

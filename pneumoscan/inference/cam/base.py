@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model import ModelInfo
+from pneumoscan.inference.model import ModelInfo
 
 
 @dataclass

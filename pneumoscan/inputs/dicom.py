@@ -25,9 +25,10 @@ from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless)
 
-from .loading import (MAX_PIXELS, ImageProblem, SkipImage, UnreadableImage, one_line,
-                      shrink_to_cover)
-from .records import DICOM_FIELDS, LoadedImage
+from pneumoscan.inputs.problems import MAX_PIXELS, ImageProblem, SkipImage, UnreadableImage
+from pneumoscan.inputs.raster import shrink_to_cover
+from pneumoscan.records import DICOM_FIELDS, LoadedImage
+from pneumoscan.text import one_line
 
 # Elements larger than this (the pixel data) are read only when used, so files skipped by
 # their metadata cost one small read.
@@ -254,7 +255,7 @@ def _decode_jpeg2000_reduced(ds: Dataset, min_size: tuple[int, int]) -> np.ndarr
 
 
 def _shrink_to_cover(stored: np.ndarray, min_size: tuple[int, int]) -> np.ndarray:
-    """Stored values box-averaged as `loading.shrink_to_cover` does raster images, so that
+    """Stored values box-averaged as `raster.shrink_to_cover` does raster images, so that
     every later step (LUTs in floating point) works on a small image, as after a reduced
     JPEG 2000 decode."""
     small = shrink_to_cover(Image.fromarray(stored.astype(np.float32)), min_size)

@@ -11,7 +11,7 @@ from urllib.request import url2pathname
 
 from PIL import ImageFile
 
-from .resources import templates
+from pneumoscan.report.templates import templates
 
 # Importing WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES, after which the
 # loader would read truncated scans without a word; keep Pillow's setting as it was.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import ModelError, ModelInfo, file_sha256
-from .preprocess import Preprocessing
+from pneumoscan.inference.model import ModelError, ModelInfo, file_sha256
+from pneumoscan.inference.preprocess import Preprocessing
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -22,7 +22,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_network(path: Path):
     """(network in eval mode, checkpoint payload)."""
-    from .architectures import build_network
+    from pneumoscan.modelling.architectures import build_network
 
     payload = read_checkpoint(path)
     net = build_network(payload["arch"], num_classes=len(payload["class_names"]),

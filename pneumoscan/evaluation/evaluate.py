@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cam import CamModel
-from .datasets import CLASS_NAMES, list_samples
-from .discover import classify_file
-from .metrics import binary_metrics, bootstrap_intervals, confusion
-from .pipeline import DEFAULT_BATCH_SIZE, classify
+from pneumoscan.inference.cam import CamModel
+from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
+from pneumoscan.inputs.discover import classify_file
+from pneumoscan.evaluation.metrics import binary_metrics, bootstrap_intervals, confusion
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc", "f1", "precision")
 
@@ -66,7 +66,7 @@ def format_report(report: dict) -> str:
 
 
 def write_roc(report: dict, path: Path) -> None:
-    from .plots import plot_roc
+    from pneumoscan.evaluation.plots import plot_roc
 
     labels = np.array([p["label"] == "PNEUMONIA" for p in report["predictions"]])
     probs = np.array([p["probability"] for p in report["predictions"]])

@@ -15,7 +15,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .records import FileResult
+from pneumoscan.records import FileResult
 
 
 class RunLog:

@@ -1,0 +1,1 @@
+"""Judging a model on labelled folders: metrics, plots, `pneumoscan eval`."""

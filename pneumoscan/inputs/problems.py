@@ -1,0 +1,24 @@
+"""Why a file gives no image: the exceptions loaders raise, which `loading.load` turns into a
+file-level result."""
+
+from __future__ import annotations
+
+# Refuse to decode images declaring more pixels than this (decompression bombs); PIL's own
+# limit is a warning below 2x its default, so we check before decoding.
+MAX_PIXELS = 20_000 * 20_000 // 4  # 100 M pixels: 10000 x 10000
+
+
+class ImageProblem(Exception):
+    """Why a file gives no image (the message). A loader that already knows the file's
+    study and metadata (DICOM) sets them, so the result is grouped and labelled like the
+    file's readable siblings."""
+    study: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class SkipImage(ImageProblem):
+    """The file is readable but must not be classified (the message says why)."""
+
+
+class UnreadableImage(ImageProblem):
+    """The file cannot be decoded (the message says why)."""

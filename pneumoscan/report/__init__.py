@@ -1,0 +1,1 @@
+"""Reports: the picture of each image, the HTML and the PDF."""
