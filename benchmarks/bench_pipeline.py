@@ -77,8 +77,8 @@ def bench_ceiling(args, folder: Path, warmup: Path) -> list[float]:
     import numpy as np
 
     from pneumoscan import api
-    from pneumoscan.inputs.raster import load_raster
     from pneumoscan.inference.preprocess import model_input
+    from pneumoscan.inputs.raster import load_raster
 
     model = api.open_model(args.model, "cpu")
     prep = model.info.preprocessing
@@ -142,9 +142,9 @@ def bench_eager(args, folder: Path, warmup: Path) -> list[float]:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms as T
 
+    from pneumoscan.inference.model import read_model_info
     from pneumoscan.modelling.architectures import build_network
     from pneumoscan.modelling.checkpoint import load_network
-    from pneumoscan.inference.model import read_model_info
 
     meta = {p.key: p.value for p in onnx.load(str(args.model)).metadata_props}
     info = read_model_info(args.model, meta)

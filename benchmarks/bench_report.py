@@ -26,12 +26,12 @@ from typing import TypeVar
 import numpy as np
 
 from pneumoscan.api import Scan, write_per_study
-from pneumoscan.inputs.raster import load_raster
 from pneumoscan.inference.model import available_cores
-from pneumoscan.report.pictures import render_picture
-from pneumoscan.report.pdf import render_pdf
+from pneumoscan.inputs.raster import load_raster
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.report.html import render_html
+from pneumoscan.report.pdf import render_pdf
+from pneumoscan.report.pictures import render_picture
 
 T = TypeVar("T")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany224" / "train"

@@ -1,6 +1,12 @@
-"""The library API behind the CLI: open a model, scan a folder, write the outputs.
+"""The library API behind the CLI: a whole run, or its parts (open a model, scan a folder,
+write the outputs).
 
     from pneumoscan import api
+    summary = api.run(api.RunOptions(Path("scans"), report=Path("report.pdf")))
+    summary.exit_code, summary.written        # what `pneumoscan run scans --out report.pdf` does
+
+The parts, for callers that want the results in memory:
+
     model = api.open_model()                      # the model shipped in the package
     scan = api.scan(Path("scans"), model)
     api.write_json(Path("results.json"), scan)
@@ -27,15 +33,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pneumoscan import __version__
-from pneumoscan.results.anonymize import anonymized
+from pneumoscan.files import remove_leftover_temporaries, write_atomic
 from pneumoscan.inference.cam import CamModel
-from pneumoscan.inputs.discover import discover
-from pneumoscan.files import write_atomic
-from pneumoscan.results.ledger import Basis, Ledger
 from pneumoscan.inference.model import ModelError, available_cores, default_model_path
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
+from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
+from pneumoscan.results.anonymize import anonymized
+from pneumoscan.results.ledger import Basis, Ledger, StateError, StateLocked
+from pneumoscan.results.runlog import RunLog
 from pneumoscan.results.summary import Counts, group_studies
+from pneumoscan.text import one_line
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
@@ -60,6 +68,175 @@ class Scan:
 
     def counts(self) -> Counts:
         return Counts.of(self.results)
+
+
+REPORT_SUFFIXES = (".pdf", ".html", ".htm")
+
+
+class RunError(Exception):
+    """A run that cannot be done or go on (the message says why); `exit_code` is what the
+    command line exits with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FATAL):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `pneumoscan run` is asked to do; the defaults are the command line's."""
+    scans: Path
+    report: Path | None = None  # .pdf or .html: one report of the whole run
+    json: Path | None = None
+    per_study: Path | None = None  # one HTML + one PDF per study in this folder
+    model: Path | None = None  # default: the model shipped in the package
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None
+    threshold: float | None = None  # default: the model's own
+    cam_backend: str = "onnx"
+    checkpoint: Path | None = None  # for cam_backend "torch"
+    state: Path | None = None  # default: beside the outputs (default_state_path)
+    log: Path | None = None  # default: beside the state (default_log_path)
+    force: bool = False  # compute every file again
+    wait: bool = False  # wait for another run that holds the state, instead of EXIT_LOCKED
+    anonymize: bool = False
+
+    @property
+    def state_path(self) -> Path:
+        return self.state or default_state_path(self.json, self.report, self.per_study)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log or default_log_path(self.state_path)
+
+    def check(self) -> None:
+        """Raises RunError(EXIT_USAGE) for options that cannot make a run."""
+        if self.report is None and self.json is None and self.per_study is None:
+            raise RunError("give --out REPORT.pdf|.html, --json FILE or --per-study DIR",
+                           EXIT_USAGE)
+        if self.report is not None and self.report.suffix.lower() not in REPORT_SUFFIXES:
+            raise RunError(f"--out must end in .pdf or .html, not {self.report.name!r}",
+                           EXIT_USAGE)
+
+
+class RunEvents:
+    """What a run tells as it goes; the command line shows it, a library caller may
+    override any of these."""
+
+    def waiting(self, state_path: Path) -> None:
+        """Another run holds the state file and `wait` was asked for."""
+
+    def model_opened(self, model: CamModel) -> None:
+        pass
+
+    def discovered(self, total: int) -> None:
+        pass
+
+    def result(self, result: FileResult) -> None:
+        """Each file's result, in discovery order, as soon as it is known."""
+
+    def classified(self) -> None:
+        """Every file has its result; the outputs are written next."""
+
+
+@dataclass
+class RunSummary:
+    scan: Scan
+    written: list[Path]  # the output files this run (re)wrote
+    state: Path
+    log: Path
+
+    @property
+    def exit_code(self) -> int:
+        return self.scan.exit_code
+
+
+def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
+    """What `pneumoscan run` does: lock the state, open the model, classify what is new or
+    changed, write the outputs, and keep a JSON-lines run log of it all. Raises RunError
+    (with its exit code) when the run cannot be done; file-level problems are results."""
+    options.check()
+    events = events or RunEvents()
+    try:
+        runlog = RunLog(options.log_path)
+    except OSError as exc:
+        raise RunError(f"cannot open the run log: {exc}") from None
+    with runlog:
+        try:
+            with _lock_state(options.state_path, options.wait, events) as ledger:
+                return _run_locked(options, ledger, runlog, events)
+        except RunError as exc:
+            runlog.write("locked" if exc.exit_code == EXIT_LOCKED else "failed",
+                         message=str(exc), exit_code=exc.exit_code)
+            raise
+        except Exception as exc:  # a bug: leave a trace in the log, then the traceback
+            runlog.write("failed", message=one_line(exc), exit_code=EXIT_FATAL)
+            raise
+
+
+def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
+    try:
+        try:
+            return Ledger.open(state_path)
+        except StateLocked as exc:
+            if not wait:
+                raise RunError(str(exc), EXIT_LOCKED) from None
+        events.waiting(state_path)
+        return Ledger.open(state_path, wait=True)
+    except StateError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
+                events: RunEvents) -> RunSummary:
+    try:
+        model = open_model(options.model, options.device, options.cam_backend,
+                           options.checkpoint)
+    except ModelError as exc:
+        raise RunError(str(exc)) from None
+    events.model_opened(model)
+    runlog.write("start", scans=str(options.scans), state=str(ledger.path), pid=os.getpid(),
+                 pneumoscan=__version__, force=options.force, anonymize=options.anonymize,
+                 model={"name": model.info.name, "version": model.info.version,
+                        "sha256": model.info.sha256})
+
+    def on_result(result: FileResult) -> None:
+        events.result(result)
+        if not result.from_ledger:
+            runlog.file(result)
+
+    scanned = scan(options.scans, model, batch_size=options.batch_size,
+                   workers=options.workers, threshold=options.threshold,
+                   render=options.report is not None or options.per_study is not None,
+                   on_result=on_result, on_discovered=events.discovered, ledger=ledger,
+                   force=options.force)
+    events.classified()
+    if options.anonymize:
+        scanned = anonymize(scanned, ledger)
+    written = _write_outputs(options, scanned, ledger)
+    counts = scanned.counts()
+    runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
+                 computed=counts.files - scanned.from_ledger, exit_code=scanned.exit_code,
+                 started=scanned.run.started, finished=scanned.run.finished)
+    return RunSummary(scanned, written, ledger.path, runlog.path)
+
+
+def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger) -> list[Path]:
+    try:
+        written = []
+        if options.json:
+            write_json(options.json, scanned)
+            written.append(options.json)
+        if options.report:
+            written += write_report(options.report, scanned, ledger)
+        if options.per_study:
+            written += write_per_study(options.per_study, scanned, ledger)
+        for path in written:  # what killed runs left; no other run writes them: we hold the lock
+            remove_leftover_temporaries(path)
+    except OSError as exc:
+        raise RunError(f"cannot write output: {exc}") from None
+    return written
 
 
 def open_model(model_path: Path | None = None, device: str = "auto", cam_backend: str = "onnx",

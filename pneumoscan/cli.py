@@ -11,28 +11,18 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from pneumoscan import __version__
-from pneumoscan import api
-from pneumoscan.files import remove_leftover_temporaries
-from pneumoscan.results.ledger import Ledger, StateError, StateLocked
-from pneumoscan.text import one_line
+from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
-from pneumoscan.results.runlog import RunLog
 
 log = logging.getLogger("pneumoscan")
-
-REPORT_SUFFIXES = (".pdf", ".html", ".htm")
-
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -84,28 +74,37 @@ workers_option = click.option("--workers", type=click.IntRange(1, 64),
                               help="decoding threads (default: up to 4, one per core)")
 
 
-class Progress:
-    """A progress bar on a terminal, nothing otherwise; -v logs each file instead."""
+class Progress(api.RunEvents):
+    """What a run tells on stderr: a progress bar on a terminal, nothing otherwise; -v logs
+    each file instead."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.bar = None
 
-    def start(self, total: int) -> None:
+    def waiting(self, state_path: Path) -> None:
+        click.echo(f"waiting for the run that holds {state_path}", err=True)
+
+    def model_opened(self, model) -> None:
+        click.echo(f"model {model.info.name} {model.info.version} on {model.provider}",
+                   err=True)
+
+    def discovered(self, total: int) -> None:
         log.info("found %d files", total)
         if self.enabled and total:
             self.bar = click.progressbar(length=total, label="classifying", file=sys.stderr)
             self.bar.__enter__()
 
-    def update(self, result) -> None:
+    def result(self, result) -> None:
         log.info("%s: %s %s", result.path, result.status,
                  result.label if result.status == "ok" else result.reason)
         if self.bar:
             self.bar.update(1)
 
-    def close(self) -> None:
+    def classified(self) -> None:
         if self.bar:
             self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 @main.command()
@@ -146,106 +145,28 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     Safe to run from cron: each run computes only the files that are new or changed since
     the last one (recorded in the state file), and the outputs still cover all of SCANS."""
     _setup_logging(verbose)
-    if out is None and json_path is None and per_study is None:
-        raise click.UsageError("give --out REPORT.pdf|.html, --json FILE or --per-study DIR")
-    if out is not None and out.suffix.lower() not in REPORT_SUFFIXES:
-        raise click.UsageError(f"--out must end in .pdf or .html, not {out.name!r}")
-    state_path = state_path or api.default_state_path(json_path, out, per_study)
+    options = api.RunOptions(scans, report=out, json=json_path, per_study=per_study,
+                             model=model_path, device=device, batch_size=batch_size,
+                             workers=workers, threshold=threshold, cam_backend=cam_backend,
+                             checkpoint=checkpoint, state=state_path, log=log_path,
+                             force=force, wait=wait, anonymize=anonymize)
     try:
-        runlog = RunLog(log_path or api.default_log_path(state_path))
-    except OSError as exc:
-        fail(f"cannot open the run log: {exc}")
-    with runlog:
-        try:
-            with _lock_state(state_path, wait) as ledger:
-                code = _run_locked(scans, out, json_path, per_study, ledger, runlog,
-                                   model_path=model_path, device=device,
-                                   cam_backend=cam_backend, checkpoint=checkpoint,
-                                   batch_size=batch_size, workers=workers,
-                                   threshold=threshold, force=force, anonymize=anonymize,
-                                   progress=Progress(sys.stderr.isatty() and verbose == 0))
-        except RunStopped as exc:
-            runlog.write("locked" if exc.code == api.EXIT_LOCKED else "failed",
-                         message=str(exc), exit_code=exc.code)
-            fail(str(exc), exc.code)
-        except Exception as exc:  # a bug: leave a trace in the log, then the traceback
-            runlog.write("failed", message=one_line(exc), exit_code=api.EXIT_FATAL)
-            raise
-    sys.exit(code)
-
-
-class RunStopped(Exception):
-    """The run cannot go on (the message says why); `code` is its exit code."""
-
-    def __init__(self, message: str, code: int = api.EXIT_FATAL):
-        super().__init__(message)
-        self.code = code
-
-
-def _lock_state(state_path: Path, wait: bool) -> Ledger:
+        options.check()
+    except api.RunError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
-        try:
-            return Ledger.open(state_path)
-        except StateLocked as exc:
-            if not wait:
-                raise RunStopped(str(exc), api.EXIT_LOCKED) from None
-        click.echo(f"waiting for the run that holds {state_path}", err=True)
-        return Ledger.open(state_path, wait=True)
-    except StateError as exc:
-        raise RunStopped(str(exc)) from None
-
-
-def _run_locked(scans, out, json_path, per_study, ledger, runlog, *, model_path, device,
-                cam_backend, checkpoint, batch_size, workers, threshold, force, anonymize,
-                progress) -> int:
-    try:
-        model = api.open_model(model_path, device, cam_backend, checkpoint)
-    except ModelError as exc:
-        raise RunStopped(str(exc)) from None
-    click.echo(f"model {model.info.name} {model.info.version} on {model.provider}", err=True)
-    runlog.write("start", scans=str(scans), state=str(ledger.path), pid=os.getpid(),
-                 pneumoscan=__version__, force=force, anonymize=anonymize,
-                 model={"name": model.info.name, "version": model.info.version,
-                        "sha256": model.info.sha256})
-
-    def on_result(result) -> None:
-        progress.update(result)
-        if not result.from_ledger:
-            runlog.file(result)
-
-    try:
-        result = api.scan(scans, model, batch_size=batch_size, workers=workers,
-                          threshold=threshold, render=out is not None or per_study is not None,
-                          on_result=on_result, on_discovered=progress.start, ledger=ledger,
-                          force=force)
-    finally:
-        progress.close()
-    if anonymize:
-        result = api.anonymize(result, ledger)
-    try:
-        written = []
-        if json_path:
-            api.write_json(json_path, result)
-            written.append(json_path)
-        if out:
-            written += api.write_report(out, result, ledger)
-        if per_study:
-            written += api.write_per_study(per_study, result, ledger)
-        for path in written:  # what killed runs left; no other run writes them: we hold the lock
-            remove_leftover_temporaries(path)
-    except OSError as exc:
-        raise RunStopped(f"cannot write output: {exc}") from None
-    c = result.counts()
-    click.echo(f"{c.files} files ({result.from_ledger} unchanged since the last run): "
+        summary = api.run(options, Progress(sys.stderr.isatty() and verbose == 0))
+    except api.RunError as exc:
+        fail(str(exc), exc.exit_code)
+    scan = summary.scan
+    c = scan.counts()
+    click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
                f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
-    for r in result.results:
+    for r in scan.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
-    runlog.write("summary", counts=asdict(c), from_ledger=result.from_ledger,
-                 computed=c.files - result.from_ledger, exit_code=result.exit_code,
-                 started=result.run.started, finished=result.run.finished)
-    return result.exit_code
+    sys.exit(summary.exit_code)
 
 
 @main.command("export-onnx")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import load_file
 
 from pneumoscan.inference.cam import normalised_cams
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.modelling.torch_cam import TorchHookCamModel
 from pneumoscan.inference.preprocess import model_input
-
-from conftest import load_file
+from pneumoscan.modelling.torch_cam import TorchHookCamModel
 
 
 def test_onnx_and_forward_hook_cams_agree_on_real_images(small_checkpoint, small_onnx,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from pneumoscan import __version__
+from conftest import SAMPLES
+from conftest import invoke_cli as invoke
 
-from conftest import SAMPLES, invoke_cli as invoke
+from pneumoscan import __version__
 
 
 @pytest.fixture

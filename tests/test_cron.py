@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CLI_CWD, CLI_ENV, pneumoscan_command, run_pneumoscan
 
 from pneumoscan.api import EXIT_LOCKED, EXIT_OK
-
-from conftest import CLI_CWD, CLI_ENV, pneumoscan_command, run_pneumoscan
 
 STUDIES, PER_STUDY = 6, 50
 

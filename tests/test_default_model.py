@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SAMPLES, invoke_cli
 
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.inference.model import default_model_path
-
-from conftest import SAMPLES, invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,8 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     must give the network nearly the pixels, and the scores, it was trained on."""
     import numpy as np
 
-    from pneumoscan.inputs.raster import load_raster
     from pneumoscan.inference.preprocess import model_input, prepare_pixels
+    from pneumoscan.inputs.raster import load_raster
 
     prep = shipped.info.preprocessing
     assert prep.jpeg_quality == 75

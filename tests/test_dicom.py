@@ -11,20 +11,26 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import SAMPLES, load_file
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
-                         JPEG2000Lossless, JPEG2000MC, JPEGBaseline8Bit, RLELossless,
-                         generate_uid)
+from pydicom.uid import (
+    JPEG2000MC,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
 
 from pneumoscan.inputs import dicom
 from pneumoscan.inputs.discover import classify_file
 from pneumoscan.inputs.loading import load
 from pneumoscan.records import FileResult, LoadedImage
-
-from conftest import SAMPLES, load_file
 
 DICOM_SAMPLES = SAMPLES / "dicom"
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"

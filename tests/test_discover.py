@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLES
 
 from pneumoscan.inputs.discover import HEAD_BYTES, classify_file, detect_kind, discover
 from pneumoscan.inputs.loading import load
 from pneumoscan.records import LoadedImage
-
-from conftest import SAMPLES
 
 JPEG = SAMPLES / "study-pneumonia-1" / "person1946_bacteria_4874.jpeg"
 DICOM_TIFF = SAMPLES / "dicom" / "RG1_UNCR.dcm"  # preamble holds a TIFF header

@@ -5,14 +5,21 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import invoke_cli, load_file
 
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.modelling.checkpoint import checkpoint_model_info, read_checkpoint
-from pneumoscan.modelling.export import OPSET, PARITY_LIMITS, check_parity, export_module
-from pneumoscan.modelling.checkpoint import load_network
 from pneumoscan.inference.preprocess import model_input
-
-from conftest import invoke_cli, load_file
+from pneumoscan.modelling.checkpoint import (
+    checkpoint_model_info,
+    load_network,
+    read_checkpoint,
+)
+from pneumoscan.modelling.export import (
+    OPSET,
+    PARITY_LIMITS,
+    check_parity,
+    export_module,
+)
 
 
 def test_metadata_round_trip(small_checkpoint, small_onnx):

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+from test_dicom import RAMP_12_BIT, cr_dataset, save
 
 from pneumoscan import api
 from pneumoscan.inference import pipeline
+from pneumoscan.records import FileResult
 from pneumoscan.report import html as report
 from pneumoscan.results.anonymize import PSEUDONYM_PREFIX, anonymized
 from pneumoscan.results.ledger import Ledger, StateError, StateLocked
-from pneumoscan.records import FileResult
-
-from test_dicom import RAMP_12_BIT, cr_dataset, save
 
 PER_STUDY = 6
 

@@ -8,13 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, load_file
 from PIL import Image
 
 from pneumoscan.inputs.discover import classify_file
 from pneumoscan.inputs.loading import load
 from pneumoscan.records import LoadedImage
-
-from conftest import SAMPLES, load_file
 
 SAMPLE_JPEG = SAMPLES / "study-normal-1" / "NORMAL2-IM-1427-0001.jpeg"  # 1776 x 1416
 

@@ -9,9 +9,14 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.cli import main
-from pneumoscan.modelling.quantize import QuantizeError, export_reduced, head_nodes, reduced_path
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.modelling.quantize import (
+    QuantizeError,
+    export_reduced,
+    head_nodes,
+    reduced_path,
+)
 
 
 @pytest.fixture

@@ -17,20 +17,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import SAMPLES, load_file
 from PIL import Image
 
 from pneumoscan import api
-from pneumoscan.report import html as report
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
-from pneumoscan.report.pictures import (CAM_OPACITY, DISPLAY_SIZE, GAP, TURBO_LUT, colour_bar_png,
-                                display_size, picture_size, render_picture)
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
+from pneumoscan.report import html as report
+from pneumoscan.report.html import (
+    DISCLAIMER,
+    render_html,
+    write_per_study,
+    write_report,
+)
 from pneumoscan.report.pdf import LocalOnlyFetcher, decode_data_uri, render_pdf
-from pneumoscan.report.html import DISCLAIMER, render_html, write_per_study, write_report
+from pneumoscan.report.pictures import (
+    CAM_OPACITY,
+    DISPLAY_SIZE,
+    GAP,
+    TURBO_LUT,
+    colour_bar_png,
+    display_size,
+    picture_size,
+    render_picture,
+)
 from pneumoscan.results.summary import Counts, group_studies
-
-from conftest import SAMPLES, load_file
 
 STUDIES = ("study-normal-1", "study-normal-2", "study-pneumonia-1", "study-pneumonia-2")
 SCRIPT = "<script>alert(1)</script>"

@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.modelling.architectures import build_imagenet_network, build_network, NORMALISATION
 from pneumoscan.evaluation.datasets import list_samples, patient_id
+from pneumoscan.modelling.architectures import (
+    NORMALISATION,
+    build_imagenet_network,
+    build_network,
+)
 from training.data import split_by_patient
-from training.train import TrainConfig, open_stages_at, param_groups, set_trainable, train
+from training.train import (
+    TrainConfig,
+    open_stages_at,
+    param_groups,
+    set_trainable,
+    train,
+)
 
 
 def test_patient_ids_follow_kermany_names():

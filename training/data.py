@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from pneumoscan.evaluation.datasets import CLASS_NAMES, Sample
+from pneumoscan.inference.preprocess import Preprocessing, prepare_pixels
 from pneumoscan.inputs.discover import classify_file
 from pneumoscan.inputs.loading import load
-from pneumoscan.inference.preprocess import Preprocessing, prepare_pixels
 from pneumoscan.records import FileResult
 
 __all__ = ["CLASS_NAMES", "Sample", "split_by_patient", "load_cached"]

@@ -26,11 +26,19 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from pneumoscan.modelling.architectures import ARCHITECTURES, NORMALISATION, PneumoniaNet, build_network
-from pneumoscan.evaluation.metrics import binary_metrics, bootstrap_intervals, choose_threshold
-from pneumoscan.inference.preprocess import Preprocessing, normalise
-
 from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
+from pneumoscan.evaluation.metrics import (
+    binary_metrics,
+    bootstrap_intervals,
+    choose_threshold,
+)
+from pneumoscan.inference.preprocess import Preprocessing, normalise
+from pneumoscan.modelling.architectures import (
+    ARCHITECTURES,
+    NORMALISATION,
+    PneumoniaNet,
+    build_network,
+)
 
 from .data import load_cached, split_by_patient
 

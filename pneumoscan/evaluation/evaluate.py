@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.inference.cam import CamModel
 from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
-from pneumoscan.inputs.discover import classify_file
 from pneumoscan.evaluation.metrics import binary_metrics, bootstrap_intervals, confusion
+from pneumoscan.inference.cam import CamModel
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
+from pneumoscan.inputs.discover import classify_file
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc", "f1", "precision")
 

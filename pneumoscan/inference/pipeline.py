@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
-from pneumoscan.inputs.loading import load
-from pneumoscan.report.pictures import render_picture
 from pneumoscan.inference.preprocess import model_input
+from pneumoscan.inputs.loading import load
 from pneumoscan.records import FileResult, InputFile, LoadedImage
+from pneumoscan.report.pictures import render_picture
 
 DEFAULT_BATCH_SIZE = 32
 

@@ -22,10 +22,20 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEG2000, JPEG2000Lossless)
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
 
-from pneumoscan.inputs.problems import MAX_PIXELS, ImageProblem, SkipImage, UnreadableImage
+from pneumoscan.inputs.problems import (
+    MAX_PIXELS,
+    ImageProblem,
+    SkipImage,
+    UnreadableImage,
+)
 from pneumoscan.inputs.raster import shrink_to_cover
 from pneumoscan.records import DICOM_FIELDS, LoadedImage
 from pneumoscan.text import one_line

@@ -221,10 +221,10 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
     """Export, then verify on real images; raises ExportError past PARITY_LIMITS."""
     import torch
 
-    from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network
+    from pneumoscan.inference.preprocess import model_input
     from pneumoscan.inputs.discover import classify_file
     from pneumoscan.inputs.loading import load
-    from pneumoscan.inference.preprocess import model_input
+    from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network
     from pneumoscan.records import FileResult
 
     network, payload = load_network(checkpoint)

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.evaluation.datasets import CLASS_NAMES
-from pneumoscan.inputs.loading import load
 from pneumoscan.evaluation.metrics import binary_metrics
 from pneumoscan.inference.preprocess import Preprocessing, model_input
+from pneumoscan.inputs.loading import load
 from pneumoscan.records import FileResult
 
 MAX_AUC_DROP = 0.005
@@ -104,8 +104,13 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
                   log=print) -> None:
     """Static QDQ quantisation of `fp32`, calibrated on the `calibration` images."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Calibration(CalibrationDataReader):
@@ -245,8 +250,8 @@ def export_reduced(checkpoint: Path, fp32: Path, kinds: list[str],
     """The `kinds` copies of the float32 model exported from `checkpoint`, beside it.
     Calibration and validation images default to the checkpoint's own training and
     validation splits; `max_auc_drop` to MAX_AUC_DROP."""
-    from pneumoscan.modelling.checkpoint import read_checkpoint
     from pneumoscan.evaluation.datasets import list_samples
+    from pneumoscan.modelling.checkpoint import read_checkpoint
     from pneumoscan.modelling.export import folder_images, split_images, spread
 
     payload = read_checkpoint(checkpoint)

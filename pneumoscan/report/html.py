@@ -15,9 +15,9 @@ import jinja2
 from markupsafe import Markup
 
 from pneumoscan.files import study_file_stem, write_atomic
-from pneumoscan.report.pictures import colour_bar_png
-from pneumoscan.report.pdf import render_pdf
 from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.report.pdf import render_pdf
+from pneumoscan.report.pictures import colour_bar_png
 from pneumoscan.report.templates import templates
 from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, group_studies
 

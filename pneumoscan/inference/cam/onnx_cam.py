@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.inference.model import open_session, read_model_info
 from pneumoscan.inference.cam.base import CamModel, Predictions
+from pneumoscan.inference.model import open_session, read_model_info
 
 OUTPUTS = ["logits", "cams"]  # `features` is not needed on the run path
 
