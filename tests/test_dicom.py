@@ -160,6 +160,31 @@ def test_reduced_jpeg2000_keeps_the_stored_values(chest_crop, tmp_path, bits):
     assert correlation(box, reduced) > 0.98  # the wavelet low band is not quite a box filter
 
 
+def test_reduced_jpeg2000_decodes_as_pillows_own_reduce(chest_crop):
+    """The contract with Pillow that the reduced decode relies on (its JPEG 2000 decoder's
+    arguments): where Pillow's public `reduce` works (sides that are multiples of 2^n),
+    `ReducedJpeg2000` gives the very same pixels, and it also reduces the sides where
+    Pillow's own rounding fails (461 and 489 px: the RG1 scans' halves)."""
+    from openjpeg.utils import encode_array
+
+    for crop, size in (((448, 448), (112, 112)), ((489, 461), (116, 123))):
+        stream = encode_array(np.ascontiguousarray(chest_crop[:crop[0], :crop[1]]),
+                              bits_stored=16)
+        ours = dicom.ReducedJpeg2000(io.BytesIO(stream), 2)
+        assert ours.size == size
+        if crop == (448, 448):
+            pillows = Image.open(io.BytesIO(stream))
+            pillows.reduce = 2
+            pillows.load()
+            assert np.array_equal(np.asarray(ours), np.asarray(pillows))
+        else:
+            with pytest.raises(OSError):  # why ReducedJpeg2000 exists
+                pillows = Image.open(io.BytesIO(stream))
+                pillows.reduce = 2
+                pillows.load()
+            assert np.asarray(ours).shape == size[::-1]
+
+
 def test_small_scans_and_signed_jpeg2000_are_decoded_in_full(tmp_path, chest_crop):
     image = load_file(DICOM_SAMPLES / "RG1_J2KR.dcm", min_size=(500, 500))
     assert image.pixels.shape == (1955, 1841)  # no halving covers 1000 x 1000
