@@ -130,3 +130,20 @@ def test_file_that_disappears_before_reading_is_an_error(tmp_path, chest):
     path.unlink()
     result = load(item)
     assert (result.status, result.reason) == ("error", "file disappeared before it could be read")
+
+
+def test_a_bug_in_a_loader_is_not_passed_off_as_a_bad_file(monkeypatch, caplog):
+    """A decoder's own errors say 'cannot read'; any other exception is our bug: the file's
+    reason says so and its traceback is logged (shown by `run -v`), and the run goes on."""
+    from pneumoscan.inputs import loading
+
+    def broken_loader(path, min_size=None):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(loading, "load_raster", broken_loader)
+    with caplog.at_level("INFO", logger="pneumoscan"):
+        result = load_file(SAMPLE_JPEG)
+    assert result.status == "error"
+    assert result.reason.startswith("unexpected error, a pneumoscan bug")
+    assert "TypeError: unsupported operand" in result.reason
+    assert "Traceback" in caplog.text and "broken_loader" in caplog.text
