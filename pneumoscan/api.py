@@ -248,7 +248,7 @@ def open_model(model_path: Path | None = None, device: str = "auto", cam_backend
             raise ModelError("--cam-backend torch needs --checkpoint FILE")
         from pneumoscan.modelling.torch_cam import TorchHookCamModel
 
-        return TorchHookCamModel(checkpoint, device="cpu" if device == "cpu" else "auto")
+        return TorchHookCamModel(checkpoint, device=device)
     if cam_backend != "onnx":
         raise ModelError(f"unknown CAM backend {cam_backend!r}")
     from pneumoscan.inference.cam.onnx_cam import OnnxCamModel

@@ -8,12 +8,34 @@ from pneumoscan.inference.model import ModelError, ModelInfo, file_sha256
 from pneumoscan.inference.preprocess import Preprocessing
 
 
+def checkpoint_globals() -> list:
+    """The only classes and functions a checkpoint may name besides torch's tensors and plain
+    Python values: those that pickle the NumPy random state training stores to resume
+    (`np.random.get_state()`: an ndarray of uint32)."""
+    import numpy as np
+
+    try:  # NumPy 2 (numpy.core stays only as a deprecated alias)
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint's payload. Unpickled with `weights_only`: a file from
+    elsewhere that names any other class or function (code to run) is refused, not run."""
+    import pickle
+
     import torch
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for a foreign global
+        named = [line for line in str(exc).splitlines() if "GLOBAL" in line]
+        raise ModelError(f"refused checkpoint {path}: it holds more than weights and plain "
+                         f"values{': ' + named[0] if named else ''}") from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # missing, not a torch file
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != "pneumoscan-checkpoint-1":
         raise ModelError(f"{path} is not a pneumoscan training checkpoint")
