@@ -13,9 +13,6 @@ from pathlib import Path
 import pytest
 
 import pneumoscan
-from pneumoscan.inputs.discover import classify_file
-from pneumoscan.inputs.loading import load
-from pneumoscan.records import FileResult, LoadedImage
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -37,12 +34,6 @@ CLI_CWD = Path(__file__).resolve().parent
 def run_pneumoscan(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(pneumoscan_command(*args), env=CLI_ENV, cwd=CLI_CWD, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def load_file(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
-    """The way `pneumoscan run` reads a file: classified by content, then loaded (at a
-    size that covers `min_size`, for the decoders that can scale while decoding)."""
-    return load(classify_file(path), min_size=min_size)
 
 
 def invoke_cli(*args):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_file
 
 from pneumoscan.inference.cam import normalised_cams
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.inference.preprocess import model_input
+from pneumoscan.inference.pipeline import read_model_input
 from pneumoscan.modelling.torch_cam import TorchHookCamModel
 
 
@@ -19,7 +18,7 @@ def test_onnx_and_forward_hook_cams_agree_on_real_images(small_checkpoint, small
     prep = onnx_model.info.preprocessing
     assert torch_model.info.preprocessing == prep
     paths = sorted(val_images.rglob("*.jpeg"))
-    batch = np.stack([model_input(load_file(p).pixels, prep) for p in paths])
+    batch = np.stack([read_model_input(p, prep) for p in paths])
     a, b = onnx_model.predict(batch), torch_model.predict(batch)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
     for cls in (0, 1):
@@ -36,7 +35,7 @@ def test_cam_is_the_classifier_applied_to_the_hooked_maps(small_checkpoint, val_
     torch_model = TorchHookCamModel(small_checkpoint, device="cpu")
     prep = torch_model.info.preprocessing
     path = sorted(val_images.rglob("*.jpeg"))[0]
-    out = torch_model.predict(model_input(load_file(path).pixels, prep)[None])
+    out = torch_model.predict(read_model_input(path, prep)[None])
     logits_from_cam = out.cams.mean(axis=(2, 3))
     probs = np.exp(logits_from_cam) / np.exp(logits_from_cam).sum(1, keepdims=True)
     np.testing.assert_allclose(probs, out.probabilities, atol=1e-5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLES
 
-from pneumoscan.inputs.discover import HEAD_BYTES, classify_file, detect_kind, discover
+from pneumoscan.inputs.discover import HEAD_BYTES, identify_file, detect_kind, discover
 from pneumoscan.inputs.loading import load
 from pneumoscan.records import LoadedImage
 
@@ -49,8 +49,8 @@ def test_name_does_not_decide(tmp_path):
     shutil.copy(JPEG, disguised)
     no_suffix = tmp_path / "IM0001"
     shutil.copy(DICOM, no_suffix)
-    assert classify_file(disguised).kind == "jpeg"
-    assert classify_file(no_suffix).kind == "dicom"
+    assert identify_file(disguised).kind == "jpeg"
+    assert identify_file(no_suffix).kind == "dicom"
 
 
 def make_messy_folder(root: Path) -> dict[Path, str | None]:
@@ -107,11 +107,11 @@ def test_non_utf8_file_name(tmp_path):
 
 
 def test_a_file_as_root(tmp_path):
-    assert list(discover(JPEG)) == [classify_file(JPEG)]
+    assert list(discover(JPEG)) == [identify_file(JPEG)]
 
 
 def test_file_gone_during_discovery_is_an_error(tmp_path):
-    item = classify_file(tmp_path / "gone.jpeg")
+    item = identify_file(tmp_path / "gone.jpeg")
     assert (item.kind, item.skip_reason, item.unreadable) == (
         None, "file disappeared during discovery", True)
     assert load(item).status == "error"

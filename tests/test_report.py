@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES, load_file
+from conftest import SAMPLES
 from PIL import Image
 
 from pneumoscan import api
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
+from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
 from pneumoscan.report import html as report
 from pneumoscan.report.html import (
@@ -81,7 +82,7 @@ def pdf_text(pdf: bytes, tmp_path: Path) -> str:
 
 
 def sample_pixels() -> np.ndarray:
-    loaded = load_file(next(SAMPLES.glob("study-pneumonia-1/*.jpeg")))
+    loaded = load_path(next(SAMPLES.glob("study-pneumonia-1/*.jpeg")))
     assert isinstance(loaded, LoadedImage)
     return loaded.pixels
 
@@ -93,7 +94,7 @@ def results() -> list[FileResult]:
     an unreadable file."""
     out = []
     for index, path in enumerate(sorted(SAMPLES.glob("study-*/*.jpeg"))):
-        loaded = load_file(path)
+        loaded = load_path(path)
         pneumonia = "pneumonia" in loaded.study
         probability = 0.55 + index * 0.02 if pneumonia else 0.05 + index * 0.01
         picture = render_picture(loaded.pixels, cam_peaking_at(3, 2 + pneumonia))
@@ -358,7 +359,7 @@ def test_weasyprint_leaves_truncated_scans_refused(tmp_path):
     render_pdf("<p>x</p>")
     good = next(SAMPLES.glob("study-normal-1/*.jpeg")).read_bytes()
     (tmp_path / "cut.jpeg").write_bytes(good[: len(good) // 3])
-    assert load_file(tmp_path / "cut.jpeg").status == "error"
+    assert load_path(tmp_path / "cut.jpeg").status == "error"
 
 
 def test_data_uris_decode_both_ways():

@@ -18,6 +18,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from pneumoscan.files import atomic_path, sha256_of_file
 from pneumoscan.inference.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,28 @@ def file_sha256(path: Path) -> str:
 @lru_cache(maxsize=16)
 def _sha256(path: str, mtime_ns: int, size: int) -> str:
     """Hashed once per version of a file (opening a model needs its hash twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of_file(Path(path))
+
+
+def metadata_strings(meta: dict) -> dict[str, str]:
+    """Model metadata as the strings an ONNX file holds (JSON for other values)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 def metadata_props(meta: dict) -> dict[str, str]:
     """Model metadata as ONNX metadata_props (string values, namespaced keys)."""
-    return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {META_PREFIX + k: v for k, v in metadata_strings(meta).items()}
 
 
 def read_model_info(path: Path, custom: dict[str, str]) -> ModelInfo:
     """ModelInfo from an ONNX session's custom metadata map."""
-    meta = {k[len(META_PREFIX):]: v for k, v in custom.items() if k.startswith(META_PREFIX)}
+    return model_info(path, {k[len(META_PREFIX):]: v for k, v in custom.items()
+                             if k.startswith(META_PREFIX)})
+
+
+def model_info(path: Path, meta: dict[str, str]) -> ModelInfo:
+    """ModelInfo of the model file at `path` from its metadata strings (`metadata_strings`):
+    those an exported model holds, or those its checkpoint would be exported with."""
     required = ("class_names", "preprocessing", "threshold", "name", "version", "arch")
     missing = [k for k in required if k not in meta]
     if missing:
@@ -180,14 +188,12 @@ def _cpu_session(path: Path, threads: int | None, cache: bool):
     options = session_options(threads)
     if cached is None:
         return _create_session(path, options, providers)
-    partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    options.optimized_model_filepath = str(partial)
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-        partial.replace(cached)  # atomic: concurrent runs never read a partial file
-        return session
+        # Renamed into place when written: concurrent runs never read a partial file.
+        with atomic_path(cached, mode=0o644) as partial:
+            options.optimized_model_filepath = str(partial)
+            return ort.InferenceSession(str(path), options, providers=providers)
     except session_errors():  # also OSError: the cache could not be written
-        partial.unlink(missing_ok=True)
         return _create_session(path, session_options(threads), providers)
 
 

@@ -10,8 +10,10 @@ the bug is not passed off as a bad file.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pneumoscan.inputs.dicom import load_dicom
+from pneumoscan.inputs.discover import identify_file
 from pneumoscan.inputs.problems import DECODER_ERRORS, ImageProblem, SkipImage
 from pneumoscan.inputs.raster import load_raster
 from pneumoscan.records import FileResult, InputFile, LoadedImage
@@ -48,3 +50,9 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
         log.info("unexpected error reading %s", item.path, exc_info=True)
         return FileResult(item.path, study, "error", f"unexpected error, a pneumoscan bug "
                           f"(run with -v for the traceback): {one_line(exc)}")
+
+
+def load_path(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
+    """The file at `path` read as `pneumoscan run` reads it: its kind told by its content,
+    then `load`."""
+    return load(identify_file(path), min_size)
