@@ -152,7 +152,8 @@ def test_overlay_blends_the_colour_map_where_the_cam_is():
     grey = np.full((400, 512), 128, np.uint8)
     xray, overlay, _ = halves(render_picture(grey, cam_peaking_at(0, 0)), display_size(512, 400))
     assert np.abs(xray - 128).max() <= 2
-    for corner, colour in ((overlay[:8, :8], turbo_lut()[255]), (overlay[-8:, -8:], turbo_lut()[0])):
+    lut = turbo_lut()
+    for corner, colour in ((overlay[:8, :8], lut[255]), (overlay[-8:, -8:], lut[0])):
         expected = (1 - CAM_OPACITY) * 128 + CAM_OPACITY * colour.astype(np.float32)
         assert np.abs(corner.mean(axis=(0, 1)) - expected).max() < 8
 

@@ -111,8 +111,9 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None,
 
     ORT silently falls back to CPU when CUDA cannot load, so we find out first with a tiny
     probe session: `cuda` then fails loudly, `auto` takes CPU quietly (what ORT logged while
-    failing is shown with -v). CPU sessions reuse the graph ORT optimised for this machine the first time,
-    kept in the user's cache folder (`cache=False`: neither read nor written)."""
+    failing is shown with -v). CPU sessions reuse the graph ORT optimised for this machine
+    the first time, kept in the user's cache folder (`cache=False`: neither read nor
+    written)."""
     import onnxruntime as ort
 
     if device not in DEVICES:

@@ -96,11 +96,11 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
                 chunk.append(prepared)
                 ready += prepared.tensor is not None
                 refill()
-            yield from _finish_chunk(chunk, model, threshold, info, negative, batch_size,
+            yield from _finish_chunk(chunk, model, threshold, info, negative,
                                      pool if render else None, on_result)
 
 
-def _finish_chunk(chunk, model, threshold, info, negative, batch_size, render_pool,
+def _finish_chunk(chunk, model, threshold, info, negative, render_pool,
                   on_result) -> Iterator[FileResult]:
     loaded = [p for p in chunk if p.tensor is not None]
     by_id: dict[int, FileResult] = {}

@@ -80,8 +80,7 @@ def load_dicom(path: Path, min_size: tuple[int, int] | None = None) -> LoadedIma
     except ImageProblem as exc:
         exc.study, exc.metadata = study, metadata
         raise
-    return LoadedImage(path=path, study=study, pixels=pixels,
-                       original_size=(int(ds.Columns), int(ds.Rows)), metadata=metadata)
+    return LoadedImage(path=path, study=study, pixels=pixels, metadata=metadata)
 
 
 def _read(path: Path) -> Dataset:
