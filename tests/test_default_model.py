@@ -25,10 +25,6 @@ def test_shipped_model_describes_itself(shipped):
     assert (info.preprocessing.height, info.preprocessing.width) == (224, 224)
     assert info.preprocessing.resize == "bilinear"
     assert 0 < info.threshold < 1
-    metrics = json.loads(info.extra["validation_metrics"])
-    assert metrics["at_threshold"]["auc"] >= 0.98
-    assert metrics["at_threshold"]["sensitivity"] >= 0.95
-    assert "kermany224" in info.extra["training_data"]
 
 
 def test_run_without_model_uses_the_shipped_one(shipped, tmp_path):

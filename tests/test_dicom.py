@@ -11,20 +11,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import SAMPLES
+from conftest import DICOM_SAMPLES, RAMP_12_BIT, cr_dataset, save
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     JPEG2000MC,
-    ComputedRadiographyImageStorage,
     CTImageStorage,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
-    generate_uid,
 )
 
 from pneumoscan.inputs import dicom
@@ -32,7 +29,6 @@ from pneumoscan.inputs.discover import identify_file
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, LoadedImage
 
-DICOM_SAMPLES = SAMPLES / "dicom"
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 
 
@@ -46,45 +42,6 @@ def dcmtk_render(dcmj2pnm: str, path: Path, out_dir: Path) -> np.ndarray:
     out = out_dir / f"{path.stem}.png"
     subprocess.run([dcmj2pnm, "--quiet", "+Wi", "1", "+on2", str(path), str(out)], check=True)
     return np.asarray(Image.open(out))
-
-
-def cr_dataset(pixels: np.ndarray, **attributes) -> Dataset:
-    """A frontal chest CR data set holding `pixels` uncompressed; `attributes` override or,
-    when None, remove elements."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.PatientName = "Test^Patient"
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-    ds.PixelData = pixels.tobytes()
-    for keyword, value in attributes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    if "BitsStored" in attributes:
-        ds.HighBit = ds.BitsStored - 1
-    return ds
-
-
-def save(ds: Dataset, path: Path) -> Path:
-    """As a DICOM file; encoded explicit VR little endian, which every syntax used here is."""
-    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return path
-
-
-RAMP_12_BIT = np.arange(4096, dtype=np.uint16).reshape(64, 64)
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLE_JPEG, SAMPLES, png_chunk
 from PIL import Image
 
 from pneumoscan.inputs.discover import identify_file
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import LoadedImage
-
-SAMPLE_JPEG = SAMPLES / "study-normal-1" / "NORMAL2-IM-1427-0001.jpeg"  # 1776 x 1416
-
-
-@pytest.fixture(scope="module")
-def chest() -> np.ndarray:
-    """A real chest X-ray, reduced: source for the formats written below."""
-    with Image.open(SAMPLE_JPEG) as img:
-        return np.asarray(img.reduce(4))
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 @pytest.mark.parametrize("path", sorted(SAMPLES.glob("study-*/*.jpeg")), ids=lambda p: p.name)
