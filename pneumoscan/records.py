@@ -20,9 +20,13 @@ DICOM_FIELDS = {
     "PatientID": "Patient ID",
     "PatientName": "Patient name",
     "PatientBirthDate": "Birth date",
+    "PatientSex": "Sex",
+    "PatientAge": "Age",
     "StudyInstanceUID": "Study UID",
     "StudyDate": "Study date",
+    "StudyTime": "Study time",
     "AccessionNumber": "Accession number",
+    "StudyDescription": "Study description",
     "Modality": "Modality",
     "ViewPosition": "View position",
     "BodyPartExamined": "Body part",
@@ -56,9 +60,10 @@ class LoadedImage:
 
 @dataclass
 class FileResult:
-    """The outcome for one input file; errors are values here, not exceptions."""
+    """The outcome for one input file; errors are values here, not exceptions. `study` is
+    None for a file that is not an image (it belongs to no study)."""
     path: Path
-    study: str
+    study: str | None
     status: Status
     reason: str | None = None
     probability: float | None = None  # of pneumonia
