@@ -292,7 +292,11 @@ def _signals_interrupt():
               help="real images for the PyTorch/ONNX parity check (default: the "
                    "checkpoint's validation images, when present)")
 @click.option("--model-version", help="version string stored in the model (default: today)")
-@click.option("--name", help="model name stored in the model")
+@click.option("--name", help="model name stored in the model (default: pneumoscan-ARCH-RUN, "
+                             "RUN being the checkpoint's folder)")
+@click.option("--force", is_flag=True,
+              help="export even when the checkpoint's validation AUC is far below the default "
+                   "model's, or not recorded")
 @click.option("--int8", is_flag=True,
               help="also write OUT.int8.onnx: static int8 quantisation (QDQ, per-channel), "
                    "for CPUs")
@@ -305,24 +309,48 @@ def _signals_interrupt():
               help="labelled folder ({NORMAL,PNEUMONIA}/...) or CSV on which --int8/--fp16 "
                    "models are compared with float32 (default: the checkpoint's validation "
                    "split)")
-def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
+def export_onnx(checkpoint, out, check_images, model_version, name, force, int8, fp16,
                 calibration_images, calibration_count, eval_images):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
 
-    --int8 and --fp16 copies are written only if their validation AUC is at most
+    Prints the checkpoint's validation metrics, and refuses (exit 1, nothing written; --force
+    exports anyway) a checkpoint whose validation AUC is more than 0.05 below the default
+    model's. --int8 and --fp16 copies are written only if their validation AUC is at most
     0.005 below the float32 model's; otherwise the command says by how much they missed,
     writes no copy and exits with status 1 (the float32 model is written either way)."""
-    from pneumoscan.modelling.export import ExportError, export_checkpoint
+    from pneumoscan.evaluation.metrics import format_validation
+    from pneumoscan.modelling.checkpoint import read_checkpoint
+    from pneumoscan.modelling.export import (
+        ExportError,
+        export_checkpoint,
+        export_name,
+        shortfall,
+    )
     from pneumoscan.modelling.quantize import QuantizeError, export_reduced
 
+    try:
+        payload = read_checkpoint(checkpoint)
+        default = api.open_model(device="cpu").info
+    except ModelError as exc:
+        fail(str(exc))
+    metrics = payload.get("metrics") or {}
+    name = name or export_name(checkpoint, payload)
+    click.echo(f"validation: {format_validation(metrics)}")
+    click.echo(f"default model {default.name} {default.version}: "
+               f"{format_validation(default.validation_metrics)}")
+    problem = shortfall(metrics, default.validation_metrics)
+    if problem and not force:
+        fail(f"{problem}: not exported (--force exports it anyway)")
+    if problem:
+        click.echo(f"pneumoscan: warning: {problem}; exported because of --force", err=True)
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
                           log=lambda m: click.echo(m))
     except (ExportError, ModelError) as exc:
         fail(str(exc))
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out}: model {name}")
     refused = []
     for kind in [kind for kind, wanted in (("int8", int8), ("fp16", fp16)) if wanted]:
         try:
@@ -390,11 +418,11 @@ def info(model_path, as_json):
     jpeg = f", JPEG quality {p.jpeg_quality} round trip" if p.jpeg_quality else ""
     rows = [("model", f"{i.name} {i.version} ({i.arch})"), ("file", str(i.path)),
             ("sha256", i.sha256),
-            ("classes", f"{', '.join(i.class_names)} (positive: "
-                        f"{i.class_names[i.positive_class]})"),
+            ("classes", (f"{', '.join(i.class_names)} (positive: "
+                         f"{i.class_names[i.positive_class]})")),
             ("threshold", f"{i.threshold:.3f}{rule}"),
-            ("input", f"{p.width} x {p.height}, {p.channels} channels, {p.resize} resize{jpeg}, "
-                      f"mean {_numbers(p.mean)}, std {_numbers(p.std)}"),
+            ("input", (f"{p.width} x {p.height}, {p.channels} channels, {p.resize} resize"
+                       f"{jpeg}, mean {_numbers(p.mean)}, std {_numbers(p.std)}")),
             ("trained on", f"{extra.get('training_data') or 'not recorded'}"
                            + (f", {extra['trained_epochs']} epochs"
                               if "trained_epochs" in extra else "")),

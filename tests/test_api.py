@@ -82,11 +82,11 @@ def test_run_errors_carry_their_exit_code_and_are_logged(small_onnx, tmp_path):
 def test_every_output_location_is_checked_before_any_work(small_onnx, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     for where, options in (
-            ("report", dict(report=tmp_path / "file" / "r.pdf")),
-            ("json", dict(json=tmp_path / "file" / "deeper" / "r.json")),
-            ("per-study", dict(json=tmp_path / "r.json", per_study=tmp_path / "file")),
-            ("state", dict(json=tmp_path / "r.json", state=tmp_path / "file" / "s.sqlite")),
-            ("log", dict(json=tmp_path / "r.json", log=tmp_path))):
+            ("report", {"report": tmp_path / "file" / "r.pdf"}),
+            ("json", {"json": tmp_path / "file" / "deeper" / "r.json"}),
+            ("per-study", {"json": tmp_path / "r.json", "per_study": tmp_path / "file"}),
+            ("state", {"json": tmp_path / "r.json", "state": tmp_path / "file" / "s.sqlite"}),
+            ("log", {"json": tmp_path / "r.json", "log": tmp_path})):
         events = Recorded()
         with pytest.raises(api.RunError, match=f"cannot write the {where} ") as failed:
             api.run(api.RunOptions(SAMPLES, model=small_onnx, **options), events)

@@ -16,10 +16,10 @@ from markupsafe import Markup
 
 from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.report.headings import study_heading
 from pneumoscan.report.pdf import render_pdf
 from pneumoscan.report.pictures import colour_bar_png
 from pneumoscan.report.templates import templates
-from pneumoscan.report.headings import study_heading
 from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, Study, group_studies
 
 DISCLAIMER = "Research use only; not a medical diagnosis."
