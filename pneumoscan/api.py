@@ -184,8 +184,9 @@ class RunEvents:
         """Every file has its result; the outputs are written next."""
 
     def writing(self, what: str, path: Path, parts: int) -> None:
-        """Output `path` ("report", "json" or "per-study") is being written, in `parts`
-        pieces (the studies whose reports are due, for per-study; else 1)."""
+        """Output `path` ("report" or "per-study") is being rendered, in `parts` pieces:
+        the studies whose reports are due, for per-study; 1 for the report, 0 when it is
+        current already."""
 
     def wrote_part(self) -> None:
         """One more piece of the output being written is done."""
@@ -292,14 +293,14 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger,
                    events: RunEvents) -> list[Path]:
     written = []
     if options.json:
-        with _writing_output("json", options.json, events):
+        with _naming_errors("json", options.json):
             write_json(options.json, scanned)
             written.append(options.json)
     if options.report:
-        with _writing_output("report", options.report, events):
-            written += write_report(options.report, scanned, ledger)
+        with _naming_errors("report", options.report):
+            written += write_report(options.report, scanned, ledger, events=events)
     if options.per_study:
-        with _writing_output("per-study", options.per_study, events):
+        with _naming_errors("per-study", options.per_study):
             written += write_per_study(options.per_study, scanned, ledger, events=events)
     for path in written:  # what killed runs left; no other run writes them: we hold the lock
         remove_leftover_temporaries(path)
@@ -307,16 +308,12 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger,
 
 
 @contextlib.contextmanager
-def _writing_output(what: str, path: Path, events: RunEvents):
+def _naming_errors(what: str, path: Path):
     """Errors writing output `path` as RunError naming it as given (not a temporary name)."""
-    if what != "per-study":  # per-study says how many studies are due itself
-        events.writing(what, path, 1)
     try:
         yield
     except OSError as exc:
         raise RunError(f"cannot write the {what} {path}: {exc.strerror or exc}") from None
-    if what != "per-study":
-        events.wrote_part()
 
 
 def open_model(model_path: Path | None = None, device: str = "auto", cam_backend: str = "onnx",
@@ -427,7 +424,8 @@ def write_json(path: Path, scanned: Scan) -> None:
     write_atomic(path, json.dumps(results_json(scanned), indent=1).encode())
 
 
-def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None) -> list[Path]:
+def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None, *,
+                 events: RunEvents | None = None) -> list[Path]:
     """The report of the whole scan, as PDF or HTML by the suffix of `path`. With a ledger,
     not rendered again when the file is there showing the same results. Returns the files
     written."""
@@ -435,9 +433,13 @@ def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None) -> lis
 
     name = ("report", os.path.abspath(path))
     fingerprint = shown_fingerprint(scanned.run, scanned.results)
-    if not _due(ledger, name, fingerprint):
+    due = _due(ledger, name, fingerprint)
+    events = events or RunEvents()
+    events.writing("report", path, int(due))
+    if not due:
         return []
     written = report.write_report(path, scanned.run, scanned.results)
+    events.wrote_part()
     return _written(ledger, name, fingerprint, [written])
 
 

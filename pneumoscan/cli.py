@@ -116,11 +116,14 @@ class Progress(api.RunEvents):
         self.close()
 
     def writing(self, what: str, path: Path, parts: int) -> None:
+        if not parts:
+            log.info("the %s %s is current", what, path)
+            return
         log.info("writing the %s %s", what, path)
         self.started = time.monotonic()
         if what == "per-study":
             self._open_bar(f"per-study reports ({parts} due)", parts)
-        elif self.enabled and what == "report":
+        elif self.enabled:
             click.echo(f"rendering the report {path} ...", err=True, nl=False)
 
     def wrote_part(self) -> None:
@@ -141,7 +144,7 @@ class Progress(api.RunEvents):
         if self.bar:
             self.bar.close()
             self.bar = None
-        elif self.started:
+        elif self.enabled and self.started:
             click.echo("", err=True)
             self.started = 0.0
 
