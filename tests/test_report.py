@@ -306,7 +306,7 @@ def test_pdf_is_tagged_pdf_a_with_its_metadata_in_xmp(pdf):
 
 
 def test_per_study_pdf_names_its_study_in_its_metadata(tmp_path):
-    loaded = load_file(SAMPLES / "dicom" / "RG1_UNCR.dcm")
+    loaded = load_path(SAMPLES / "dicom" / "RG1_UNCR.dcm")
     result = FileResult(loaded.path, loaded.study, "ok", probability=0.7, label="PNEUMONIA",
                         threshold=0.5, metadata=loaded.metadata)
     written = write_per_study(tmp_path, RUN, [result])
@@ -330,7 +330,7 @@ def test_a_study_runs_four_images_to_a_page_each_headed_and_footed_with_its_labe
 
 
 def test_a_dicom_study_is_titled_by_what_people_read():
-    loaded = load_file(SAMPLES / "dicom" / "RG1_UNCR.dcm")
+    loaded = load_path(SAMPLES / "dicom" / "RG1_UNCR.dcm")
     result = FileResult(loaded.path, loaded.study, "ok", metadata=loaded.metadata)
     heading = study_heading(group_studies([result])[0])
     assert heading.title == "RG1 CompressedSamples" and heading.when == "26 Aug 2004 18:50"
