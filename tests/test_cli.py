@@ -139,7 +139,7 @@ def test_stdout_names_every_output_and_stderr_tells_the_rest(small_onnx, tmp_pat
 
 def test_dash_v_logs_pneumoscan_and_dash_vv_the_libraries_too(small_onnx, tmp_path):
     def stderr(*verbose: str) -> str:  # in a process of its own: logging as a user sees it
-        out = tmp_path / f"r{len(verbose)}.pdf"
+        out = tmp_path / f"r{''.join(verbose)}.pdf"
         done = run_pneumoscan("run", SAMPLES / "study-normal-1", "--model", small_onnx,
                               "--out", out, *verbose)
         assert done.returncode == 0, done.stderr
