@@ -15,9 +15,9 @@ import numpy as np
 FileKind = Literal["dicom", "png", "jpeg", "tiff"]
 Status = Literal["ok", "skipped", "error"]
 
-# DICOM attributes kept for each image (keyword -> report label). Besides what the report
-# shows, the DICOM outputs copy the patient and study modules from them and refer to the
-# source instance by its series, SOP class and SOP instance UIDs.
+# DICOM attributes kept for each image (keyword -> report label). The DICOM outputs copy
+# the patient and study modules from them and refer to the source instance by its series,
+# SOP class and SOP instance UIDs; the report leaves out the NOT_SHOWN ones.
 DICOM_FIELDS = {
     "PatientID": "Patient ID",
     "PatientName": "Patient name",
@@ -37,6 +37,7 @@ DICOM_FIELDS = {
     "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
 }
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
 
 
 @dataclass(frozen=True)
