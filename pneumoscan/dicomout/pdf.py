@@ -36,7 +36,7 @@ class EncapsulatedPDF(hd.SOPClass):
             manufacturer=MANUFACTURER,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=SERIES_DESCRIPTIONS["pdf"],
-            software_versions=tuple(software_versions(run)),
+            software_versions=software_versions(run),
             content_date=now.date(), content_time=now.time(),
             **first.patient_and_study())
         self._add_contributing_equipment(contributing_equipment(run))
