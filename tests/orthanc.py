@@ -53,6 +53,7 @@ class Orthanc:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
         self.config = folder / "orthanc.json"
         self.config.write_text(json.dumps({

@@ -68,7 +68,11 @@ def client_for(url: str):
                   allowed_methods=None, raise_on_status=False)
     for prefix in ("http://", "https://"):
         session.mount(prefix, HTTPAdapter(max_retries=retry))
-    return DICOMwebClient(url.rstrip("/"), session=session, timeout=TIMEOUT)
+    client = DICOMwebClient(url.rstrip("/"), session=session, timeout=TIMEOUT)
+    # The session retries; dicomweb-client's own retries (5, up to 16 s apart) on top of
+    # them would keep a run waiting half a minute per request on a server that is down.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def describe(exc: requests.RequestException) -> str:
@@ -76,7 +80,9 @@ def describe(exc: requests.RequestException) -> str:
     response = getattr(exc, "response", None)
     if response is not None:
         return f"HTTP {response.status_code} {response.reason}"
-    return type(exc).__name__ + (f": {exc.args[0]}" if exc.args else "")
+    cause = exc.args[0] if exc.args else ""
+    # urllib3's MaxRetryError names the whole URL; its reason says what went wrong.
+    return f"{type(exc).__name__}: {getattr(cause, 'reason', cause)}"
 
 
 class DicomWebSource:
