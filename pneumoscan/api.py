@@ -51,6 +51,7 @@ EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
 EXIT_USAGE = 2  # bad command line
 EXIT_UNREADABLE = 3  # the run completed, but some files could not be read (status error)
+# or some studies' DICOM outputs could not be sent (RunSummary.push_failures)
 EXIT_LOCKED = 4  # another run holds the state file: this run did nothing
 
 

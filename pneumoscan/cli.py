@@ -4,7 +4,8 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
   0  every file classified, or skipped for a stated reason
   1  fatal error: the run could not be done (bad model, unusable state file, unwritable output)
   2  usage error (bad command line)
-  3  the run completed, but some files could not be read (listed with reasons)
+  3  the run completed, but some files could not be read (listed with reasons), or some
+     studies' DICOM outputs could not be sent (--push)
   4  another run holds the state file: this run did nothing (see --wait)
 """
 
