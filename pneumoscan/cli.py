@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 
 from pneumoscan import __version__, api
-from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
 
 log = logging.getLogger("pneumoscan")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
+from pneumoscan.dicomout.source import derived_uid
 from pneumoscan.records import RunInfo
 
 MANUFACTURER = "pneumoscan"
@@ -43,3 +44,18 @@ def algorithm_identification(run: RunInfo, threshold: float) -> hd.sr.AlgorithmI
         name=run.model_name, version=run.model_version,
         parameters=[f"sha256={run.model_sha256}", f"threshold={threshold:.6g}"],
         manufacturer=MANUFACTURER)
+
+
+def new_instance(kind: str, study_uid: str, derived_from: str, run: RunInfo) -> dict:
+    """highdicom arguments placing an output of `kind` ("sr", "sc", "pdf") in its series of
+    the source study `study_uid` (given apart), with UIDs derived from `derived_from` (the
+    source instance's UID, or the study's) and the model: the same output of the same model
+    replaces itself."""
+    return dict(
+        series_instance_uid=derived_uid(f"{kind}-series", study_uid, run.model_sha256),
+        series_number=SERIES_NUMBERS[kind],
+        sop_instance_uid=derived_uid(kind, derived_from, run.model_sha256),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        series_description=SERIES_DESCRIPTIONS[kind],
+    )

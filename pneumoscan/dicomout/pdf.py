@@ -11,9 +11,12 @@ import highdicom as hd
 from pydicom.sr.coding import Code
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from pneumoscan.dicomout.equipment import (MANUFACTURER, SERIES_DESCRIPTIONS, SERIES_NUMBERS,
-                                           contributing_equipment, software_versions)
-from pneumoscan.dicomout.source import SourceImage, derived_uid
+from pneumoscan.dicomout.equipment import (
+    contributing_equipment,
+    new_instance,
+    software_versions,
+)
+from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.records import RunInfo
 
 DOCUMENT_TITLE = "Chest X-ray pneumonia screening report (research use)"
@@ -26,16 +29,11 @@ class EncapsulatedPDF(hd.SOPClass):
         first = sources[0]
         now = datetime.now()
         super().__init__(
-            study_instance_uid=first.study_uid,
-            series_instance_uid=derived_uid("pdf-series", first.study_uid, run.model_sha256),
-            series_number=SERIES_NUMBERS["pdf"],
-            sop_instance_uid=derived_uid("pdf", first.study_uid, run.model_sha256),
             sop_class_uid=EncapsulatedPDFStorage,
-            instance_number=1,
             modality="DOC",
-            manufacturer=MANUFACTURER,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=SERIES_DESCRIPTIONS["pdf"],
+            study_instance_uid=first.study_uid,
+            **new_instance("pdf", first.study_uid, first.study_uid, run),
             software_versions=software_versions(run),
             content_date=now.date(), content_time=now.time(),
             **first.patient_and_study())
@@ -43,7 +41,6 @@ class EncapsulatedPDF(hd.SOPClass):
         # SC Equipment module: a workstation made it.
         self.ConversionType = "WSD"
         # Encapsulated Document module.
-        self.InstanceNumber = 1
         self.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
         self.BurnedInAnnotation = "YES"
         self.DocumentTitle = DOCUMENT_TITLE

@@ -11,9 +11,12 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pneumoscan.dicomout.equipment import (MANUFACTURER, NOT_FOR_DIAGNOSIS, SERIES_DESCRIPTIONS,
-                                           SERIES_NUMBERS, contributing_equipment)
-from pneumoscan.dicomout.source import SourceImage, derived_uid
+from pneumoscan.dicomout.equipment import (
+    NOT_FOR_DIAGNOSIS,
+    contributing_equipment,
+    new_instance,
+)
+from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.records import FileResult, RunInfo
 
 BANNER_LINES = 2
@@ -31,14 +34,9 @@ def cam_capture(result: FileResult, source: SourceImage, run: RunInfo) -> hd.sc.
         # The picture keeps the source's pixel layout, hence its orientation.
         coordinate_system="PATIENT",
         patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
-        study_instance_uid=source.study_uid,
-        series_instance_uid=derived_uid("sc-series", source.study_uid, run.model_sha256),
-        series_number=SERIES_NUMBERS["sc"],
-        sop_instance_uid=derived_uid("sc", source.sop_uid, run.model_sha256),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        series_description=SERIES_DESCRIPTIONS["sc"],
         contributing_equipment=contributing_equipment(run),
+        study_instance_uid=source.study_uid,
+        **new_instance("sc", source.study_uid, source.sop_uid, run),
         **source.patient_and_study())
     if len(orientation) != 2:
         capture.PatientOrientation = None  # unknown: empty (type 2), not highdicom's guess
@@ -53,9 +51,9 @@ def cam_capture(result: FileResult, source: SourceImage, run: RunInfo) -> hd.sc.
 
 
 def _banner_text(result: FileResult, run: RunInfo) -> list[str]:
-    return [f"{NOT_FOR_DIAGNOSIS} - research use only",
-            f"{run.model_name} {run.model_version}: P(pneumonia) {result.probability:.2f}, "
-            f"threshold {result.threshold:.2f}, {result.label}"]
+    decision = (f"{run.model_name} {run.model_version}: P(pneumonia) "
+                f"{result.probability:.2f}, threshold {result.threshold:.2f}, {result.label}")
+    return [f"{NOT_FOR_DIAGNOSIS} - research use only", decision]
 
 
 def _with_banner(picture: Image.Image, lines: list[str]) -> Image.Image:

@@ -11,8 +11,12 @@ import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from pneumoscan.dicomout.equipment import (MANUFACTURER, SERIES_DESCRIPTIONS, SERIES_NUMBERS,
-                                           algorithm_identification, contributing_equipment)
+from pneumoscan.dicomout.equipment import (
+    MANUFACTURER,
+    algorithm_identification,
+    contributing_equipment,
+    new_instance,
+)
 from pneumoscan.dicomout.source import SourceImage, derived_uid
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.results.summary import POSITIVE
@@ -63,14 +67,9 @@ def structured_report(result: FileResult, source: SourceImage,
     return hd.sr.ComprehensiveSR(
         evidence=[source.dataset()],
         content=report,
-        series_instance_uid=derived_uid("sr-series", source.study_uid, run.model_sha256),
-        series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=derived_uid("sr", source.sop_uid, run.model_sha256),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        series_description=SERIES_DESCRIPTIONS["sr"],
         is_complete=True,
         contributing_equipment=contributing_equipment(run),
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
             PRIVATE_SCHEME, name="pneumoscan codes",
-            responsible_organization=MANUFACTURER)])
+            responsible_organization=MANUFACTURER)],
+        **new_instance("sr", source.study_uid, source.sop_uid, run))
