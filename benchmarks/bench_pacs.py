@@ -31,12 +31,15 @@ from pneumoscan.inputs.dicomweb import PASSWORD_ENV, USER_ENV  # noqa: E402
 
 
 class Clock(api.RunEvents):
+    """Wall and CPU seconds (this process, all its threads) at the start and when every
+    image has its result."""
+
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start = (time.perf_counter(), time.process_time())
         self.classified_at = None
 
     def classified(self):
-        self.classified_at = time.perf_counter()
+        self.classified_at = (time.perf_counter(), time.process_time())
 
 
 def upload_studies(server: Orthanc, studies: int, images: int, folder: Path) -> None:
@@ -67,20 +70,21 @@ def main() -> None:
         server.start()
         try:
             upload_studies(server, args.studies, args.images, tmp)
-            fetch_classify, outputs_push, totals = [], [], []
+            fetch_classify, outputs_push, totals, cpu = [], [], [], []
             for repeat in range(args.repeats):
                 options = api.RunOptions(server.dicomweb_url, json=tmp / f"r{repeat}.json",
                                          push="source")
                 clock = Clock()
                 summary = api.run(options, clock)
-                end = time.perf_counter()
+                end = (time.perf_counter(), time.process_time())
                 assert len(summary.pushed) == args.studies, summary.push_failures
-                fetch_classify.append(clock.classified_at - clock.start)
-                outputs_push.append(end - clock.classified_at)
-                totals.append(end - clock.start)
+                fetch_classify.append(clock.classified_at[0] - clock.start[0])
+                outputs_push.append(end[0] - clock.classified_at[0])
+                totals.append(end[0] - clock.start[0])
+                cpu.append(end[1] - clock.start[1])
                 print(f"run {repeat + 1}: {totals[-1]:.1f} s = query, retrieve, classify "
                       f"{fetch_classify[-1]:.1f} s + DICOM outputs and STOW-RS "
-                      f"{outputs_push[-1]:.1f} s")
+                      f"{outputs_push[-1]:.1f} s; CPU {cpu[-1]:.1f} s", flush=True)
                 t0 = time.perf_counter()
                 again = api.run(options)
                 assert again.scan.from_ledger == args.studies * args.images and not again.pushed
@@ -92,7 +96,8 @@ def main() -> None:
           f"(model loading included):")
     print(f"  round trip per study {statistics.median(totals) / n:.2f} s "
           f"(query+retrieve+classify {statistics.median(fetch_classify) / n:.2f} s, "
-          f"outputs+push {statistics.median(outputs_push) / n:.2f} s)")
+          f"outputs+push {statistics.median(outputs_push) / n:.2f} s), "
+          f"CPU {statistics.median(cpu) / n:.2f} s; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

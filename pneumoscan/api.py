@@ -5,6 +5,11 @@ write the outputs).
     summary = api.run(api.RunOptions(Path("scans"), report=Path("report.pdf")))
     summary.exit_code, summary.written        # what `pneumoscan run scans --out report.pdf` does
 
+A PACS instead of a folder (docs/PACS.md): the new CR/DX images of a DICOMweb server are
+classified and their DICOM outputs sent back:
+
+    api.run(api.RunOptions("https://pacs.example/dicom-web", push="source", json=Path("r.json")))
+
 The parts, for callers that want the results in memory:
 
     model = api.open_model()                      # the model shipped in the package
@@ -221,6 +226,7 @@ def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
 
 def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
                 events: RunEvents) -> RunSummary:
+    destination = _push_destination(options)
     try:
         model = open_model(options.model, options.device, options.cam_backend,
                            options.checkpoint)
@@ -237,7 +243,6 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
         if not result.from_ledger:
             runlog.file(result)
 
-    destination = _push_destination(options)
     render = options.report is not None or options.per_study is not None or options.dicom_outputs
     common = dict(batch_size=options.batch_size, workers=options.workers,
                   threshold=options.threshold, render=render, on_result=on_result,
@@ -254,12 +259,7 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
     events.classified()
     if options.anonymize:
         scanned = anonymize(scanned, ledger)
-    written = _write_outputs(options, scanned, ledger)
-    sent = DicomOutputs()
-    if options.dicom_outputs:
-        sent = write_dicom_outputs(scanned, ledger, options.dicom_out, destination,
-                                   on_study=events.dicom_outputs)
-        written += sent.written
+    written, sent = _write_outputs(options, scanned, ledger, destination, events)
     counts = scanned.counts()
     summary = RunSummary(scanned, written, ledger.path, runlog.path, sent.pushed, sent.failures)
     runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
@@ -318,12 +318,8 @@ def write_dicom_outputs(scan_: Scan, ledger: Ledger | None = None,
             on_study(study.key)
         outputs = study_outputs(scan_.run, study)
         if to_folder:
-            try:
-                paths = write_study_outputs(directory, study, outputs)
-            except OSError as exc:
-                raise RunError(f"cannot write DICOM output: {exc}") from None
             done.written += _written(ledger, ("dicom", os.path.abspath(directory), study.key),
-                                     fingerprint, paths)
+                                     fingerprint, write_study_outputs(directory, study, outputs))
         if to_push and outputs:
             try:
                 destination.store(outputs)
@@ -336,7 +332,9 @@ def write_dicom_outputs(scan_: Scan, ledger: Ledger | None = None,
     return done
 
 
-def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger) -> list[Path]:
+def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger, destination,
+                   events: RunEvents) -> tuple[list[Path], DicomOutputs]:
+    sent = DicomOutputs()
     try:
         written = []
         if options.json:
@@ -346,11 +344,15 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger) -> list[P
             written += write_report(options.report, scanned, ledger)
         if options.per_study:
             written += write_per_study(options.per_study, scanned, ledger)
+        if options.dicom_outputs:
+            sent = write_dicom_outputs(scanned, ledger, options.dicom_out, destination,
+                                       on_study=events.dicom_outputs)
+            written += sent.written
         for path in written:  # what killed runs left; no other run writes them: we hold the lock
             remove_leftover_temporaries(path)
     except OSError as exc:
         raise RunError(f"cannot write output: {exc}") from None
-    return written
+    return written, sent
 
 
 def open_model(model_path: Path | None = None, device: str = "auto", cam_backend: str = "onnx",
