@@ -14,7 +14,6 @@ machine the CPU seconds are the steadier figure.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 
 from pneumoscan.api import Scan, write_per_study
+from pneumoscan.evaluation.datasets import patient_id
 from pneumoscan.inference.model import available_cores
 from pneumoscan.inputs.raster import load_raster
 from pneumoscan.records import FileResult, RunInfo
@@ -40,11 +40,6 @@ RUN = RunInfo(model_name="densenet121-kermany", model_version="1.0.0",
               model_sha256="3f2a9c1e5b7d4f60a1c2e3d4b5a69788c0d1e2f3a4b5c6d7e8f90a1b2c3d4e5f",
               provider="CPUExecutionProvider", pneumoscan_version="0.1.0",
               started="2025-01-01T09:00:00Z", finished="2025-01-01T09:00:20Z", threshold=THRESHOLD)
-
-
-def patient_of(path: Path) -> str:
-    match = re.match(r"(person\d+)_", path.name) or re.match(r"((?:NORMAL2-)?IM-\d+)-", path.name)
-    return match.group(1) if match else path.stem
 
 
 def plausible_cam(rng: np.random.Generator, pneumonia: bool) -> np.ndarray:
@@ -89,7 +84,7 @@ def build_results(paths: list[Path]) -> tuple[list[FileResult], Timing]:
     rng = np.random.default_rng(0)
     results, pictures = [], Timing(0.0, 0.0)
     for i, path in enumerate(paths):
-        patient = patient_of(path)
+        patient = patient_id(path)
         if i % 100 == 99:
             results.append(FileResult(path, patient, "skipped", "not a frontal chest radiograph"))
             continue

@@ -293,7 +293,7 @@ class DicomOutputs:
     failures: list[str] = field(default_factory=list)  # "study <key>: why"
 
 
-def write_dicom_outputs(scan_: Scan, ledger: Ledger | None = None,
+def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
                         directory: Path | None = None, destination=None, *,
                         on_study: Callable[[str], None] | None = None) -> DicomOutputs:
     """The DICOM outputs of each study with a classified DICOM image (dicomout.writer),
@@ -306,8 +306,8 @@ def write_dicom_outputs(scan_: Scan, ledger: Ledger | None = None,
     from pneumoscan.dicomout.writer import study_outputs, write_study_outputs
 
     done = DicomOutputs()
-    for study in group_studies(scan_.results):
-        fingerprint = shown_fingerprint(scan_.run, study.files)
+    for study in group_studies(scanned.results):
+        fingerprint = shown_fingerprint(scanned.run, study.files)
         to_folder = directory is not None and _due(
             ledger, ("dicom", os.path.abspath(directory), study.key), fingerprint)
         to_push = destination is not None and _due(
@@ -316,7 +316,7 @@ def write_dicom_outputs(scan_: Scan, ledger: Ledger | None = None,
             continue
         if on_study:
             on_study(study.key)
-        outputs = study_outputs(scan_.run, study)
+        outputs = study_outputs(scanned.run, study)
         if to_folder:
             done.written += _written(ledger, ("dicom", os.path.abspath(directory), study.key),
                                      fingerprint, write_study_outputs(directory, study, outputs))
@@ -364,7 +364,7 @@ def open_model(model_path: Path | None = None, device: str = "auto", cam_backend
             raise ModelError("--cam-backend torch needs --checkpoint FILE")
         from pneumoscan.modelling.torch_cam import TorchHookCamModel
 
-        return TorchHookCamModel(checkpoint, device="cpu" if device == "cpu" else "auto")
+        return TorchHookCamModel(checkpoint, device=device)
     if cam_backend != "onnx":
         raise ModelError(f"unknown CAM backend {cam_backend!r}")
     from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
@@ -503,10 +503,10 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
     return Scan(run, results)
 
 
-def anonymize(scan_: Scan, ledger: Ledger) -> Scan:
+def anonymize(scanned: Scan, ledger: Ledger) -> Scan:
     """The scan with stable pseudonyms (keyed by the ledger's secret) in place of patient
     name, ID and birth date."""
-    return replace(scan_, results=anonymized(scan_.results, ledger.pseudonym_key))
+    return replace(scanned, results=anonymized(scanned.results, ledger.pseudonym_key))
 
 
 def default_state_path(json_path: Path | None, report_path: Path | None,
@@ -523,26 +523,26 @@ def default_log_path(state_path: Path) -> Path:
     return state_path.with_suffix(".log.jsonl")
 
 
-def results_json(scan_: Scan) -> dict:
-    return {"schema": "pneumoscan-results-1", "run": scan_.run.to_json(),
-            "counts": asdict(scan_.counts()), "results": [r.to_json() for r in scan_.results]}
+def results_json(scanned: Scan) -> dict:
+    return {"schema": "pneumoscan-results-2", "run": scanned.run.to_json(),
+            "counts": asdict(scanned.counts()), "results": [r.to_json() for r in scanned.results]}
 
 
-def write_json(path: Path, scan_: Scan) -> None:
-    write_atomic(path, json.dumps(results_json(scan_), indent=1).encode())
+def write_json(path: Path, scanned: Scan) -> None:
+    write_atomic(path, json.dumps(results_json(scanned), indent=1).encode())
 
 
-def write_report(path: Path, scan_: Scan, ledger: Ledger | None = None) -> list[Path]:
+def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None) -> list[Path]:
     """The report of the whole scan, as PDF or HTML by the suffix of `path`. With a ledger,
     not rendered again when the file is there showing the same results. Returns the files
     written."""
     from pneumoscan.report import html as report
 
     name = ("report", os.path.abspath(path))
-    fingerprint = shown_fingerprint(scan_.run, scan_.results)
+    fingerprint = shown_fingerprint(scanned.run, scanned.results)
     if not _due(ledger, name, fingerprint):
         return []
-    written = report.write_report(path, scan_.run, scan_.results)
+    written = report.write_report(path, scanned.run, scanned.results)
     return _written(ledger, name, fingerprint, [written])
 
 
@@ -551,7 +551,7 @@ def write_report(path: Path, scan_: Scan, ledger: Ledger | None = None) -> list[
 PARALLEL_STUDIES_FROM = 8
 
 
-def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None, *,
+def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None, *,
                     processes: int | None = None) -> list[Path]:
     """One HTML and one PDF report per study in `directory`. With a ledger, only the studies
     whose results changed since their reports were written are rendered again. Studies
@@ -560,12 +560,12 @@ def write_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None, 
     from pneumoscan.report import html as report
 
     due = []
-    for study in group_studies(scan_.results):
+    for study in group_studies(scanned.results):
         name = ("per-study", os.path.abspath(directory), study.key)
-        fingerprint = shown_fingerprint(scan_.run, study.files)
+        fingerprint = shown_fingerprint(scanned.run, study.files)
         if _due(ledger, name, fingerprint):
             due.append((name, fingerprint, study.files))
-    render = functools.partial(report.write_per_study, directory, scan_.run)
+    render = functools.partial(report.write_per_study, directory, scanned.run)
     processes = processes or available_cores()
     written: list[Path] = []
     with contextlib.ExitStack() as stack:

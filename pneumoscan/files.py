@@ -1,4 +1,4 @@
-"""Writing output files safely."""
+"""Files: their content hash, and writing them safely."""
 
 from __future__ import annotations
 
@@ -7,32 +7,52 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _TEMPORARY_SUFFIX = ".tmp"
+HASH_CHUNK = 1 << 20
+
+
+def sha256_of_file(path: Path) -> str:
+    """Hex SHA-256 of the file's content, read in chunks (models and scans can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write via a temp file in the same folder and rename: readers never see a partial
-    file. Reports hold patient data, hence owner-only permissions by default."""
+@contextmanager
+def atomic_path(path: Path, mode: int = 0o600) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write (itself or through a library);
+    renamed onto `path` if the block ends normally, removed if it raises: readers never see
+    a partial file. Reports hold patient data, hence owner-only permissions by default."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path),
                                suffix=_TEMPORARY_SUFFIX)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """`data` written to `path` through `atomic_path`, on disk before the rename."""
+    with atomic_path(path, mode) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def study_file_stem(study_key: str) -> str:

@@ -57,12 +57,10 @@ class LoadedImage:
 
     `pixels` is greyscale uint8 (H, W) with 0 = black, after the modality LUT, VOI window
     and MONOCHROME1 inversion for DICOM. It may be decoded at reduced resolution (JPEG
-    DCT scaling) when the full size is not needed; `original_size` is (width, height)
-    of the stored image."""
+    DCT scaling, JPEG 2000 wavelet levels) when the full size is not needed."""
     path: Path
     study: str
     pixels: np.ndarray
-    original_size: tuple[int, int]
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,7 +110,6 @@ class RunInfo:
         return {
             "model": {"name": self.model_name, "version": self.model_version,
                       "sha256": self.model_sha256},
-            "sha256": self.model_sha256,
             "provider": self.provider,
             "version": self.pneumoscan_version,
             "threshold": self.threshold,

@@ -6,20 +6,30 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 import pneumoscan
-from pneumoscan.inputs.discover import classify_file
-from pneumoscan.inputs.loading import load
-from pneumoscan.records import FileResult, LoadedImage
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 SHARED = REPO.parent / "shared" / "data"
+DICOM_SAMPLES = SAMPLES / "dicom"
+SAMPLE_JPEG = SAMPLES / "study-normal-1" / "NORMAL2-IM-1427-0001.jpeg"  # 1776 x 1416
+PNEUMONIA_JPEG = SAMPLES / "study-pneumonia-1" / "person1946_bacteria_4874.jpeg"
 
 
 def pneumoscan_command(*args) -> list[str]:
@@ -39,12 +49,6 @@ def run_pneumoscan(*args, timeout: float = 300,
     """`pneumoscan ARGS` in a subprocess; `env`: variables to add to CLI_ENV."""
     return subprocess.run(pneumoscan_command(*args), env={**CLI_ENV, **(env or {})}, cwd=CLI_CWD,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def load_file(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
-    """The way `pneumoscan run` reads a file: classified by content, then loaded (at a
-    size that covers `min_size`, for the decoders that can scale while decoding)."""
-    return load(classify_file(path), min_size=min_size)
 
 
 def invoke_cli(*args):
@@ -129,3 +133,89 @@ def small_onnx(tmp_path_factory, small_checkpoint, val_images) -> Path:
     export_checkpoint(small_checkpoint, out, check_images=val_images, version="test",
                       log=lambda msg: None)
     return out
+
+
+# --- test inputs made from the real samples --------------------------------------------
+
+@pytest.fixture(scope="session")
+def chest() -> np.ndarray:
+    """A real chest X-ray, reduced: source for the formats written below."""
+    with Image.open(SAMPLE_JPEG) as img:
+        return np.asarray(img.reduce(4))
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+
+def cr_dataset(pixels: np.ndarray, **attributes) -> Dataset:
+    """A frontal chest CR data set holding `pixels` uncompressed; `attributes` override or,
+    when None, remove elements."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.PatientName = "Test^Patient"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    ds.PixelData = pixels.tobytes()
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if "BitsStored" in attributes:
+        ds.HighBit = ds.BitsStored - 1
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    """As a DICOM file; encoded explicit VR little endian, which every syntax used here is."""
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return path
+
+
+RAMP_12_BIT = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+
+
+def make_messy_folder(root: Path) -> dict[Path, str | None]:
+    """A folder with everything discovery must cope with; returns each entry that must be
+    reported and its expected kind or skip reason."""
+    study = root / "study 1" / "series a"
+    study.mkdir(parents=True)
+    (root / ".cache").mkdir()
+    shutil.copy(PNEUMONIA_JPEG, root / ".cache" / "thumb.jpeg")
+    expected: dict[Path, str | None] = {
+        study / "chest pa.jpeg": "jpeg",
+        study / "IM0001": "dicom",
+        root / "notes.dcm": "unknown file type (not DICOM, PNG, JPEG or TIFF)",
+        root / ".DS_Store": "hidden file",
+        root / ".cache": "hidden folder, not entered",
+        root / "empty.png": "empty file (0 bytes)",
+        root / "loop": "symbolic link loop",
+        root / "study 1" / "up": "symbolic link to a folder, not followed",
+        root / "dangling.jpeg": "broken symbolic link (its target does not exist)",
+        root / "pipe": "not a regular file (device, pipe or socket)",
+        root / "link to chest.jpeg": "jpeg",
+    }
+    shutil.copy(PNEUMONIA_JPEG, study / "chest pa.jpeg")
+    shutil.copy(DICOM_SAMPLES / "RG3_J2KI.dcm", study / "IM0001")
+    (root / "notes.dcm").write_text("not an image\n")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "empty.png").touch()
+    os.symlink("loop", root / "loop")
+    os.symlink("..", root / "study 1" / "up")
+    os.symlink("missing.jpeg", root / "dangling.jpeg")
+    os.mkfifo(root / "pipe")  # opening it would block: must not be read
+    os.symlink(study / "chest pa.jpeg", root / "link to chest.jpeg")
+    return expected

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import load_file
+import pytest
 
 from pneumoscan.inference.cam import normalised_cams
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.inference.preprocess import model_input
+from pneumoscan.inference.pipeline import read_model_input
 from pneumoscan.modelling.torch_cam import TorchHookCamModel
 
 
@@ -18,7 +18,7 @@ def test_onnx_and_forward_hook_cams_agree_on_real_images(small_checkpoint, small
     prep = onnx_model.info.preprocessing
     assert torch_model.info.preprocessing == prep
     paths = sorted(val_images.rglob("*.jpeg"))
-    batch = np.stack([model_input(load_file(p).pixels, prep) for p in paths])
+    batch = np.stack([read_model_input(p, prep) for p in paths])
     a, b = onnx_model.predict(batch), torch_model.predict(batch)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
     for cls in (0, 1):
@@ -35,7 +35,54 @@ def test_cam_is_the_classifier_applied_to_the_hooked_maps(small_checkpoint, val_
     torch_model = TorchHookCamModel(small_checkpoint, device="cpu")
     prep = torch_model.info.preprocessing
     path = sorted(val_images.rglob("*.jpeg"))[0]
-    out = torch_model.predict(model_input(load_file(path).pixels, prep)[None])
+    out = torch_model.predict(read_model_input(path, prep)[None])
     logits_from_cam = out.cams.mean(axis=(2, 3))
     probs = np.exp(logits_from_cam) / np.exp(logits_from_cam).sum(1, keepdims=True)
     np.testing.assert_allclose(probs, out.probabilities, atol=1e-5)
+
+
+def test_torch_backend_honours_the_device(small_checkpoint, tmp_path):
+    """--device cuda --cam-backend torch runs on CUDA, or fails saying why; never quietly on
+    the CPU."""
+    import torch
+
+    from pneumoscan.api import open_model
+    from pneumoscan.inference.model import ModelError
+
+    if torch.cuda.is_available():
+        model = open_model(device="cuda", cam_backend="torch", checkpoint=small_checkpoint)
+        assert model.provider == "torch-cuda"
+        assert next(model.network.parameters()).device.type == "cuda"
+    else:
+        with pytest.raises(ModelError, match="--device cuda: torch finds no CUDA device"):
+            open_model(device="cuda", cam_backend="torch", checkpoint=small_checkpoint)
+    auto = open_model(device="auto", cam_backend="torch", checkpoint=small_checkpoint)
+    assert auto.provider == ("torch-cuda" if torch.cuda.is_available() else "torch-cpu")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(small_checkpoint, tmp_path):
+    """Checkpoints are unpickled with weights_only: one naming a function to call (here
+    os.system) is refused before anything runs; real checkpoints, with the NumPy random
+    state that training stores, still load."""
+    import os
+
+    import torch
+
+    from pneumoscan.inference.model import ModelError
+    from pneumoscan.modelling.checkpoint import read_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    payload = read_checkpoint(small_checkpoint)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({**payload, "config": RunsCode()}, hostile)
+    with pytest.raises(ModelError, match="refused checkpoint .*GLOBAL posix.system"):
+        read_checkpoint(hostile)
+    assert not marker.exists()
+    with pytest.raises(ModelError, match="refused checkpoint"):
+        TorchHookCamModel(hostile)
+    assert not marker.exists()

@@ -60,7 +60,8 @@ def test_run_json_accounts_for_every_file(scans, small_onnx, tmp_path):
     assert by_name["NORMAL2-IM-1427-0001.jpeg"]["study"].endswith("study-normal-1")
     run = data["run"]
     assert run["provider"] == "CPUExecutionProvider" and run["version"] == __version__
-    assert len(run["sha256"]) == 64 and run["started"] <= run["finished"]
+    assert len(run["model"]["sha256"]) == 64 and run["started"] <= run["finished"]
+    assert "sha256" not in run  # only under run.model (docs/RESULTS_JSON.md)
     assert "unreadable" in result.output and "corrupt.jpeg" in result.output
 
 

@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLES
+from conftest import PNEUMONIA_JPEG as JPEG
+from conftest import SAMPLES, make_messy_folder
 
-from pneumoscan.inputs.discover import HEAD_BYTES, classify_file, detect_kind, discover
+from pneumoscan.inputs.discover import HEAD_BYTES, detect_kind, discover, identify_file
 from pneumoscan.inputs.loading import load
 from pneumoscan.records import LoadedImage
 
-JPEG = SAMPLES / "study-pneumonia-1" / "person1946_bacteria_4874.jpeg"
 DICOM_TIFF = SAMPLES / "dicom" / "RG1_UNCR.dcm"  # preamble holds a TIFF header
 DICOM = SAMPLES / "dicom" / "RG3_J2KI.dcm"
 
@@ -49,41 +49,8 @@ def test_name_does_not_decide(tmp_path):
     shutil.copy(JPEG, disguised)
     no_suffix = tmp_path / "IM0001"
     shutil.copy(DICOM, no_suffix)
-    assert classify_file(disguised).kind == "jpeg"
-    assert classify_file(no_suffix).kind == "dicom"
-
-
-def make_messy_folder(root: Path) -> dict[Path, str | None]:
-    """A folder with everything discovery must cope with; returns each entry that must be
-    reported and its expected kind or skip reason."""
-    study = root / "study 1" / "series a"
-    study.mkdir(parents=True)
-    (root / ".cache").mkdir()
-    shutil.copy(JPEG, root / ".cache" / "thumb.jpeg")
-    expected: dict[Path, str | None] = {
-        study / "chest pa.jpeg": "jpeg",
-        study / "IM0001": "dicom",
-        root / "notes.dcm": "unknown file type (not DICOM, PNG, JPEG or TIFF)",
-        root / ".DS_Store": "hidden file",
-        root / ".cache": "hidden folder, not entered",
-        root / "empty.png": "empty file (0 bytes)",
-        root / "loop": "symbolic link loop",
-        root / "study 1" / "up": "symbolic link to a folder, not followed",
-        root / "dangling.jpeg": "broken symbolic link (its target does not exist)",
-        root / "pipe": "not a regular file (device, pipe or socket)",
-        root / "link to chest.jpeg": "jpeg",
-    }
-    shutil.copy(JPEG, study / "chest pa.jpeg")
-    shutil.copy(DICOM, study / "IM0001")
-    (root / "notes.dcm").write_text("not an image\n")
-    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    (root / "empty.png").touch()
-    os.symlink("loop", root / "loop")
-    os.symlink("..", root / "study 1" / "up")
-    os.symlink("missing.jpeg", root / "dangling.jpeg")
-    os.mkfifo(root / "pipe")  # opening it would block: must not be read
-    os.symlink(study / "chest pa.jpeg", root / "link to chest.jpeg")
-    return expected
+    assert identify_file(disguised).kind == "jpeg"
+    assert identify_file(no_suffix).kind == "dicom"
 
 
 def test_every_entry_is_accounted_for(tmp_path):
@@ -107,11 +74,11 @@ def test_non_utf8_file_name(tmp_path):
 
 
 def test_a_file_as_root(tmp_path):
-    assert list(discover(JPEG)) == [classify_file(JPEG)]
+    assert list(discover(JPEG)) == [identify_file(JPEG)]
 
 
 def test_file_gone_during_discovery_is_an_error(tmp_path):
-    item = classify_file(tmp_path / "gone.jpeg")
+    item = identify_file(tmp_path / "gone.jpeg")
     assert (item.kind, item.skip_reason, item.unreadable) == (
         None, "file disappeared during discovery", True)
     assert load(item).status == "error"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import invoke_cli, load_file
+from conftest import invoke_cli
 
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.inference.preprocess import model_input
+from pneumoscan.inference.pipeline import read_model_input
 from pneumoscan.modelling.checkpoint import (
     checkpoint_model_info,
     load_network,
@@ -55,7 +55,7 @@ def test_parity_on_real_images_for_several_batch_sizes(small_checkpoint, small_o
     network, payload = load_network(small_checkpoint)
     prep = checkpoint_model_info(small_checkpoint, payload).preprocessing
     paths = sorted(val_images.rglob("*.jpeg"))
-    batch = np.stack([model_input(load_file(p).pixels, prep) for p in paths])
+    batch = np.stack([read_model_input(p, prep) for p in paths])
     for n in (1, 5, len(batch)):
         diffs = check_parity(export_module(network), small_onnx, batch[:n])
         assert all(diffs[k] < limit for k, limit in PARITY_LIMITS.items()), diffs

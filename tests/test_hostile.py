@@ -20,14 +20,23 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import CLI_CWD, CLI_ENV, invoke_cli, run_pneumoscan
+from conftest import (
+    CLI_CWD,
+    CLI_ENV,
+    DICOM_SAMPLES,
+    RAMP_12_BIT,
+    SAMPLE_JPEG,
+    cr_dataset,
+    invoke_cli,
+    make_messy_folder,
+    png_chunk,
+    run_pneumoscan,
+    save,
+)
 from markupsafe import escape
 from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000MC
-from test_dicom import DICOM_SAMPLES, RAMP_12_BIT, cr_dataset, save
-from test_discover import make_messy_folder
-from test_loading import SAMPLE_JPEG, chest, png_chunk  # noqa: F401 (chest: a fixture)
 
 from pneumoscan import api
 from pneumoscan.api import EXIT_UNREADABLE

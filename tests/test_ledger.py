@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from test_dicom import RAMP_12_BIT, cr_dataset, save
+from conftest import RAMP_12_BIT, cr_dataset, save
 
 from pneumoscan import api
 from pneumoscan.inference import pipeline

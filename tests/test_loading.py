@@ -8,53 +8,39 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, load_file
+from conftest import SAMPLE_JPEG, SAMPLES, png_chunk
 from PIL import Image
 
-from pneumoscan.inputs.discover import classify_file
-from pneumoscan.inputs.loading import load
+from pneumoscan.inputs.discover import identify_file
+from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import LoadedImage
-
-SAMPLE_JPEG = SAMPLES / "study-normal-1" / "NORMAL2-IM-1427-0001.jpeg"  # 1776 x 1416
-
-
-@pytest.fixture(scope="module")
-def chest() -> np.ndarray:
-    """A real chest X-ray, reduced: source for the formats written below."""
-    with Image.open(SAMPLE_JPEG) as img:
-        return np.asarray(img.reduce(4))
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 @pytest.mark.parametrize("path", sorted(SAMPLES.glob("study-*/*.jpeg")), ids=lambda p: p.name)
 def test_samples_load_grouped_by_folder(path):
-    image = load_file(path)
+    image = load_path(path)
     assert isinstance(image, LoadedImage), image
     assert image.study == str(path.parent)
     assert image.pixels.dtype == np.uint8 and image.pixels.ndim == 2
     with Image.open(path) as img:
-        assert image.original_size == img.size == image.pixels.shape[::-1]
+        assert img.size == image.pixels.shape[::-1]
 
 
 def test_jpeg_decoded_smaller_when_allowed():
-    image = load(classify_file(SAMPLE_JPEG), min_size=(224, 224))
-    assert image.original_size == (1776, 1416)
+    image = load_path(SAMPLE_JPEG, min_size=(224, 224))  # 1776 x 1416 stored
     assert image.pixels.shape == (1416 // 4, 1776 // 4)  # DCT scaling stops above 224
 
 
 def test_zero_byte_file(tmp_path):
     (tmp_path / "scan.png").touch()
-    result = load_file(tmp_path / "scan.png")
+    result = load_path(tmp_path / "scan.png")
     assert (result.status, result.reason) == ("skipped", "empty file (0 bytes)")
 
 
 def test_corrupt_jpeg(tmp_path):
     path = tmp_path / "corrupt.jpeg"
     path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
-    result = load_file(path)
+    result = load_path(path)
     assert result.status == "error" and result.reason
 
 
@@ -62,7 +48,7 @@ def test_truncated_jpeg(tmp_path):
     data = SAMPLE_JPEG.read_bytes()
     path = tmp_path / "truncated.jpeg"
     path.write_bytes(data[: len(data) // 2])
-    result = load_file(path)
+    result = load_path(path)
     assert result.status == "error" and "truncated or corrupt JPEG" in result.reason
 
 
@@ -71,7 +57,7 @@ def test_truncated_png(tmp_path, chest):
     Image.fromarray(chest).save(whole)
     path = tmp_path / "truncated.png"
     path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    result = load_file(path)
+    result = load_path(path)
     assert result.status == "error" and "truncated or corrupt PNG" in result.reason
 
 
@@ -81,7 +67,7 @@ def test_decompression_bomb_png_is_refused(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
                      + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
-    result = load_file(path)
+    result = load_path(path)
     assert result.status == "error" and "refused" in result.reason
     assert "decompression bomb" in result.reason
 
@@ -90,7 +76,7 @@ def test_16_bit_png_is_stretched_to_8_bit(tmp_path, chest):
     deep = chest.astype(np.uint16) * 16 + 3000  # 12-bit values in a 16-bit file
     path = tmp_path / "deep.png"
     Image.fromarray(deep).save(path)
-    image = load_file(path)
+    image = load_path(path)
     assert image.pixels.dtype == np.uint8
     assert (image.pixels.min(), image.pixels.max()) == (0, 255)
     expected = (chest.astype(np.float32) - chest.min()) / (chest.max() - chest.min()) * 255
@@ -102,7 +88,7 @@ def test_rgba_png_is_grey_on_black(tmp_path, chest):
     rgba[:10, :, 3] = 0  # a transparent band
     path = tmp_path / "rgba.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    image = load_file(path)
+    image = load_path(path)
     assert np.array_equal(image.pixels[10:], chest[10:])
     assert not image.pixels[:10].any()
 
@@ -110,7 +96,7 @@ def test_rgba_png_is_grey_on_black(tmp_path, chest):
 def test_cmyk_jpeg_is_grey(tmp_path, chest):
     path = tmp_path / "cmyk.jpeg"
     Image.fromarray(chest).convert("CMYK").save(path, quality=95)
-    image = load_file(path)
+    image = load_path(path)
     assert image.pixels.shape == chest.shape
     assert np.abs(image.pixels.astype(int) - chest).mean() < 2
 
@@ -119,14 +105,31 @@ def test_multi_frame_tiff_is_skipped(tmp_path, chest):
     path = tmp_path / "stack.tiff"
     frames = [Image.fromarray(chest), Image.fromarray(255 - chest)]
     frames[0].save(path, save_all=True, append_images=frames[1:])
-    result = load_file(path)
+    result = load_path(path)
     assert (result.status, result.reason) == ("skipped", "multi-frame image (2 frames)")
 
 
 def test_file_that_disappears_before_reading_is_an_error(tmp_path, chest):
     path = tmp_path / "gone.png"
     Image.fromarray(chest).save(path)
-    item = classify_file(path)
+    item = identify_file(path)
     path.unlink()
     result = load(item)
     assert (result.status, result.reason) == ("error", "file disappeared before it could be read")
+
+
+def test_a_bug_in_a_loader_is_not_passed_off_as_a_bad_file(monkeypatch, caplog):
+    """A decoder's own errors say 'cannot read'; any other exception is our bug: the file's
+    reason says so and its traceback is logged (shown by `run -v`), and the run goes on."""
+    from pneumoscan.inputs import loading
+
+    def broken_loader(path, min_size=None):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(loading, "load_raster", broken_loader)
+    with caplog.at_level("INFO", logger="pneumoscan"):
+        result = load_path(SAMPLE_JPEG)
+    assert result.status == "error"
+    assert result.reason.startswith("unexpected error, a pneumoscan bug")
+    assert "TypeError: unsupported operand" in result.reason
+    assert "Traceback" in caplog.text and "broken_loader" in caplog.text

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES, load_file
+from conftest import SAMPLES
 from PIL import Image
 
 from pneumoscan import api
 from pneumoscan.cli import main
 from pneumoscan.files import study_file_stem, write_atomic
+from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
 from pneumoscan.report import html as report
 from pneumoscan.report.html import (
@@ -36,11 +37,11 @@ from pneumoscan.report.pictures import (
     CAM_OPACITY,
     DISPLAY_SIZE,
     GAP,
-    TURBO_LUT,
     colour_bar_png,
     display_size,
     picture_size,
     render_picture,
+    turbo_lut,
 )
 from pneumoscan.results.summary import Counts, group_studies
 
@@ -81,7 +82,7 @@ def pdf_text(pdf: bytes, tmp_path: Path) -> str:
 
 
 def sample_pixels() -> np.ndarray:
-    loaded = load_file(next(SAMPLES.glob("study-pneumonia-1/*.jpeg")))
+    loaded = load_path(next(SAMPLES.glob("study-pneumonia-1/*.jpeg")))
     assert isinstance(loaded, LoadedImage)
     return loaded.pixels
 
@@ -93,7 +94,7 @@ def results() -> list[FileResult]:
     an unreadable file."""
     out = []
     for index, path in enumerate(sorted(SAMPLES.glob("study-*/*.jpeg"))):
-        loaded = load_file(path)
+        loaded = load_path(path)
         pneumonia = "pneumonia" in loaded.study
         probability = 0.55 + index * 0.02 if pneumonia else 0.05 + index * 0.01
         picture = render_picture(loaded.pixels, cam_peaking_at(3, 2 + pneumonia))
@@ -143,7 +144,7 @@ def test_the_picture_is_one_compact_jpeg_of_the_xray_beside_its_map():
                          dtype=np.float32)
     assert np.abs(xray.mean(axis=2) - resized).mean() < 3  # the X-ray as read, grey
     assert np.abs(overlay - xray).mean() > 10  # the map is blended over it
-    expected_scale = Image.fromarray(TURBO_LUT[None]).resize((shown[0], 1))
+    expected_scale = Image.fromarray(turbo_lut()[None]).resize((shown[0], 1))
     assert np.abs(scale.mean(axis=0) - np.asarray(expected_scale, np.float32)[0]).mean() < 8
 
 
@@ -151,7 +152,8 @@ def test_overlay_blends_the_colour_map_where_the_cam_is():
     grey = np.full((400, 512), 128, np.uint8)
     xray, overlay, _ = halves(render_picture(grey, cam_peaking_at(0, 0)), display_size(512, 400))
     assert np.abs(xray - 128).max() <= 2
-    for corner, colour in ((overlay[:8, :8], TURBO_LUT[255]), (overlay[-8:, -8:], TURBO_LUT[0])):
+    lut = turbo_lut()
+    for corner, colour in ((overlay[:8, :8], lut[255]), (overlay[-8:, -8:], lut[0])):
         expected = (1 - CAM_OPACITY) * 128 + CAM_OPACITY * colour.astype(np.float32)
         assert np.abs(corner.mean(axis=(0, 1)) - expected).max() < 8
 
@@ -171,17 +173,10 @@ def test_pictures_made_in_threads_are_those_made_in_one():
         assert list(pool.map(lambda cam: render_picture(pixels, cam), cams)) == alone
 
 
-def test_turbo_lut_matches_matplotlib():
-    colormaps = pytest.importorskip("matplotlib").colormaps
-    reference = colormaps["turbo"](np.linspace(0, 1, 256))[:, :3] * 255
-    assert TURBO_LUT.shape == (256, 3) and TURBO_LUT.dtype == np.uint8
-    assert np.abs(TURBO_LUT - reference).max() <= 4
-
-
 def test_colour_bar_runs_from_low_to_high():
     bar = decode(colour_bar_png())
     assert bar.format == "PNG" and bar.size == (256, 8)
-    assert np.array_equal(np.asarray(bar)[0], TURBO_LUT)
+    assert np.array_equal(np.asarray(bar)[0], turbo_lut())
 
 
 # --- summary ----------------------------------------------------------------------------
@@ -358,7 +353,7 @@ def test_weasyprint_leaves_truncated_scans_refused(tmp_path):
     render_pdf("<p>x</p>")
     good = next(SAMPLES.glob("study-normal-1/*.jpeg")).read_bytes()
     (tmp_path / "cut.jpeg").write_bytes(good[: len(good) // 3])
-    assert load_file(tmp_path / "cut.jpeg").status == "error"
+    assert load_path(tmp_path / "cut.jpeg").status == "error"
 
 
 def test_data_uris_decode_both_ways():

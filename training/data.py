@@ -1,7 +1,7 @@
 """Training data: patient-level splitting and in-memory caching of decoded images.
 
-Pixels come from `pneumoscan.inputs.loading`, the loader `pneumoscan run` uses, so training and
-inference see identical pixels.
+Pixels come from `pneumoscan.inference.pipeline.read_model_pixels`, the file read as
+`pneumoscan run` reads it, so training and inference see identical pixels.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from pneumoscan.evaluation.datasets import CLASS_NAMES, Sample
-from pneumoscan.inference.preprocess import Preprocessing, prepare_pixels
-from pneumoscan.inputs.discover import classify_file
-from pneumoscan.inputs.loading import load
+from pneumoscan.inference.pipeline import read_model_pixels
+from pneumoscan.inference.preprocess import Preprocessing
 from pneumoscan.records import FileResult
 
 __all__ = ["CLASS_NAMES", "Sample", "split_by_patient", "load_cached"]
@@ -41,11 +40,11 @@ def load_cached(samples: list[Sample], prep: Preprocessing) -> tuple[np.ndarray,
     the reasons of files that were left out."""
     images, labels, problems = [], [], []
     for s in samples:
-        loaded = load(classify_file(s.path), min_size=prep.decode_size)
-        if isinstance(loaded, FileResult):
-            problems.append(f"{s.path}: {loaded.status}: {loaded.reason}")
+        pixels = read_model_pixels(s.path, prep)
+        if isinstance(pixels, FileResult):
+            problems.append(f"{s.path}: {pixels.status}: {pixels.reason}")
             continue
-        images.append(prepare_pixels(loaded.pixels, prep))
+        images.append(pixels)
         labels.append(s.label)
     if not images:
         raise RuntimeError("no readable images in the dataset")

@@ -10,7 +10,7 @@ from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
 from pneumoscan.evaluation.metrics import binary_metrics, bootstrap_intervals, confusion
 from pneumoscan.inference.cam import CamModel
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
-from pneumoscan.inputs.discover import classify_file
+from pneumoscan.inputs.discover import identify_file
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc", "f1", "precision")
 
@@ -22,7 +22,7 @@ def evaluate_dataset(data: Path, model: CamModel, *, batch_size: int = DEFAULT_B
     if not samples:
         raise ValueError(f"no labelled images under {data}")
     threshold = model.info.threshold if threshold is None else threshold
-    results = list(classify((classify_file(s.path) for s in samples), model,
+    results = list(classify((identify_file(s.path) for s in samples), model,
                             batch_size=batch_size, workers=workers, threshold=threshold,
                             render=False))
     ok = [(s, r) for s, r in zip(samples, results) if r.status == "ok"]

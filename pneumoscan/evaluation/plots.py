@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from pneumoscan.evaluation.metrics import confusion, roc_auc, roc_curve
 
-from pneumoscan.evaluation.metrics import confusion, roc_auc, roc_curve  # noqa: E402
+
+def subplots(*grid: int, figsize: tuple[float, float]):
+    """(figure, axes) drawn without pyplot: no backend chosen for the whole process, no
+    global list of open figures (`savefig` renders PNG with Agg by itself)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation loss")
     ax1.set_xlabel("epoch")
@@ -27,13 +31,12 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, threshold: float, path: Path) -> None:
     fpr, tpr, _ = roc_curve(labels, probs)
     c = confusion(labels, probs, threshold)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC = {roc_auc(labels, probs):.4f}")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.plot(c["fp"] / max(1, c["fp"] + c["tn"]), c["tp"] / max(1, c["tp"] + c["fn"]), "ro",
@@ -43,14 +46,13 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, threshold: float, path: Path
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_confusion(labels: np.ndarray, probs: np.ndarray, threshold: float, path: Path,
                    class_names=("NORMAL", "PNEUMONIA")) -> None:
     c = confusion(labels, probs, threshold)
     matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center",
@@ -62,7 +64,6 @@ def plot_confusion(labels: np.ndarray, probs: np.ndarray, threshold: float, path
     ax.set_title(f"threshold {threshold:.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_calibration(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10) -> None:
@@ -70,14 +71,13 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, path: Path, bins: in
     which = np.clip(np.digitize(probs, edges) - 1, 0, bins - 1)
     mean_p = [probs[which == b].mean() for b in range(bins) if (which == b).any()]
     frac = [labels[which == b].mean() for b in range(bins) if (which == b).any()]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.plot(mean_p, frac, "o-")
     ax.set_xlabel("mean predicted probability of pneumonia")
     ax.set_ylabel("fraction with pneumonia")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_plots(history: list[dict], labels: np.ndarray, probs: np.ndarray, threshold: float,

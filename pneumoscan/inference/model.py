@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from pneumoscan.files import atomic_path, sha256_of_file
 from pneumoscan.inference.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
 
 META_PREFIX = "pneumoscan."
 DEFAULT_MODEL_NAME = "default.onnx"
@@ -51,21 +57,28 @@ def file_sha256(path: Path) -> str:
 @lru_cache(maxsize=16)
 def _sha256(path: str, mtime_ns: int, size: int) -> str:
     """Hashed once per version of a file (opening a model needs its hash twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of_file(Path(path))
+
+
+def metadata_strings(meta: dict) -> dict[str, str]:
+    """Model metadata as the strings an ONNX file holds (JSON for other values)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 def metadata_props(meta: dict) -> dict[str, str]:
     """Model metadata as ONNX metadata_props (string values, namespaced keys)."""
-    return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {META_PREFIX + k: v for k, v in metadata_strings(meta).items()}
 
 
 def read_model_info(path: Path, custom: dict[str, str]) -> ModelInfo:
     """ModelInfo from an ONNX session's custom metadata map."""
-    meta = {k[len(META_PREFIX):]: v for k, v in custom.items() if k.startswith(META_PREFIX)}
+    return model_info(path, {k[len(META_PREFIX):]: v for k, v in custom.items()
+                             if k.startswith(META_PREFIX)})
+
+
+def model_info(path: Path, meta: dict[str, str]) -> ModelInfo:
+    """ModelInfo of the model file at `path` from its metadata strings (`metadata_strings`):
+    those an exported model holds, or those its checkpoint would be exported with."""
     required = ("class_names", "preprocessing", "threshold", "name", "version", "arch")
     missing = [k for k in required if k not in meta]
     if missing:
@@ -97,16 +110,16 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None,
     """An ONNX Runtime session and the provider that really runs it.
 
     ORT silently falls back to CPU when CUDA cannot load, so we find out first with a tiny
-    probe session: `cuda` then fails loudly, `auto` takes CPU quietly (ORT's own error log
-    is muted). CPU sessions reuse the graph ORT optimised for this machine the first time,
-    kept in the user's cache folder (`cache=False`: neither read nor written)."""
+    probe session: `cuda` then fails loudly, `auto` takes CPU quietly (what ORT logged while
+    failing is shown with -v). CPU sessions reuse the graph ORT optimised for this machine
+    the first time, kept in the user's cache folder (`cache=False`: neither read nor
+    written)."""
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise ModelError(f"unknown device {device!r}")
     if not Path(path).is_file():
         raise ModelError(f"model file not found: {path}")
-    ort.set_default_logger_severity(4)
     on_cuda = device in ("auto", "cuda") and cuda_loads()
     if device == "cuda" and not on_cuda:
         raise ModelError("--device cuda: the CUDA execution provider could not be loaded "
@@ -136,12 +149,24 @@ def session_options(threads: int | None):
     return options
 
 
+def session_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises when a session cannot be made: the status exceptions of its
+    C++ core (plain Exception subclasses: a missing or corrupt file, an invalid graph, an
+    unsupported operator), and its Python layer's RuntimeError and ValueError."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as status
+
+    return (status.Fail, status.InvalidArgument, status.NoSuchFile, status.NoModel,
+            status.EngineError, status.RuntimeException, status.InvalidProtobuf,
+            status.ModelLoaded, status.NotImplemented, status.InvalidGraph, status.EPFail,
+            status.NotFound, RuntimeError, ValueError, OSError)
+
+
 def _create_session(source: Path, options, providers: list[str]):
     import onnxruntime as ort
 
     try:
         return ort.InferenceSession(str(source), options, providers=providers)
-    except Exception as exc:
+    except session_errors() as exc:
         raise ModelError(f"cannot load model {source}: {exc}") from exc
 
 
@@ -159,19 +184,17 @@ def _cpu_session(path: Path, threads: int | None, cache: bool):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(str(cached), options, providers=providers)
-        except Exception:
+        except session_errors():
             cached.unlink(missing_ok=True)  # damaged or foreign: rebuilt below
     options = session_options(threads)
     if cached is None:
         return _create_session(path, options, providers)
-    partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    options.optimized_model_filepath = str(partial)
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-        partial.replace(cached)  # atomic: concurrent runs never read a partial file
-        return session
-    except Exception:
-        partial.unlink(missing_ok=True)
+        # Renamed into place when written: concurrent runs never read a partial file.
+        with atomic_path(cached, mode=0o644) as partial:
+            options.optimized_model_filepath = str(partial)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except session_errors():  # also OSError: the cache could not be written
         return _create_session(path, session_options(threads), providers)
 
 
@@ -216,23 +239,38 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Run in a process of its own: loading ORT's CUDA provider is what fails on a machine
+# without a usable GPU, and ORT then writes its errors to stderr through a process-wide
+# logger; a child keeps them out of this process's output without changing that logger
+# (and a broken driver cannot take the run down with it).
+CUDA_PROBE = """
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+session = ort.InferenceSession(probe.SerializeToString(),
+                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print(session.get_providers()[0])
+"""
+CUDA_PROBE_SECONDS = 300  # a first CUDA start may compile kernels for a new GPU
+
+
 @lru_cache(maxsize=1)
 def cuda_loads() -> bool:
     """Whether ORT's CUDA provider really loads here (a one-node session finds out)."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
-    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options,
-                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    except Exception:
+        probe = subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True,
+                               text=True, timeout=CUDA_PROBE_SECONDS)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.info("CUDA probe failed: %s", exc)
         return False
-    return session.get_providers()[0] == "CUDAExecutionProvider"
+    if probe.stderr.strip():
+        log.info("ONNX Runtime, trying its CUDA provider:\n%s", probe.stderr.strip())
+    return probe.returncode == 0 and probe.stdout.strip() == "CUDAExecutionProvider"

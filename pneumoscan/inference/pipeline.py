@@ -14,12 +14,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
-from pneumoscan.inference.preprocess import model_input
-from pneumoscan.inputs.loading import load
+from pneumoscan.inference.preprocess import Preprocessing, model_input, normalise, prepare_pixels
+from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.report.pictures import render_picture
 
@@ -32,6 +33,20 @@ class Prepared:
     outcome: LoadedImage | FileResult
     tensor: np.ndarray | None
     seconds: float
+
+
+def read_model_pixels(path: Path, prep: Preprocessing) -> np.ndarray | FileResult:
+    """The file at `path` as `run` feeds it to a model with `prep`, before normalising:
+    uint8 (height, width); or the FileResult that says why it cannot be."""
+    loaded = load_path(path, min_size=prep.decode_size)
+    return loaded if isinstance(loaded, FileResult) else prepare_pixels(loaded.pixels, prep)
+
+
+def read_model_input(path: Path, prep: Preprocessing) -> np.ndarray | FileResult:
+    """The file at `path` as `run` feeds it to a model with `prep`: float32 (C, height,
+    width); or the FileResult that says why it cannot be."""
+    pixels = read_model_pixels(path, prep)
+    return pixels if isinstance(pixels, FileResult) else normalise(pixels[None], prep)[0]
 
 
 def default_workers() -> int:
@@ -81,11 +96,11 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
                 chunk.append(prepared)
                 ready += prepared.tensor is not None
                 refill()
-            yield from _finish_chunk(chunk, model, threshold, info, negative, batch_size,
+            yield from _finish_chunk(chunk, model, threshold, info, negative,
                                      pool if render else None, on_result)
 
 
-def _finish_chunk(chunk, model, threshold, info, negative, batch_size, render_pool,
+def _finish_chunk(chunk, model, threshold, info, negative, render_pool,
                   on_result) -> Iterator[FileResult]:
     loaded = [p for p in chunk if p.tensor is not None]
     by_id: dict[int, FileResult] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import openjpeg
 import pydicom
-from PIL import Image, ImageFile
+from PIL import Image, Jpeg2KImagePlugin
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 
 from pneumoscan.inputs.problems import (
+    DECODER_ERRORS,
     MAX_PIXELS,
     ImageProblem,
     SkipImage,
@@ -79,8 +80,7 @@ def load_dicom(path: Path, min_size: tuple[int, int] | None = None) -> LoadedIma
     except ImageProblem as exc:
         exc.study, exc.metadata = study, metadata
         raise
-    return LoadedImage(path=path, study=study, pixels=pixels,
-                       original_size=(int(ds.Columns), int(ds.Rows)), metadata=metadata)
+    return LoadedImage(path=path, study=study, pixels=pixels, metadata=metadata)
 
 
 def _read(path: Path) -> Dataset:
@@ -217,7 +217,7 @@ def _decode(ds: Dataset, min_size: tuple[int, int] | None = None) -> np.ndarray:
         return ds.pixel_array  # reads the deferred pixel data now
     except OSError:
         raise  # the file itself went away or became unreadable: `load` says so
-    except Exception as exc:  # decoder and buffer errors all mean: these pixels are unusable
+    except DECODER_ERRORS as exc:  # decoder and buffer errors: these pixels are unusable
         raise UnreadableImage(f"cannot decode {syntax.name} pixel data: {one_line(exc)}") from exc
 
 
@@ -226,7 +226,8 @@ def _decode_jpeg2000_reduced(ds: Dataset, min_size: tuple[int, int]) -> np.ndarr
     covers `min_size` (width, height): a JPEG 2000 code stream holds every halved resolution
     (its wavelet levels), and decoding only the ones needed skips most of the work, as the
     DCT scaling of JPEG does. None when no halving fits, or for data this path does not
-    serve (signed or colour data, a stream Pillow cannot reduce): the caller decodes in full."""
+    serve (signed or colour data, a stream OpenJPEG cannot reduce): the caller decodes in
+    full, and says why if that fails too."""
     width, height = int(ds.Columns), int(ds.Rows)
     halvings = _halvings(width, height, min_size)
     if halvings == 0:
@@ -234,34 +235,51 @@ def _decode_jpeg2000_reduced(ds: Dataset, min_size: tuple[int, int]) -> np.ndarr
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         stream = openjpeg.get_parameters(frame)
-        if (stream["is_signed"] or stream["samples_per_pixel"] != 1
-                or (stream["columns"], stream["rows"]) != (width, height)):
-            return None
+    except (StopIteration, ValueError, RuntimeError):  # no frame / not a J2K code stream
+        return None
+    if (stream["is_signed"] or stream["samples_per_pixel"] != 1
+            or (stream["columns"], stream["rows"]) != (width, height)):
+        return None
+    try:
         with warnings.catch_warnings():  # the size was checked against MAX_PIXELS already
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(frame))
+            image = ReducedJpeg2000(io.BytesIO(frame), halvings)
         with image:
-            if image.format != "JPEG2000" or image.mode not in ("L", "I;16"):
+            if image.mode not in ("L", "I;16"):
                 return None
-            # Pillow's `reduce` sizes the result rounding half up where OpenJPEG rounds up,
-            # and the decode then fails for sides that are not multiples of 2^halvings; so
-            # the tile is set up here with OpenJPEG's size.
-            size = (_halved(width, halvings), _halved(height, halvings))
-            tile = image.tile[0]
-            codec, _, _, *rest = tile.args
-            image.tile = [tile._replace(extents=(0, 0, *size),
-                                        args=(codec, halvings, image.layers, *rest))]
-            image._size = size
-            ImageFile.ImageFile.load(image)
-            pixels = np.array(image)  # a writable copy
-    except (OSError, ValueError, RuntimeError, StopIteration):
+            pixels = np.array(image)  # decodes; a writable copy
+    except (OSError, SyntaxError):  # what Pillow raises for a stream it cannot read
         return None
-    if pixels.shape != size[::-1]:
+    if pixels.shape != (_halved(height, halvings), _halved(width, halvings)):
         return None
     # Pillow scales samples up to the full 8 or 16 bits; the stored values are the top
     # `precision` bits.
     np.right_shift(pixels, pixels.dtype.itemsize * 8 - stream["precision"], out=pixels)
     return pixels.astype(np.uint16 if int(ds.BitsAllocated) > 8 else np.uint8, copy=False)
+
+
+class ReducedJpeg2000(Jpeg2KImagePlugin.Jpeg2KImageFile):
+    """A JPEG 2000 code stream opened by Pillow to be decoded `halvings` wavelet levels
+    down, at the size OpenJPEG gives it. Pillow's public `reduce` attribute sizes the image
+    rounding half up where OpenJPEG rounds up, and its decode then fails on sides that are
+    not a multiple of 2^halvings (RG1's 1841 px: "broken data stream"); pylibjpeg-openjpeg
+    (2.6) has no reduced decode. So this subclass sets the size and the decoder's tile in
+    `_open`, the plugin interface where Pillow's own plugins set them; it relies on the
+    JPEG 2000 decoder's arguments being (codec, reduce, layers, fd, length), which
+    tests/test_dicom.py checks against the installed Pillow."""
+
+    def __init__(self, fp, halvings: int):
+        self.halvings = halvings
+        super().__init__(fp)
+
+    def _open(self) -> None:
+        super()._open()
+        size = (_halved(self.size[0], self.halvings), _halved(self.size[1], self.halvings))
+        tile = self.tile[0]
+        codec, _, layers, *stream = tile.args
+        self.tile = [tile._replace(extents=(0, 0, *size),
+                                   args=(codec, self.halvings, layers, *stream))]
+        self._size = size
 
 
 def _shrink_to_cover(stored: np.ndarray, min_size: tuple[int, int]) -> np.ndarray:

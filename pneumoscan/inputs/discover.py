@@ -81,7 +81,7 @@ def _read_head(path: Path) -> bytes:
         return fh.read(HEAD_BYTES)
 
 
-def classify_file(path: Path) -> InputFile:
+def identify_file(path: Path) -> InputFile:
     """Decide whether and how one file will be read. Symbolic links to files are followed;
     links to folders are not (they could loop or leave the scanned tree)."""
     if path.name.startswith("."):
@@ -117,7 +117,7 @@ def discover(root: Path) -> Iterator[InputFile]:
     if root.is_dir():
         yield from _walk(root)
     else:
-        yield classify_file(root)
+        yield identify_file(root)
 
 
 def _walk(folder: Path) -> Iterator[InputFile]:
@@ -131,7 +131,7 @@ def _walk(folder: Path) -> Iterator[InputFile]:
     for entry in entries:
         path = Path(entry.path)
         if not entry.is_dir(follow_symlinks=False):
-            yield classify_file(path)
+            yield identify_file(path)
         elif entry.name.startswith("."):
             yield InputFile(path, None, "hidden folder, not entered")
         else:

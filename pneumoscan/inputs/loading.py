@@ -2,15 +2,24 @@
 
 `load` never raises for a bad file: it returns a `FileResult` with status `skipped` (not a
 frontal chest radiograph, by its metadata) or `error` (cannot be read), and a one-line reason.
+An exception that no decoder raises for bad data is a bug: the file's reason says so, and its
+traceback is logged (shown with `pneumoscan run -v`), so one file cannot stop a cron run but
+the bug is not passed off as a bad file.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from pneumoscan.inputs.dicom import load_dicom
-from pneumoscan.inputs.problems import ImageProblem, SkipImage
+from pneumoscan.inputs.discover import identify_file
+from pneumoscan.inputs.problems import DECODER_ERRORS, ImageProblem, SkipImage
 from pneumoscan.inputs.raster import load_raster
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.text import one_line
+
+log = logging.getLogger(__name__)
 
 
 def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
@@ -35,5 +44,15 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
         return FileResult(item.path, study, "error", "permission denied")
     except MemoryError:
         return FileResult(item.path, study, "error", "not enough memory to decode the image")
-    except Exception as exc:  # any decoder failure is a file-level error, never a crash
+    except DECODER_ERRORS as exc:
         return FileResult(item.path, study, "error", f"cannot read: {one_line(exc)}")
+    except Exception as exc:  # a bug of ours: logged with its traceback, the run goes on
+        log.info("unexpected error reading %s", item.path, exc_info=True)
+        return FileResult(item.path, study, "error", f"unexpected error, a pneumoscan bug "
+                          f"(run with -v for the traceback): {one_line(exc)}")
+
+
+def load_path(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
+    """The file at `path` read as `pneumoscan run` reads it: its kind told by its content,
+    then `load`."""
+    return load(identify_file(path), min_size)

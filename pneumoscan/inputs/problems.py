@@ -3,9 +3,22 @@ file-level result."""
 
 from __future__ import annotations
 
+import struct
+
 # Refuse to decode images declaring more pixels than this (decompression bombs); PIL's own
 # limit is a warning below 2x its default, so we check before decoding.
 MAX_PIXELS = 20_000 * 20_000 // 4  # 100 M pixels: 10000 x 10000
+
+
+# What the decoders raise for data they cannot decode, as a file-level "cannot read": Pillow
+# (OSError, its UnidentifiedImageError included; ValueError for impossible tiles and modes;
+# EOFError and struct.error for data that ends early; SyntaxError from plugins' header
+# parsers), pydicom (ValueError and EOFError for broken elements and short pixel data,
+# RuntimeError when every decoder plugin failed, NotImplementedError for data no plugin
+# handles) and pylibjpeg-openjpeg (RuntimeError). Anything else a loader raises is a bug of
+# ours, not a property of the file.
+DECODER_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, RuntimeError,
+                  NotImplementedError)
 
 
 class ImageProblem(Exception):

@@ -41,8 +41,7 @@ def load_raster(path: Path, min_size: tuple[int, int] | None = None) -> LoadedIm
                 img = shrink_to_cover(img, min_size)
             img = ImageOps.exif_transpose(img)
             pixels = to_grey_uint8(img)
-    return LoadedImage(path=path, study=str(path.parent), pixels=pixels,
-                       original_size=(width, height))
+    return LoadedImage(path=path, study=str(path.parent), pixels=pixels)
 
 
 def shrink_to_cover(img: Image.Image, min_size: tuple[int, int]) -> Image.Image:

@@ -49,9 +49,9 @@ class PneumoniaNet(nn.Module):
         return self._stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
+        return self.logits_from_maps(self.features(x))
 
-    def classify(self, feature_maps: torch.Tensor) -> torch.Tensor:
+    def logits_from_maps(self, feature_maps: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(feature_maps.mean(dim=(2, 3))))
 
     def replace_classifier(self, num_classes: int) -> None:

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pneumoscan.inference.model import ModelError, ModelInfo, file_sha256
-from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.inference.model import ModelError, ModelInfo, metadata_strings, model_info
+
+
+def checkpoint_globals() -> list:
+    """The only classes and functions a checkpoint may name besides torch's tensors and plain
+    Python values: those that pickle the NumPy random state training stores to resume
+    (`np.random.get_state()`: an ndarray of uint32)."""
+    import numpy as np
+
+    try:  # NumPy 2 (numpy.core stays only as a deprecated alias)
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint's payload. Unpickled with `weights_only`: a file from
+    elsewhere that names any other class or function (code to run) is refused, not run."""
+    import pickle
+
     import torch
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for a foreign global
+        named = [line for line in str(exc).splitlines() if "GLOBAL" in line]
+        raise ModelError(f"refused checkpoint {path}: it holds more than weights and plain "
+                         f"values{': ' + named[0] if named else ''}") from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # missing, not a torch file
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != "pneumoscan-checkpoint-1":
         raise ModelError(f"{path} is not a pneumoscan training checkpoint")
@@ -31,14 +53,29 @@ def load_network(path: Path):
     return net.eval(), payload
 
 
+def model_metadata(payload: dict, version: str, name: str | None = None) -> dict:
+    """What the model exported from a checkpoint's `payload` says about itself (its ONNX
+    metadata, `inference.model.model_info` reads it)."""
+    metrics = payload.get("metrics") or {}
+    return {
+        "name": name or f"pneumoscan-{payload['arch']}",
+        "version": version,
+        "arch": payload["arch"],
+        "class_names": list(payload["class_names"]),
+        "positive_class": "PNEUMONIA",
+        "threshold": repr(float(payload["threshold"])),
+        "threshold_rule": f"highest threshold with validation sensitivity >= "
+                          f"{payload['config'].get('min_sensitivity')}",
+        "preprocessing": json.dumps(payload["preprocessing"]),
+        "training_data": payload.get("data_description", ""),
+        "validation_metrics": metrics,
+        "trained_epochs": payload["epoch"],
+        "outputs": {"logits": "(N, K) class logits", "features": "(N, C, h, w) last conv maps",
+                    "cams": "(N, K, h, w) class activation maps"},
+    }
+
+
 def checkpoint_model_info(path: Path, payload: dict, version: str | None = None) -> ModelInfo:
-    prep = payload["preprocessing"]
-    return ModelInfo(
-        path=Path(path), sha256=file_sha256(path),
-        name=f"pneumoscan-{payload['arch']}", version=version or f"epoch{payload['epoch']}",
-        arch=payload["arch"], class_names=tuple(payload["class_names"]),
-        positive_class=list(payload["class_names"]).index("PNEUMONIA"),
-        threshold=float(payload["threshold"]),
-        preprocessing=Preprocessing(**{**prep, "mean": tuple(prep["mean"]),
-                                       "std": tuple(prep["std"])}),
-    )
+    """The ModelInfo of the checkpoint at `path`: that of the model exported from it."""
+    metadata = model_metadata(payload, version or f"epoch{payload['epoch']}")
+    return model_info(Path(path), metadata_strings(metadata))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.files import atomic_path
 from pneumoscan.inference.model import metadata_props
 
 OPSET = 18
@@ -52,27 +53,6 @@ def export_module(network):
     return CamExport(network).eval()
 
 
-def model_metadata(payload: dict, version: str, name: str | None) -> dict:
-    metrics = payload.get("metrics") or {}
-    return {
-        "name": name or f"pneumoscan-{payload['arch']}",
-        "version": version,
-        "arch": payload["arch"],
-        "class_names": list(payload["class_names"]),
-        "positive_class": "PNEUMONIA",
-        "threshold": repr(float(payload["threshold"])),
-        "threshold_rule": f"highest threshold with validation sensitivity >= "
-                          f"{payload['config'].get('min_sensitivity')}",
-        "preprocessing": json.dumps(payload["preprocessing"]),
-        "training_data": payload.get("data_description", ""),
-        "validation_metrics": metrics,
-        "trained_epochs": payload["epoch"],
-        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "outputs": {"logits": "(N, K) class logits", "features": "(N, C, h, w) last conv maps",
-                    "cams": "(N, K, h, w) class activation maps"},
-    }
-
-
 def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> None:
     import onnx
     import torch
@@ -97,9 +77,8 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
-    tmp_out = out.with_name(out.name + ".tmp")
-    onnx.save(model, str(tmp_out))
-    tmp_out.replace(out)
+    with atomic_path(out, mode=0o644) as partial:
+        onnx.save(model, str(partial))
 
 
 def fold_constants(source: Path, out: Path) -> None:
@@ -221,27 +200,25 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
     """Export, then verify on real images; raises ExportError past PARITY_LIMITS."""
     import torch
 
-    from pneumoscan.inference.preprocess import model_input
-    from pneumoscan.inputs.discover import classify_file
-    from pneumoscan.inputs.loading import load
-    from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network
+    from pneumoscan.inference.pipeline import read_model_input
+    from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network, model_metadata
     from pneumoscan.records import FileResult
 
     network, payload = load_network(checkpoint)
     info = checkpoint_model_info(checkpoint, payload)
     module = export_module(network)
     prep = info.preprocessing
-    images = []
-    for path in parity_images(checkpoint, payload, check_images):
-        loaded = load(classify_file(path), min_size=prep.decode_size)
-        if not isinstance(loaded, FileResult):
-            images.append(model_input(loaded.pixels, prep))
+    tensors = [read_model_input(path, prep)
+               for path in parity_images(checkpoint, payload, check_images)]
+    images = [tensor for tensor in tensors if not isinstance(tensor, FileResult)]
     if not images:
         raise ExportError("none of the parity-check images could be read")
     batch = np.stack(images)
     version = version or datetime.now(timezone.utc).strftime("%Y.%m.%d")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_onnx(module, torch.from_numpy(batch[:2]), out, model_metadata(payload, version, name))
+    metadata = {**model_metadata(payload, version, name),
+                "exported": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_onnx(module, torch.from_numpy(batch[:2]), out, metadata)
     diffs = check_parity(module, out, batch)
     log(f"parity on {len(batch)} real images, max abs difference: "
         + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

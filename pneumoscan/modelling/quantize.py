@@ -28,8 +28,9 @@ import numpy as np
 
 from pneumoscan.evaluation.datasets import CLASS_NAMES
 from pneumoscan.evaluation.metrics import binary_metrics
-from pneumoscan.inference.preprocess import Preprocessing, model_input
-from pneumoscan.inputs.loading import load
+from pneumoscan.files import atomic_path
+from pneumoscan.inference.pipeline import read_model_input
+from pneumoscan.inference.preprocess import Preprocessing
 from pneumoscan.records import FileResult
 
 MAX_AUC_DROP = 0.005
@@ -84,14 +85,12 @@ def labelled_images(paths: list[Path]) -> tuple[list[Path], np.ndarray]:
 def preprocessed_batches(paths: list[Path], prep: Preprocessing, size: int = BATCH):
     """float32 model inputs, `size` at a time, of the images that load (others skipped);
     yields (batch, indices into paths)."""
-    from pneumoscan.inputs.discover import classify_file
-
     tensors, indices = [], []
     for i, path in enumerate(paths):
-        loaded = load(classify_file(path), min_size=prep.decode_size)
-        if isinstance(loaded, FileResult):
+        tensor = read_model_input(path, prep)
+        if isinstance(tensor, FileResult):
             continue
-        tensors.append(model_input(loaded.pixels, prep))
+        tensors.append(tensor)
         indices.append(i)
         if len(tensors) == size:
             yield np.stack(tensors), indices
@@ -283,8 +282,7 @@ def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: n
         raise QuantizeError("the evaluation images need both classes (NORMAL/ and PNEUMONIA/ "
                             "folders): pass --eval-images")
     prep = OnnxCamModel(fp32, "cpu").info.preprocessing
-    partial = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_path(out, mode=0o644) as partial:  # removed, not written, if refused
         if kind == "int8":
             quantize_int8(fp32, partial, calibration, prep, log)
         else:
@@ -296,8 +294,5 @@ def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: n
                                 f"{comparison.auc_drop:.4f} below float32's, more than the "
                                 f"{max_auc_drop} allowed")
         set_metadata(partial, {"validation_vs_float32": comparison.to_json()})
-        partial.replace(out)
-        log(f"wrote {out}")
-    finally:
-        partial.unlink(missing_ok=True)
+    log(f"wrote {out}")
     return comparison

@@ -9,16 +9,26 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.inference.cam.base import CamModel, Predictions
+from pneumoscan.inference.model import DEVICES, ModelError
 
 
 class TorchHookCamModel(CamModel):
-    def __init__(self, checkpoint: Path, device: str = "cpu"):
+    """`device` as `run --device`: "cuda" fails when torch has no CUDA device, "auto" takes
+    it when there is one."""
+
+    def __init__(self, checkpoint: Path, device: str = "auto"):
         import torch
 
         from pneumoscan.modelling.checkpoint import checkpoint_model_info, load_network
 
+        if device not in DEVICES:
+            raise ModelError(f"unknown device {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ModelError("--device cuda: torch finds no CUDA device (no GPU, or a torch "
+                             "built without CUDA); use --device cpu or auto")
         self.torch = torch
-        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if on_cuda else "cpu")
         self.network, payload = load_network(checkpoint)
         self.network.to(self.device).eval()
         self.info = checkpoint_model_info(checkpoint, payload)

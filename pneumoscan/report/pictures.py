@@ -3,7 +3,7 @@ over it, side by side in one JPEG at the size the report shows them.
 
 `render_picture` runs once per image in the pipeline's worker threads, so it uses only
 numpy and Pillow (whose resize, blend and encode release the GIL) on uint8 / float32 arrays
-at display size; matplotlib is not imported.
+at display size; of matplotlib, only its colour map table is used.
 """
 
 from __future__ import annotations
@@ -23,27 +23,14 @@ CAM_OPACITY = 0.4
 GAP = 8
 SCALE_HEIGHT = 6
 
-# Turbo colour map (Mikhailov, Google AI 2019), sampled at 33 evenly spaced points from
-# matplotlib's table; linear interpolation between them stays within 4/255 of it.
-_TURBO_SAMPLES = np.array([
-    (48, 18, 59), (57, 42, 115), (64, 64, 162), (68, 86, 199), (70, 107, 227), (70, 128, 246),
-    (66, 148, 255), (55, 168, 250), (40, 188, 235), (28, 205, 216), (24, 221, 194), (31, 233, 175),
-    (50, 242, 152), (78, 249, 125), (109, 254, 98), (139, 255, 75), (164, 252, 60), (185, 246, 53),
-    (205, 236, 52), (223, 223, 55), (238, 207, 58), (248, 190, 57), (253, 172, 52), (254, 150, 43),
-    (251, 126, 33), (244, 102, 23), (235, 80, 14), (223, 63, 8), (208, 47, 5), (190, 33, 2),
-    (169, 22, 1), (146, 11, 1), (122, 4, 3),
-], dtype=np.float32)
+@lru_cache(maxsize=1)
+def turbo_lut() -> np.ndarray:
+    """Matplotlib's turbo colour map (Mikhailov, Google AI 2019) as 256 x 3 uint8: CAM value
+    0..1 scaled to 0..255 -> colour. Matplotlib is imported here, on the first picture, not
+    with this module: a run without a report never needs it."""
+    from matplotlib import colormaps
 
-
-def _turbo_lut() -> np.ndarray:
-    sample_at = np.linspace(0.0, 1.0, len(_TURBO_SAMPLES))
-    x = np.linspace(0.0, 1.0, 256)
-    channels = [np.interp(x, sample_at, _TURBO_SAMPLES[:, c]) for c in range(3)]
-    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
-
-
-# 256 x 3 uint8: CAM value 0..1 scaled to 0..255 -> colour.
-TURBO_LUT = _turbo_lut()
+    return colormaps["turbo"](np.arange(256), bytes=True)[:, :3]
 
 
 def display_size(width: int, height: int, longest: int = DISPLAY_SIZE) -> tuple[int, int]:
@@ -71,7 +58,7 @@ def render_picture(pixels: np.ndarray, cam: np.ndarray) -> bytes:
     picture = Image.new("RGB", picture_size(width, height), "white")
     picture.paste(grey, (0, 0))
     picture.paste(Image.blend(grey, colourise(cam, size), CAM_OPACITY), (width + GAP, 0))
-    scale = Image.fromarray(TURBO_LUT[None]).resize((width, SCALE_HEIGHT))
+    scale = Image.fromarray(turbo_lut()[None]).resize((width, SCALE_HEIGHT))
     picture.paste(scale, (width + GAP, height + GAP))
     return encode_jpeg(picture)
 
@@ -87,7 +74,7 @@ def colourise(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
     small = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0.0, 1.0)
     upsampled = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BILINEAR))
     index = (upsampled * np.float32(255) + np.float32(0.5)).astype(np.uint8)
-    return Image.fromarray(TURBO_LUT[index])
+    return Image.fromarray(turbo_lut()[index])
 
 
 def encode_jpeg(image: Image.Image) -> bytes:
@@ -100,5 +87,5 @@ def encode_jpeg(image: Image.Image) -> bytes:
 def colour_bar_png() -> bytes:
     """The colour map from low (left) to high (right), 256 x 8 px, for the legend."""
     buffer = io.BytesIO()
-    Image.fromarray(np.repeat(TURBO_LUT[None], 8, axis=0)).save(buffer, "PNG")
+    Image.fromarray(np.repeat(turbo_lut()[None], 8, axis=0)).save(buffer, "PNG")
     return buffer.getvalue()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
@@ -26,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pneumoscan.files import sha256_of_file
 from pneumoscan.records import FileResult, InputFile
 
 SCHEMA_VERSION = 2
@@ -63,8 +63,6 @@ MIGRATIONS = {
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
 }
-
-HASH_CHUNK = 1 << 20
 
 
 class StateError(RuntimeError):
@@ -110,14 +108,6 @@ def stat_signature(path: Path) -> str:
     """Changes whenever the file may have changed: a write, a replacement, a touch."""
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
-
-
-def content_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Ledger:
@@ -204,7 +194,7 @@ class Ledger:
         if row and row[0] == stat:
             digest = row[1]
         else:
-            digest = content_sha256(path)
+            digest = sha256_of_file(path)
             if row and row[1] == digest:  # touched, copied over, moved back: the same content
                 self._db.execute("UPDATE files SET stat = ? WHERE path = ?", (stat, key))
         plan.key, plan.stat, plan.content_sha256 = key, stat, digest

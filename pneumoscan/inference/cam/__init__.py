@@ -1,7 +1,8 @@
 """Classification + Class Activation Maps, one backend per file.
 
 `onnx_cam.OnnxCamModel` (the run path: ONNX Runtime, no torch) and
-`torch_hooks.TorchHookCamModel` (the reference: a PyTorch checkpoint with a forward hook).
+`pneumoscan.modelling.torch_cam.TorchHookCamModel` (the reference: a PyTorch checkpoint with a
+forward hook).
 """
 
 from pneumoscan.inference.cam.base import CamModel, Predictions, normalised_cams
