@@ -11,11 +11,8 @@ import highdicom as hd
 from pydicom.sr.coding import Code
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from pneumoscan.dicomout.equipment import (
-    contributing_equipment,
-    new_instance,
-    software_versions,
-)
+from pneumoscan.dicomout.equipment import (contributing_equipment, new_instance,
+                                           software_versions)
 from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.records import RunInfo
 

@@ -11,11 +11,8 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pneumoscan.dicomout.equipment import (
-    NOT_FOR_DIAGNOSIS,
-    contributing_equipment,
-    new_instance,
-)
+from pneumoscan.dicomout.equipment import (NOT_FOR_DIAGNOSIS, contributing_equipment,
+                                           new_instance)
 from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.records import FileResult, RunInfo
 

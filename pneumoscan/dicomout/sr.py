@@ -11,12 +11,8 @@ import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from pneumoscan.dicomout.equipment import (
-    MANUFACTURER,
-    algorithm_identification,
-    contributing_equipment,
-    new_instance,
-)
+from pneumoscan.dicomout.equipment import (MANUFACTURER, algorithm_identification,
+                                           contributing_equipment, new_instance)
 from pneumoscan.dicomout.source import SourceImage, derived_uid
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.results.summary import POSITIVE
