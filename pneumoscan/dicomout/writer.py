@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (ComprehensiveSRStorage, EncapsulatedPDFStorage,
+                         SecondaryCaptureImageStorage)
 
 from pneumoscan.dicomout.pdf import EncapsulatedPDF
 from pneumoscan.dicomout.sc import cam_capture
@@ -15,21 +17,17 @@ from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.dicomout.sr import structured_report
 from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.records import RunInfo
+from pneumoscan.report.html import study_pdf
 from pneumoscan.results.summary import Study
 
-KIND_PREFIX = {"1.2.840.10008.5.1.4.1.1.104.1": "PDF", "1.2.840.10008.5.1.4.1.1.7": "SC"}
-
-
-def has_dicom_outputs(study: Study) -> bool:
-    return any(SourceImage.of(r) for r in study.classified)
+KIND_PREFIX = {EncapsulatedPDFStorage: "PDF", SecondaryCaptureImageStorage: "SC",
+               ComprehensiveSRStorage: "SR"}
 
 
 def study_outputs(run: RunInfo, study: Study) -> list[Dataset]:
     """The study's Encapsulated PDF report, then for each classified DICOM image its SR
     and its CAM Secondary Capture; nothing when the study has no classified DICOM image.
     Results need their report pictures (a run that renders)."""
-    from pneumoscan.report.html import study_pdf
-
     classified = [(r, SourceImage.of(r)) for r in study.classified]
     classified = [(r, source) for r, source in classified if source]
     if not classified:
@@ -43,7 +41,7 @@ def study_outputs(run: RunInfo, study: Study) -> list[Dataset]:
 
 def file_name(dataset: Dataset) -> str:
     """`SR-<SOP Instance UID>.dcm`, `SC-...`, `PDF-...`: the same name for the same output."""
-    return f"{KIND_PREFIX.get(dataset.SOPClassUID, 'SR')}-{dataset.SOPInstanceUID}.dcm"
+    return f"{KIND_PREFIX[dataset.SOPClassUID]}-{dataset.SOPInstanceUID}.dcm"
 
 
 def encode(dataset: Dataset) -> bytes:
