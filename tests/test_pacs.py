@@ -58,7 +58,7 @@ def test_pull_classify_push_and_a_second_run_fetches_and_sends_nothing(orthanc, 
     out = tmp_path / "out"
     credentials = {USER_ENV: USER, PASSWORD_ENV: PASSWORD}
     first = run_pneumoscan("run", orthanc.dicomweb_url, "--push", "--json", out / "r.json",
-                           "--log", out / "run.jsonl", env=credentials)
+                           "--log", out / "run.jsonl", env=credentials, timeout=600)
     assert first.returncode == 0, first.stderr
     assert "sent for 1 studies; not sent for 0" in first.stderr
     # The chest study gets a PDF, and an SR and a CAM capture per image; the knee (not a
@@ -76,7 +76,7 @@ def test_pull_classify_push_and_a_second_run_fetches_and_sends_nothing(orthanc, 
         assert sr["PatientID"] == "9RG1"
 
     second = run_pneumoscan("run", orthanc.dicomweb_url, "--push", "--json", out / "r.json",
-                            "--log", out / "run.jsonl", env=credentials)
+                            "--log", out / "run.jsonl", env=credentials, timeout=600)
     assert second.returncode == 0, second.stderr
     assert "4 files (4 unchanged since the last run)" in second.stderr
     assert "sent for 0 studies; not sent for 0" in second.stderr
