@@ -19,7 +19,7 @@ from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.report.pdf import render_pdf
 from pneumoscan.report.pictures import colour_bar_png
 from pneumoscan.report.templates import templates
-from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, group_studies
+from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, Study, group_studies
 
 DISCLAIMER = "Research use only; not a medical diagnosis."
 DEFAULT_TITLE = "Chest X-ray pneumonia screening report"
@@ -66,13 +66,22 @@ def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileR
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = []
     for study in group_studies(results):
-        html = render_html(run, study.files, title=f"Study {study.key}", summary=False)
+        html = study_html(run, study)
         stem = study_file_stem(study.key)
         for suffix in (".html", ".pdf"):
             path = directory / f"{stem}{suffix}"
             write_atomic(path, _encode_as(suffix, html), mode)
             written.append(path)
     return written
+
+
+def study_html(run: RunInfo, study: Study) -> str:
+    """The report of one study, without the run's page of counts."""
+    return render_html(run, study.files, title=f"Study {study.key}", summary=False)
+
+
+def study_pdf(run: RunInfo, study: Study) -> bytes:
+    return render_pdf(study_html(run, study))
 
 
 def _encode_as(suffix: str, html: str) -> bytes:
