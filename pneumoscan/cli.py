@@ -4,7 +4,8 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
   0  every file classified, or skipped for a stated reason
   1  fatal error: the run could not be done (bad model, unusable state file, unwritable output)
   2  usage error (bad command line)
-  3  the run completed, but some files could not be read (listed with reasons)
+  3  the run completed, but some files could not be read (listed with reasons), or some
+     studies' DICOM outputs could not be sent (--push)
   4  another run holds the state file: this run did nothing (see --wait)
   130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: what was computed is kept
 """
@@ -25,6 +26,7 @@ import click
 from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
 
 log = logging.getLogger("pneumoscan")
@@ -52,6 +54,8 @@ def _setup_logging(verbose: int) -> None:
             handler.addFilter(_not_pydicom)
     if not libraries:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+        # highdicom warns when a copied source attribute is unusual (a one-word name).
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom\.")
 
 
 def _not_pydicom(record: logging.LogRecord) -> bool:
@@ -192,8 +196,18 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+class Source(click.ParamType):
+    """A folder or file that exists, or a DICOMweb base URL (kept as text)."""
+    name = "FOLDER|URL"
+
+    def convert(self, value, param, ctx):
+        if is_dicomweb_url(value):
+            return value
+        return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
+
+
 @main.command()
-@click.argument("scans", type=click.Path(exists=True, path_type=Path))
+@click.argument("scans", type=Source())
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
               help="report file: .pdf (PDF/A) or .html (one file for the whole run)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -222,12 +236,26 @@ def format_duration(seconds: float) -> str:
 @click.option("--anonymize", is_flag=True,
               help="a stable pseudonym instead of patient name, ID and birth date in the "
                    "reports and JSON")
+@click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
+              help="write DICOM outputs into this folder: per study an Encapsulated PDF "
+                   "report, per classified DICOM image an SR and a CAM Secondary Capture")
+@click.option("--push", is_flag=False, flag_value="source", metavar="[URL]",
+              help="send the DICOM outputs to a PACS: alone, the DICOMweb server SCANS "
+                   "names (STOW-RS); or a DICOMweb URL; or dicom://AET@host:port (C-STORE)")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
+              help="a DICOMweb SCANS: only studies from this study date on")
 @click.option("-v", "--verbose", count=True,
               help="log each file and output (-vv: debug, and the libraries' logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
-        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, verbose):
+        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out, push,
+        since, verbose):
     """Classify every image (PNG, JPEG, TIFF, DICOM) under SCANS and write a report and/or
     JSON.
+
+    SCANS is a folder, or the base URL of a DICOMweb server (http:// or https://): its CR
+    and DX studies are queried, the instances not seen before are retrieved and classified,
+    and --push sends the DICOM outputs back (docs/PACS.md). Credentials come from
+    PNEUMOSCAN_DICOMWEB_USER and PNEUMOSCAN_DICOMWEB_PASSWORD, or a netrc file.
 
     Safe to run from cron: each run computes only the files that are new or changed since
     the last one (recorded in the state file), and the outputs still cover all of SCANS.
@@ -242,7 +270,9 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                              model=model_path, device=device, batch_size=batch_size,
                              workers=workers, threshold=threshold, cam_backend=cam_backend,
                              checkpoint=checkpoint, state=state_path, log=log_path,
-                             force=force, wait=wait, anonymize=anonymize)
+                             force=force, wait=wait, anonymize=anonymize,
+                             dicom_out=dicom_out, push=push,
+                             since=since.date() if since else None)
     try:
         options.check()
     except api.RunError as exc:
@@ -267,6 +297,11 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     for r in scan.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
+    if push:
+        click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
+                   f"{len(summary.push_failures)} (the next run tries again)", err=True)
+        for failure in summary.push_failures:
+            click.echo(f"  not sent: {failure}", err=True)
     for what, path in summary.outputs:
         click.echo(f"{what}: {path}")
     sys.exit(summary.exit_code)

@@ -15,7 +15,9 @@ import numpy as np
 FileKind = Literal["dicom", "png", "jpeg", "tiff"]
 Status = Literal["ok", "skipped", "error"]
 
-# DICOM attributes kept for each image (keyword -> report label).
+# DICOM attributes kept for each image (keyword -> report label). The DICOM outputs copy
+# the patient and study modules from them and refer to the source instance by its series,
+# SOP class and SOP instance UIDs; the report leaves out the NOT_SHOWN ones.
 DICOM_FIELDS = {
     "PatientID": "Patient ID",
     "PatientName": "Patient name",
@@ -25,13 +27,19 @@ DICOM_FIELDS = {
     "StudyInstanceUID": "Study UID",
     "StudyDate": "Study date",
     "StudyTime": "Study time",
+    "StudyID": "Study ID",
     "AccessionNumber": "Accession number",
     "StudyDescription": "Study description",
+    "ReferringPhysicianName": "Referring physician",
     "Modality": "Modality",
     "ViewPosition": "View position",
     "BodyPartExamined": "Body part",
+    "PatientOrientation": "Orientation",
+    "SeriesInstanceUID": "Series UID",
+    "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
 }
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -322,7 +323,9 @@ def test_anonymized_outputs_carry_a_stable_pseudonym_and_no_identity(tmp_path, m
                                                  for p in pseudonyms[0])
     pdf_text = subprocess.run([pdftotext, pdf, "-"], capture_output=True, text=True,
                               check=True).stdout
-    for text in (results.read_text(), html.read_text(), pdf_text):
+    # The HTML's embedded pictures are base64: any short name may occur in them by chance.
+    html_text = re.sub(r"data:[^\"]+", "data:", html.read_text())
+    for text in (results.read_text(), html_text, pdf_text):
         assert all(pseudonym in text for pseudonym in pseudonyms[0])
         for name, patient_id, birth in PATIENTS.values():
             for value in (name, name.split("^")[0], patient_id, birth):

@@ -72,14 +72,23 @@ def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileR
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = []
     for study in group_studies(results):
-        html = render_html(run, study.files, title=f"Study {study_heading(study).label}",
-                           summary=False)
+        html = study_html(run, study)
         stem = study_file_stem(study.key)
         for suffix in (".html", ".pdf"):
             path = directory / f"{stem}{suffix}"
             write_atomic(path, _encode_as(suffix, html), mode)
             written.append(path)
     return written
+
+
+def study_html(run: RunInfo, study: Study) -> str:
+    """The report of one study, without the run's page of counts."""
+    return render_html(run, study.files, title=f"Study {study_heading(study).label}",
+                       summary=False)
+
+
+def study_pdf(run: RunInfo, study: Study) -> bytes:
+    return render_pdf(study_html(run, study))
 
 
 def _description(run: RunInfo, studies: Sequence[Study], summary: bool) -> str:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from pneumoscan.records import FileResult
 
-IDENTIFYING_FIELDS = ("PatientName", "PatientID", "PatientBirthDate")
+IDENTIFYING_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "ReferringPhysicianName")
 PSEUDONYM_PREFIX = "anon-"
 
 
@@ -24,7 +24,8 @@ def pseudonym(key: bytes, identity: str) -> str:
 
 
 def anonymized(results: Iterable[FileResult], key: bytes) -> list[FileResult]:
-    """Copies of `results` whose metadata has no patient name, ID or birth date, and has
+    """Copies of `results` whose metadata has no patient name, ID or birth date (nor the
+    referring physician's name), and has
     the pseudonym as PatientID: of the patient ID, or when there is none of the name and
     birth date together."""
     return [replace(r, metadata=_anonymized_metadata(r.metadata, key)) for r in results]

@@ -1,7 +1,8 @@
 """The state ledger: what earlier runs found, so that a run over a growing folder decodes and
 classifies only files that are new or changed (`pneumoscan run --state FILE`).
 
-One SQLite file holds, for each input file ever classified, its content SHA-256, the model
+One SQLite file holds, for each input file ever classified (or PACS instance, by its SOP
+Instance UID), its content SHA-256, the model
 and threshold that classified it, and the result (with the report images when the run
 rendered them). A file is reused when its content, the model and the threshold are the same
 and, for a report, its images are there; anything else is computed again. The file is
@@ -100,6 +101,14 @@ def ledger_key(path: Path) -> bytes:
     return os.fsencode(os.path.abspath(path))
 
 
+# The stat of a PACS instance's row: it is never stat'ed, its SOP Instance UID is its key.
+REMOTE_STAT = "dicomweb"
+
+
+def remote_key(sop_uid: str) -> bytes:
+    return b"dicomweb:" + sop_uid.encode("ascii")
+
+
 def stat_signature(path: Path) -> str:
     """Changes whenever the file may have changed: a write, a replacement, a touch."""
     st = os.stat(path)
@@ -168,6 +177,19 @@ class Ledger:
                     plan.cached = self._reusable(plan, basis)
         return plans
 
+    def plan_remote(self, items: Iterable[InputFile], sop_uids: Iterable[str], basis: Basis, *,
+                    force: bool = False) -> list[Planned]:
+        """Like `plan`, for instances on a PACS: keyed by SOP Instance UID (by the standard,
+        one instance for ever), so nothing needs to be retrieved to know it was seen."""
+        plans = []
+        with self._db:
+            for item, sop_uid in zip(items, sop_uids):
+                plan = Planned(item, remote_key(sop_uid), REMOTE_STAT, sop_uid)
+                if not force:
+                    plan.cached = self._reusable(plan, basis)
+                plans.append(plan)
+        return plans
+
     def _fingerprint(self, plan: Planned) -> None:
         """Set the plan's key, stat and content hash; the hash is read again only when the
         stat changed. Raises OSError, leaving the plan as it was, when the file cannot be."""
@@ -203,7 +225,7 @@ class Ledger:
         """Keep `result` of a planned file, in its own transaction. Only results of content
         that stayed the same while it was processed are kept: a file still being copied in,
         or gone, is tried again next run."""
-        if plan.key is None or not _stat_unchanged(plan):
+        if plan.key is None or not (plan.stat == REMOTE_STAT or _stat_unchanged(plan)):
             return
         with self._db:
             self._db.execute(

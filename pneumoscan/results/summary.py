@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from pneumoscan.records import DICOM_FIELDS, FileResult
+from pneumoscan.records import DICOM_FIELDS, NOT_SHOWN, FileResult
 
 POSITIVE = "PNEUMONIA"
 NEGATIVE = "NORMAL"
@@ -82,11 +82,12 @@ class Study:
 
     @cached_property
     def _fields(self) -> list[tuple[str, str, list[str]]]:
-        """(keyword, label, distinct non-empty values) of every field, in display order."""
+        """(keyword, label, distinct non-empty values) of every field shown, in display
+        order."""
         values: dict[str, dict[str, None]] = {}
         for result in self.files:
             for keyword, value in result.metadata.items():
-                if value:
+                if value and keyword not in NOT_SHOWN:
                     values.setdefault(keyword, {})[value] = None
         others = sorted(values.keys() - DICOM_FIELDS.keys())
         order = [k for k in DICOM_FIELDS if k in values] + others
