@@ -224,8 +224,14 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
               help="labelled folder ({NORMAL,PNEUMONIA}/...) or CSV on which --int8/--fp16 "
                    "models are compared with float32 (default: the checkpoint's validation "
                    "split)")
+@click.option("--scope-split", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+              help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
+                   "scope guard (default: the one training wrote beside the checkpoint)")
+@click.option("--no-scope-guard", is_flag=True,
+              help="write the model without a scope guard (no out-of-distribution score)")
 def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
-                calibration_images, calibration_count, eval_images):
+                calibration_images, calibration_count, eval_images, scope_split,
+                no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
@@ -238,7 +244,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
 
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
-                          log=lambda m: click.echo(m))
+                          log=lambda m: click.echo(m), scope_split=scope_split,
+                          scope_guard=not no_scope_guard)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out}")
@@ -252,6 +259,41 @@ def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
             refused.append(kind)
     if refused:
         sys.exit(api.EXIT_FATAL)
+
+
+@main.command("scope-guard")
+@click.argument("model_path", type=click.Path(exists=True, path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="where to write the guarded model (default: MODEL_PATH, in place)")
+@click.option("--split", "split_path", type=click.Path(exists=True, path_type=Path,
+                                                        dir_okay=False),
+              help="split.json of the model's training run")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="without --split: the training data, split by patient as training does")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.15, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+def scope_guard(model_path, out, split_path, data, val_fraction, seed):
+    """Fit the scope guard of an exported ONNX model (one exported without it, or before
+    it existed) on its training images; its threshold flags at most 5% of the validation
+    images. `export-onnx` does this itself."""
+    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+
+    try:
+        if split_path is not None:
+            train, val = read_split(split_path)
+        elif data is not None:
+            from pneumoscan.evaluation.datasets import list_samples
+            from training.data import split_by_patient
+
+            parts = split_by_patient(list_samples(data), val_fraction, seed)
+            train, val = ([s.path for s in part] for part in parts)
+        else:
+            fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
+        fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m))
+    except (ScopeFitError, ModelError, FileNotFoundError) as exc:
+        fail(str(exc))
+    click.echo(f"wrote {out or model_path}")
 
 
 @main.command("eval")
