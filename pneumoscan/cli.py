@@ -191,11 +191,14 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     scan = summary.scan
     c = scan.counts()
     click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
-               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
+               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL; "
+               f"{c.out_of_scope} of them out of the model's scope), "
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in scan.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
+        elif r.in_scope is False:
+            click.echo(f"  out of scope: {r.path}: {'; '.join(r.scope_reasons)}", err=True)
     if push:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
