@@ -23,6 +23,7 @@ from pneumoscan.inference.model import ModelInfo
 POPULATION_YEARS = (0.5, 6.5)
 POPULATION_TEXT = "children aged 1-5"
 FRONTAL_VIEWS = {"PA", "AP"}
+PIXEL_REASON = "image unlike the model's training images"
 _AGE = re.compile(r"^(\d{1,3})\s*([DWMY])$")
 _DAYS_PER_UNIT = {"D": 1, "W": 7, "M": 365.25 / 12, "Y": 365.25}
 
@@ -78,8 +79,7 @@ def _age_text(years: float) -> str:
 def pixel_reason(score: float | None, threshold: float | None) -> str | None:
     if score is None or threshold is None or score <= threshold:
         return None
-    return (f"image unlike the model's training images (out-of-distribution score "
-            f"{score:.2f} > {threshold:.2f})")
+    return f"{PIXEL_REASON} (out-of-distribution score {score:.2f} > {threshold:.2f})"
 
 
 def assess(metadata: dict[str, str], score: float | None,

@@ -64,9 +64,11 @@ def _add_scope(db: sqlite3.Connection) -> None:
 
     rows = db.execute("SELECT path, result FROM files").fetchall()
     for path, text in rows:
-        result = {"in_scope": None, "scope_reasons": [], **json.loads(text)}
-        if result["status"] == "ok":
-            result["in_scope"], result["scope_reasons"] = assess(result["metadata"], None, None)
+        result = json.loads(text)
+        if "in_scope" in result:
+            continue
+        result["in_scope"], result["scope_reasons"] = (
+            assess(result["metadata"], None, None) if result["status"] == "ok" else (None, []))
         db.execute("UPDATE files SET result = ? WHERE path = ?", (json.dumps(result), path))
 
 
