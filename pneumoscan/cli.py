@@ -207,6 +207,12 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     sys.exit(summary.exit_code)
 
 
+scope_train_images_option = click.option(
+    "--scope-train-images", type=click.IntRange(100), metavar="N",
+    help="fit the scope guard on N training images at most, evenly spread (default: all; "
+         "the network's pass over them is most of the time the fit takes)")
+
+
 @main.command("export-onnx")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path, dir_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
@@ -230,11 +236,12 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
 @click.option("--scope-split", type=click.Path(exists=True, path_type=Path, dir_okay=False),
               help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
                    "scope guard (default: the one training wrote beside the checkpoint)")
+@scope_train_images_option
 @click.option("--no-scope-guard", is_flag=True,
               help="write the model without a scope guard (no out-of-distribution score)")
 def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
                 calibration_images, calibration_count, eval_images, scope_split,
-                no_scope_guard):
+                scope_train_images, no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
@@ -248,7 +255,7 @@ def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
                           log=lambda m: click.echo(m), scope_split=scope_split,
-                          scope_guard=not no_scope_guard)
+                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out}")
@@ -276,7 +283,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.15, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
-def scope_guard(model_path, out, split_path, data, val_fraction, seed):
+@scope_train_images_option
+def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images):
     """Fit the scope guard of an exported ONNX model (one exported without it, or before
     it existed) on its training images; its threshold flags at most 5% of the validation
     images. `export-onnx` does this itself."""
@@ -293,7 +301,8 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed):
             train, val = ([s.path for s in part] for part in parts)
         else:
             fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
-        fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m))
+        fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
+                        max_train=scope_train_images)
     except (ScopeFitError, ModelError, FileNotFoundError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out or model_path}")

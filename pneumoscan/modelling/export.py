@@ -206,7 +206,8 @@ def parity_images(checkpoint: Path, payload: dict, check_images: Path | None,
 def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = None,
                       version: str | None = None, name: str | None = None,
                       log=print, scope_split: Path | None = None,
-                      scope_guard: bool = True) -> dict[str, float]:
+                      scope_guard: bool = True,
+                      scope_train_images: int | None = None) -> dict[str, float]:
     """Export, then verify on real images; raises ExportError past PARITY_LIMITS. Then
     fit the scope guard on the checkpoint's training images and set its threshold on its
     validation images (the split.json beside it, or `scope_split`)."""
@@ -241,12 +242,13 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
         raise ExportError(f"ONNX Runtime differs from PyTorch: {', '.join(failed)}; "
                           "model not written")
     if scope_guard:
-        fit_checkpoint_scope_guard(checkpoint, payload, out, scope_split, log)
+        fit_checkpoint_scope_guard(checkpoint, payload, out, scope_split, scope_train_images,
+                                   log)
     return diffs
 
 
 def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
-                               scope_split: Path | None, log) -> None:
+                               scope_split: Path | None, max_train: int | None, log) -> None:
     from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
 
     try:
@@ -258,7 +260,7 @@ def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
             raise ScopeFitError("the checkpoint's training and validation images are not "
                                 "there (split.json): pass --scope-split FILE, or "
                                 "--no-scope-guard")
-        fit_scope_guard(out, train, val, log=log)
+        fit_scope_guard(out, train, val, log=log, max_train=max_train)
     except ScopeFitError as exc:
         out.unlink()
         raise ExportError(f"scope guard: {exc}; model not written") from exc

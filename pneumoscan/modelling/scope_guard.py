@@ -32,6 +32,7 @@ SCORE_OUTPUT = "scope_score"
 METADATA_KEY = "scope_guard"
 VAL_FLAG_RATE = 0.05
 COMPONENTS = 32
+POWER_ITERATIONS = 4
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
 
@@ -153,15 +154,23 @@ def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[P
 
 
 def fit_layer(tensor: str, train: np.ndarray, components: int = COMPONENTS) -> LayerFit:
-    """The probabilistic-PCA Gaussian of one layer's training statistics (N, D)."""
+    """The probabilistic-PCA Gaussian of one layer's training statistics (N, D). The top
+    components come from a randomised SVD (a few passes over the data, O(N D k)), not from
+    the D x D covariance: the last layer has D = 2560, and export runs on small CPUs."""
     mean = train.mean(axis=0)
     centred = train - mean
-    variances, vectors = np.linalg.eigh(centred.T @ centred / len(train))
-    variances, vectors = variances[::-1], vectors[:, ::-1]
-    k = max(1, min(components, len(train) - 1, len(variances) - 1))
-    floor = max(variances[0], 1e-12) * 1e-9  # dead channels have no variance at all
-    residual = max(float(variances[k:].mean()), floor)
-    return LayerFit(tensor, mean, vectors[:, :k].copy(), 1 / np.maximum(variances[:k], floor),
+    n, dims = centred.shape
+    k = max(1, min(components, n - 1, dims - 1))
+    sketch = centred @ np.random.default_rng(0).standard_normal((dims, k + 10))
+    for _ in range(POWER_ITERATIONS):  # sharpens the sketch towards the top components
+        sketch = centred @ (centred.T @ np.linalg.qr(sketch)[0])
+    basis = np.linalg.qr(sketch)[0]
+    _, singular, rows = np.linalg.svd(basis.T @ centred, full_matrices=False)
+    variances = singular[:k] ** 2 / n
+    total = float((centred ** 2).sum()) / n
+    floor = max(float(variances[0]), 1e-12) * 1e-9  # dead channels have no variance at all
+    residual = max((total - float(variances.sum())) / (dims - k), floor)
+    return LayerFit(tensor, mean, rows[:k].T.copy(), 1 / np.maximum(variances, floor),
                     1 / residual, 0.0, 1.0)
 
 
@@ -269,9 +278,11 @@ class ScopeGuard:
 
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
-                    out: Path | None = None, log: Callable[[str], None] = print) -> ScopeGuard:
-    """Fit the guard on `train`, set its threshold on `val`, and write the model with the
-    `scope_score` output and the guard in its metadata to `out` (default: in place)."""
+                    out: Path | None = None, log: Callable[[str], None] = print,
+                    max_train: int | None = None) -> ScopeGuard:
+    """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
+    threshold on `val`, and write the model with the `scope_score` output and the guard in
+    its metadata to `out` (default: in place)."""
     import onnx
 
     from pneumoscan.modelling.export import save_checked
@@ -280,6 +291,8 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
     if any(o.name == SCORE_OUTPUT for o in model.graph.output):
         raise ScopeFitError(f"{model_path} already has a scope guard")
     tensors = tapped_layers(model)
+    if max_train is not None and len(train) > max_train:
+        train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
     train_stats = layer_statistics(model_path, tensors, train, log)
     val_stats = layer_statistics(model_path, tensors, val, log)
     fits = [fit_layer(t, s) for t, s in zip(tensors, train_stats)]
