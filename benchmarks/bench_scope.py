@@ -128,14 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:18} {count:6d} {flagged:5d} ({flagged / count:5.1%}) "
                   f"{by_pixels / count:9.1%}", flush=True)
     if args.unguarded:
-        from pneumoscan.inference.preprocess import model_input
-        from pneumoscan.inputs.discover import classify_file
-        from pneumoscan.inputs.loading import load
+        from pneumoscan.inference.pipeline import read_model_input
 
-        prep = model.info.preprocessing
         paths = sorted((data / "kermany-original").rglob("*.jpeg"))[:32]
-        batch = np.stack([model_input(load(classify_file(p), prep.decode_size).pixels, prep)
-                          for p in paths])
+        batch = np.stack([read_model_input(p, model.info.preprocessing) for p in paths])
         guarded = model_seconds(model, batch, args.repeats)
         plain = model_seconds(api.open_model(args.unguarded, "cpu"), batch, args.repeats)
         print(f"model alone, batch {len(batch)}: {plain / len(batch) * 1000:.2f} ms/image "

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pneumoscan import api
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.inference.preprocess import model_input
+from pneumoscan.inference.pipeline import read_model_input
 from pneumoscan.inference.scope import (assess, metadata_reasons, patient_age_years,
                                         scope_threshold)
 from pneumoscan.modelling.scope_guard import (SCORE_OUTPUT, combined_scores, flag_threshold,
@@ -23,7 +23,7 @@ from pneumoscan.modelling.scope_guard import (SCORE_OUTPUT, combined_scores, fla
 from pneumoscan.records import FileResult
 from pneumoscan.results.summary import NEGATIVE, OUT_OF_SCOPE, POSITIVE, Counts, Study
 
-from conftest import REPO, SAMPLES, load_file, shared_path
+from conftest import REPO, SAMPLES, shared_path
 
 
 @pytest.mark.parametrize("metadata, years", [
@@ -99,7 +99,7 @@ def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_
     expected = combined_scores(fits, layer_statistics(small_onnx, layers, paths,
                                                       log=lambda m: None))
     prep = cam_model.info.preprocessing
-    batch = np.stack([model_input(load_file(p, prep.decode_size).pixels, prep) for p in paths])
+    batch = np.stack([read_model_input(p, prep) for p in paths])
     got = cam_model.predict(batch).scope_scores
     np.testing.assert_allclose(got, expected, atol=1e-3)
 

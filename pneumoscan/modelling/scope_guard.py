@@ -117,10 +117,7 @@ def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[P
     """Each tapped layer's pooled statistics over the images at `paths` (those readable)."""
     import onnx
 
-    from pneumoscan.inference.preprocess import model_input
-    from pneumoscan.inputs.discover import classify_file
-    from pneumoscan.inputs.loading import load
-    from pneumoscan.records import LoadedImage
+    from pneumoscan.inference.pipeline import read_model_input
 
     model = onnx.load(str(model_path))
     prep = read_model_info(model_path, {p.key: p.value for p in model.metadata_props}
@@ -139,9 +136,9 @@ def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[P
         batch.clear()
 
     for path in paths:
-        loaded = load(classify_file(path), min_size=prep.decode_size)
-        if isinstance(loaded, LoadedImage):
-            batch.append(model_input(loaded.pixels, prep))
+        tensor = read_model_input(path, prep)
+        if isinstance(tensor, np.ndarray):
+            batch.append(tensor)
         if len(batch) == BATCH:
             flush()
     if batch:
@@ -295,18 +292,25 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
         train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
     train_stats = layer_statistics(model_path, tensors, train, log)
     val_stats = layer_statistics(model_path, tensors, val, log)
+    guard = add_fitted_guard(model, tensors, train_stats, val_stats)
+    save_checked(model, out or model_path)
+    log(f"scope guard: {len(tensors)} layers, threshold {guard.threshold:.4f}, "
+        f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged")
+    return guard
+
+
+def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.ndarray],
+                     val_stats: Sequence[np.ndarray]) -> ScopeGuard:
+    """Fit on the layers' statistics and add the guard to `model` (graph and metadata)."""
     fits = [fit_layer(t, s) for t, s in zip(tensors, train_stats)]
     for fit, stats in zip(fits, val_stats):
         standardise(fit, stats)
     val_scores = combined_scores(fits, val_stats)
     threshold = flag_threshold(val_scores)
-    guard = ScopeGuard(threshold=threshold, layers=tensors, components=COMPONENTS,
+    guard = ScopeGuard(threshold=threshold, layers=list(tensors), components=COMPONENTS,
                        train_images=len(train_stats[0]), val_images=len(val_scores),
                        val_flagged=float((val_scores > threshold).mean()))
-    model = add_score_output(model, fits)
+    add_score_output(model, fits)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_PREFIX + METADATA_KEY, guard.to_json()
-    save_checked(model, out or model_path)
-    log(f"scope guard: {len(tensors)} layers, threshold {threshold:.4f}, "
-        f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged")
     return guard
