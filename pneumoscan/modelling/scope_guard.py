@@ -31,7 +31,7 @@ from pneumoscan.inference.model import META_PREFIX, open_session, read_model_inf
 SCORE_OUTPUT = "scope_score"
 METADATA_KEY = "scope_guard"
 VAL_FLAG_RATE = 0.05
-COMPONENTS = 32
+COMPONENTS = 64
 POWER_ITERATIONS = 4
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
