@@ -247,7 +247,20 @@ def add_score_output(model, fits: Sequence[LayerFit]):
                          keepdims=0),
     ])
     graph.output.append(helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["batch"]))
+    name_guard_nodes(graph)
     return model
+
+
+def is_guard_node(node) -> bool:
+    return node.output[0].startswith("scope/") or node.output[0] == SCORE_OUTPUT
+
+
+def name_guard_nodes(graph) -> None:
+    """Each guard node named after its output (tools such as the int8 quantiser select
+    nodes by name)."""
+    for node in graph.node:
+        if not node.name and is_guard_node(node):
+            node.name = node.output[0]
 
 
 def read_split(path: Path) -> tuple[list[Path], list[Path]]:
