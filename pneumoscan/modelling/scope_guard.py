@@ -33,6 +33,7 @@ METADATA_KEY = "scope_guard"
 VAL_FLAG_RATE = 0.05
 COMPONENTS = 64
 POWER_ITERATIONS = 4
+STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
 
@@ -73,23 +74,31 @@ def tapped_layers(model) -> list[str]:
 
 
 def _pooled_statistics(graph, tensor: str, index: int) -> str:
-    """Nodes giving (N, 2C): per-channel mean and standard deviation of `tensor`."""
+    """Nodes giving (N, 2C): per-channel mean and standard deviation of `tensor`. The
+    variance is the mean squared deviation (E[x^2] - E[x]^2 loses all its digits in float32
+    on nearly constant channels, such as saturated ReLU6 ones), and STD_FLOOR^2 is added
+    under the root so that what is left of rounding cannot dominate a distance."""
     from onnx import helper
 
     name = f"scope/{index}/"
     graph.node.extend([
-        helper.make_node("ReduceMean", [tensor, "scope/spatial_axes"], [name + "mean"],
+        helper.make_node("ReduceMean", [tensor, "scope/spatial_axes"], [name + "mean_map"],
+                         keepdims=1),
+        helper.make_node("Sub", [tensor, name + "mean_map"], [name + "deviation"]),
+        helper.make_node("Mul", [name + "deviation", name + "deviation"], [name + "square"]),
+        helper.make_node("ReduceMean", [name + "square", "scope/spatial_axes"], [name + "var"],
                          keepdims=0),
-        helper.make_node("Mul", [tensor, tensor], [name + "square"]),
-        helper.make_node("ReduceMean", [name + "square", "scope/spatial_axes"],
-                         [name + "mean_square"], keepdims=0),
-        helper.make_node("Mul", [name + "mean", name + "mean"], [name + "squared_mean"]),
-        helper.make_node("Sub", [name + "mean_square", name + "squared_mean"], [name + "var"]),
-        helper.make_node("Relu", [name + "var"], [name + "var_clipped"]),  # rounding below 0
-        helper.make_node("Sqrt", [name + "var_clipped"], [name + "std"]),
+        helper.make_node("Add", [name + "var", "scope/variance_floor"], [name + "var_floored"]),
+        helper.make_node("Sqrt", [name + "var_floored"], [name + "std"]),
+        helper.make_node("Flatten", [name + "mean_map"], [name + "mean"], axis=1),
         helper.make_node("Concat", [name + "mean", name + "std"], [name + "stats"], axis=1),
     ])
     return name + "stats"
+
+
+def _graph_constants(graph) -> None:
+    _constant(graph, "scope/spatial_axes", np.array([2, 3], np.int64))
+    _constant(graph, "scope/variance_floor", np.array(STD_FLOOR ** 2, np.float32))
 
 
 def _constant(graph, name: str, value) -> str:
@@ -105,7 +114,7 @@ def with_statistics_outputs(model, tensors: Sequence[str]):
     from onnx import TensorProto, helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    _constant(model.graph, "scope/spatial_axes", np.array([2, 3], np.int64))
+    _graph_constants(model.graph)
     for index, tensor in enumerate(tensors):
         stats = _pooled_statistics(model.graph, tensor, index)
         model.graph.output.append(helper.make_tensor_value_info(stats, TensorProto.FLOAT, None))
@@ -165,7 +174,8 @@ def fit_layer(tensor: str, train: np.ndarray, components: int = COMPONENTS) -> L
     _, singular, rows = np.linalg.svd(basis.T @ centred, full_matrices=False)
     variances = singular[:k] ** 2 / n
     total = float((centred ** 2).sum()) / n
-    floor = max(float(variances[0]), 1e-12) * 1e-9  # dead channels have no variance at all
+    # Directions of (almost) no variance: dead channels, and the STD_FLOOR of saturated ones.
+    floor = max(total / dims, 1e-12) * 1e-4
     residual = max((total - float(variances.sum())) / (dims - k), floor)
     return LayerFit(tensor, mean, rows[:k].T.copy(), 1 / np.maximum(variances, floor),
                     1 / residual, 0.0, 1.0)
@@ -203,7 +213,7 @@ def add_score_output(model, fits: Sequence[LayerFit]):
     from onnx import TensorProto, helper
 
     graph = model.graph
-    _constant(graph, "scope/spatial_axes", np.array([2, 3], np.int64))
+    _graph_constants(graph)
     _constant(graph, "scope/feature_axis", np.array([1], np.int64))
     standardised = []
     for index, fit in enumerate(fits):
