@@ -33,6 +33,7 @@ METADATA_KEY = "scope_guard"
 VAL_FLAG_RATE = 0.05
 COMPONENTS = 64
 POWER_ITERATIONS = 4
+FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard's nodes
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
@@ -73,22 +74,23 @@ def tapped_layers(model) -> list[str]:
     return [*early, activations[-1]]
 
 
-def _pooled_statistics(graph, tensor: str, index: int) -> str:
+def _pooled_statistics(graph, tensor: str, index: int, prefix: str = "scope") -> str:
     """Nodes giving (N, 2C): per-channel mean and standard deviation of `tensor`. The
     variance is the mean squared deviation (E[x^2] - E[x]^2 loses all its digits in float32
     on nearly constant channels, such as saturated ReLU6 ones), and STD_FLOOR^2 is added
     under the root so that what is left of rounding cannot dominate a distance."""
     from onnx import helper
 
-    name = f"scope/{index}/"
+    name = f"{prefix}/{index}/"
     graph.node.extend([
-        helper.make_node("ReduceMean", [tensor, "scope/spatial_axes"], [name + "mean_map"],
+        helper.make_node("ReduceMean", [tensor, f"{prefix}/spatial_axes"], [name + "mean_map"],
                          keepdims=1),
         helper.make_node("Sub", [tensor, name + "mean_map"], [name + "deviation"]),
         helper.make_node("Mul", [name + "deviation", name + "deviation"], [name + "square"]),
-        helper.make_node("ReduceMean", [name + "square", "scope/spatial_axes"], [name + "var"],
-                         keepdims=0),
-        helper.make_node("Add", [name + "var", "scope/variance_floor"], [name + "var_floored"]),
+        helper.make_node("ReduceMean", [name + "square", f"{prefix}/spatial_axes"],
+                         [name + "var"], keepdims=0),
+        helper.make_node("Add", [name + "var", f"{prefix}/variance_floor"],
+                         [name + "var_floored"]),
         helper.make_node("Sqrt", [name + "var_floored"], [name + "std"]),
         helper.make_node("Flatten", [name + "mean_map"], [name + "mean"], axis=1),
         helper.make_node("Concat", [name + "mean", name + "std"], [name + "stats"], axis=1),
@@ -96,9 +98,9 @@ def _pooled_statistics(graph, tensor: str, index: int) -> str:
     return name + "stats"
 
 
-def _graph_constants(graph) -> None:
-    _constant(graph, "scope/spatial_axes", np.array([2, 3], np.int64))
-    _constant(graph, "scope/variance_floor", np.array(STD_FLOOR ** 2, np.float32))
+def _graph_constants(graph, prefix: str = "scope") -> None:
+    _constant(graph, f"{prefix}/spatial_axes", np.array([2, 3], np.int64))
+    _constant(graph, f"{prefix}/variance_floor", np.array(STD_FLOOR ** 2, np.float32))
 
 
 def _constant(graph, name: str, value) -> str:
@@ -114,9 +116,9 @@ def with_statistics_outputs(model, tensors: Sequence[str]):
     from onnx import TensorProto, helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    _graph_constants(model.graph)
+    _graph_constants(model.graph, FIT_PREFIX)
     for index, tensor in enumerate(tensors):
-        stats = _pooled_statistics(model.graph, tensor, index)
+        stats = _pooled_statistics(model.graph, tensor, index, FIT_PREFIX)
         model.graph.output.append(helper.make_tensor_value_info(stats, TensorProto.FLOAT, None))
     return model
 
