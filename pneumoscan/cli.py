@@ -292,11 +292,14 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     scan = summary.scan
     c = scan.counts()
     click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
-               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
+               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL; "
+               f"{c.out_of_scope} of them out of the model's scope), "
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in scan.results:
         if r.status != "ok":
             click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
+        elif r.in_scope is False:
+            click.echo(f"  out of scope: {r.path}: {'; '.join(r.scope_reasons)}", err=True)
     if push:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
@@ -323,6 +326,12 @@ def _signals_interrupt():
             signal.signal(signum, handler)
 
 
+scope_train_images_option = click.option(
+    "--scope-train-images", type=click.IntRange(100), metavar="N",
+    help="fit the scope guard on N training images at most, evenly spread (default: all; "
+         "the network's pass over them is most of the time the fit takes)")
+
+
 @main.command("export-onnx")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path, dir_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
@@ -347,8 +356,15 @@ def _signals_interrupt():
               help="labelled folder ({NORMAL,PNEUMONIA}/...) or CSV on which --int8/--fp16 "
                    "models are compared with float32 (default: the checkpoint's validation "
                    "split)")
+@click.option("--scope-split", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+              help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
+                   "scope guard (default: the one training wrote beside the checkpoint)")
+@scope_train_images_option
+@click.option("--no-scope-guard", is_flag=True,
+              help="write the model without a scope guard (no out-of-distribution score)")
 def export_onnx(checkpoint, out, check_images, model_version, name, force, int8, fp16,
-                calibration_images, calibration_count, eval_images):
+                calibration_images, calibration_count, eval_images, scope_split,
+                scope_train_images, no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
@@ -385,7 +401,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
         click.echo(f"pneumoscan: warning: {problem}; exported because of --force", err=True)
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
-                          log=lambda m: click.echo(m))
+                          log=lambda m: click.echo(m), scope_split=scope_split,
+                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out}: model {name}")
@@ -399,6 +416,43 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
             refused.append(kind)
     if refused:
         sys.exit(api.EXIT_FATAL)
+
+
+@main.command("scope-guard")
+@click.argument("model_path", type=click.Path(exists=True, path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="where to write the guarded model (default: MODEL_PATH, in place)")
+@click.option("--split", "split_path", type=click.Path(exists=True, path_type=Path,
+                                                        dir_okay=False),
+              help="split.json of the model's training run")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="without --split: the training data, split by patient as training does")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.15, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@scope_train_images_option
+def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images):
+    """Fit the scope guard of an exported ONNX model (one exported without it, or before
+    it existed) on its training images; its threshold flags at most 5% of the validation
+    images. `export-onnx` does this itself."""
+    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+
+    try:
+        if split_path is not None:
+            train, val = read_split(split_path)
+        elif data is not None:
+            from pneumoscan.evaluation.datasets import list_samples
+            from training.data import split_by_patient
+
+            parts = split_by_patient(list_samples(data), val_fraction, seed)
+            train, val = ([s.path for s in part] for part in parts)
+        else:
+            fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
+        fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
+                        max_train=scope_train_images)
+    except (ScopeFitError, ModelError, FileNotFoundError) as exc:
+        fail(str(exc))
+    click.echo(f"wrote {out or model_path}")
 
 
 @main.command("eval")

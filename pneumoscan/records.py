@@ -22,6 +22,7 @@ DICOM_FIELDS = {
     "PatientID": "Patient ID",
     "PatientName": "Patient name",
     "PatientBirthDate": "Birth date",
+    "PatientAge": "Age",
     "PatientSex": "Sex",
     "PatientAge": "Age",
     "StudyInstanceUID": "Study UID",
@@ -78,6 +79,10 @@ class FileResult:
     label: str | None = None
     threshold: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Classified images only: whether the image is one the model was made for (see
+    # inference/scope.py), and why not, one line per reason.
+    in_scope: bool | None = None
+    scope_reasons: list[str] = field(default_factory=list)
     # For the report only (not serialised): the X-ray and its CAM overlay side by side,
     # JPEG (overlay.render_picture).
     picture: bytes | None = None
@@ -93,6 +98,8 @@ class FileResult:
             "probability": self.probability,
             "label": self.label,
             "threshold": self.threshold,
+            "in_scope": self.in_scope,
+            "scope_reasons": self.scope_reasons,
             "metadata": self.metadata,
         }
 

@@ -197,7 +197,7 @@ def test_a_study_is_positive_if_any_image_is_and_positive_studies_come_first():
         ("c", "PNEUMONIA"), ("b", "PNEUMONIA"), ("a", "NORMAL"), ("d", "NOT CLASSIFIED")]
     assert studies[1].highest_probability == 0.7 and studies[3].highest_probability is None
     assert Counts.of(results) == Counts(files=6, classified=4, pneumonia=2, normal=2,
-                                        skipped=1, errors=1)
+                                        skipped=1, errors=1, out_of_scope=0)
 
 
 def test_study_metadata_shows_shared_fields_once_and_the_others_per_image():
@@ -256,6 +256,25 @@ def test_html_is_a_worklist_each_study_one_click_from_the_summary_and_back(html)
         body = body[:body.index("</section>")]
         assert f'<a href="#{row}">' in body  # back to its own row of the summary
     assert len(set(re.findall(r'\sid="([^"]+)"', html))) == len(re.findall(r'\sid="', html))
+
+
+def test_out_of_scope_images_are_marked_and_counted_apart(results):
+    """A study whose images are all out of scope reads 'review', never NORMAL; each such
+    image says why above its picture; the summary counts them apart."""
+    from dataclasses import replace
+
+    reason = "patient aged 64 years: the model is made for children aged 1-5"
+    flagged = [replace(r, in_scope=False, scope_reasons=[reason])
+               if r.status == "ok" and r.study.endswith("study-normal-1") else r
+               for r in results]
+    html = render_html(RUN, flagged)
+    summary = html[html.index('<table class="studies">'):]
+    assert re.search(r"study-normal-1</a>(<br><span class=\"small-print\">[^<]*</span>)?</td>"
+                     r"<td class=\"decision review\">review: outside the "
+                     r"model&#39;s intended use</td>", summary[:summary.index("</table>")])
+    assert html.count(f'<p class="scope">OUT OF SCOPE: {reason}</p>') == 4
+    counts = html[html.index('<table class="counts">'):]
+    assert '<td class="review">4</td>' in counts[:counts.index("</table>")]
 
 
 def test_html_escapes_hostile_metadata(html):

@@ -99,6 +99,13 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
     for key, value in metadata_props(metadata).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    save_checked(model, out)
+
+
+def save_checked(model, out: Path) -> None:
+    """Check the graph, then replace `out` atomically."""
+    import onnx
+
     onnx.checker.check_model(model)
     with atomic_path(out, mode=0o644) as partial:
         onnx.save(model, str(partial))
@@ -187,10 +194,12 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
 def split_images(checkpoint: Path, payload: dict, part: str) -> list[Path]:
     """The checkpoint's own `part` ("train" or "val") images, those still there: from the
     split.json that training wrote beside it (or in its configured output folder)."""
+    from pneumoscan.modelling.scope_guard import read_split
+
     for folder in (Path(checkpoint).parent, Path(payload["config"]["out"])):
         split = folder / "split.json"
         if split.exists():
-            return [p for p in map(Path, json.loads(split.read_text())[part]) if p.exists()]
+            return read_split(split)[part == "val"]
     return []
 
 
@@ -219,8 +228,12 @@ def parity_images(checkpoint: Path, payload: dict, check_images: Path | None,
 
 def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = None,
                       version: str | None = None, name: str | None = None,
-                      log=print) -> dict[str, float]:
-    """Export, then verify on real images; raises ExportError past PARITY_LIMITS."""
+                      log=print, scope_split: Path | None = None,
+                      scope_guard: bool = True,
+                      scope_train_images: int | None = None) -> dict[str, float]:
+    """Export, then verify on real images; raises ExportError past PARITY_LIMITS. Then
+    fit the scope guard on the checkpoint's training images and set its threshold on its
+    validation images (the split.json beside it, or `scope_split`)."""
     import torch
 
     from pneumoscan.inference.pipeline import read_model_input
@@ -252,4 +265,26 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
         out.unlink()
         raise ExportError(f"ONNX Runtime differs from PyTorch: {', '.join(failed)}; "
                           "model not written")
+    if scope_guard:
+        fit_checkpoint_scope_guard(checkpoint, payload, out, scope_split, scope_train_images,
+                                   log)
     return diffs
+
+
+def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
+                               scope_split: Path | None, max_train: int | None, log) -> None:
+    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+
+    try:
+        if scope_split is not None:
+            train, val = read_split(scope_split)
+        else:
+            train, val = (split_images(checkpoint, payload, part) for part in ("train", "val"))
+        if not train or not val:
+            raise ScopeFitError("the checkpoint's training and validation images are not "
+                                "there (split.json): pass --scope-split FILE, or "
+                                "--no-scope-guard")
+        fit_scope_guard(out, train, val, log=log, max_train=max_train)
+    except ScopeFitError as exc:
+        out.unlink()
+        raise ExportError(f"scope guard: {exc}; model not written") from exc

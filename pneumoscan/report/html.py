@@ -20,7 +20,8 @@ from pneumoscan.report.headings import study_heading
 from pneumoscan.report.pdf import render_pdf
 from pneumoscan.report.pictures import colour_bar_png
 from pneumoscan.report.templates import templates
-from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, Study, group_studies
+from pneumoscan.results.summary import (NEGATIVE, OUT_OF_SCOPE, POSITIVE, Counts, Study,
+                                        group_studies)
 
 DISCLAIMER = "Research use only; not a medical diagnosis."
 DEFAULT_TITLE = "Chest X-ray pneumonia screening report"
@@ -142,4 +143,5 @@ def data_uri(encoded_image: bytes) -> str:
 
 
 def _decision_class(label: str | None) -> str:
-    return {POSITIVE: "pneumonia", NEGATIVE: "normal"}.get(label, "unclassified")
+    return {POSITIVE: "pneumonia", NEGATIVE: "normal", OUT_OF_SCOPE: "review"}.get(
+        label, "unclassified")

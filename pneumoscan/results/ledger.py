@@ -28,7 +28,7 @@ from pathlib import Path
 from pneumoscan.files import sha256_of_file
 from pneumoscan.records import FileResult, InputFile
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE settings (
@@ -55,13 +55,32 @@ CREATE TABLE outputs (
 INSERT INTO settings VALUES ('pseudonym_key', randomblob(32));
 """
 
-# Format N -> N + 1. Format 1 kept the X-ray and its overlay as two images; its scores
-# stay valid, and the pictures are made again when a report next needs them.
+
+
+def _add_scope(db: sqlite3.Connection) -> None:
+    """Format 2 results have no scope: those models had no scope guard, so what the same
+    model would say now comes from the metadata rules alone."""
+    from pneumoscan.inference.scope import assess
+
+    rows = db.execute("SELECT path, result FROM files").fetchall()
+    for path, text in rows:
+        result = json.loads(text)
+        if "in_scope" in result:
+            continue
+        result["in_scope"], result["scope_reasons"] = (
+            assess(result["metadata"], None, None) if result["status"] == "ok" else (None, []))
+        db.execute("UPDATE files SET result = ? WHERE path = ?", (json.dumps(result), path))
+
+
+# Format N -> N + 1 (SQL, or a function of the connection). Format 1 kept the X-ray and its
+# overlay as two images; its scores stay valid, and the pictures are made again when a
+# report next needs them. Format 2 had no scope (in_scope, scope_reasons) in its results.
 MIGRATIONS = {
     1: """ALTER TABLE files DROP COLUMN image_png;
           ALTER TABLE files DROP COLUMN overlay_png;
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
+    2: _add_scope,
 }
 
 
@@ -279,6 +298,7 @@ def result_from_json(data: dict, path: Path, **extra) -> FileResult:
     return FileResult(path=path, study=study, status=data["status"], reason=data["reason"],
                       probability=data["probability"], label=data["label"],
                       threshold=data["threshold"], metadata=data["metadata"],
+                      in_scope=data["in_scope"], scope_reasons=data["scope_reasons"],
                       from_ledger=True, **extra)
 
 
@@ -299,6 +319,22 @@ def _lock(fd: int, path: Path, wait: bool) -> None:
         raise StateError(f"cannot lock state file {path}: {exc.strerror or exc}") from exc
 
 
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Format `version` -> `version` + 1, in one transaction."""
+    step = MIGRATIONS[version]
+    if isinstance(step, str):
+        db.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
+        return
+    db.execute("BEGIN")
+    try:
+        step(db)
+        db.execute(f"PRAGMA user_version = {version + 1}")
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path)
     try:
@@ -309,9 +345,8 @@ def _connect(path: Path) -> sqlite3.Connection:
             db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         elif version in MIGRATIONS:
             while version < SCHEMA_VERSION:
+                _migrate(db, version)
                 version += 1
-                db.executescript(f"BEGIN; {MIGRATIONS[version - 1]}"
-                                 f" PRAGMA user_version = {version}; COMMIT;")
         elif version != SCHEMA_VERSION:
             raise StateError(f"state file {path} has format {version}, this pneumoscan reads "
                              f"format {SCHEMA_VERSION}: give another --state file")

@@ -12,6 +12,8 @@ from pneumoscan.records import DICOM_FIELDS, NOT_SHOWN, FileResult
 POSITIVE = "PNEUMONIA"
 NEGATIVE = "NORMAL"
 UNCLASSIFIED = "NOT CLASSIFIED"  # a study none of whose files could be classified
+# A study all of whose classified images are out of the model's scope: never NORMAL.
+OUT_OF_SCOPE = "review: outside the model's intended use"
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,11 @@ class Counts:
     normal: int
     skipped: int
     errors: int
+    out_of_scope: int  # classified (and counted above), but not what the model is made for
 
     @classmethod
     def of(cls, results: Iterable[FileResult]) -> Counts:
+        results = list(results)
         statuses = [(r.status, r.label) for r in results]
         return cls(
             files=len(statuses),
@@ -33,6 +37,7 @@ class Counts:
             normal=sum(status == "ok" and label == NEGATIVE for status, label in statuses),
             skipped=sum(status == "skipped" for status, _ in statuses),
             errors=sum(status == "error" for status, _ in statuses),
+            out_of_scope=sum(r.status == "ok" and r.in_scope is False for r in results),
         )
 
 
@@ -51,8 +56,16 @@ class Study:
         return [r for r in self.files if r.status != "ok"]
 
     @property
+    def out_of_scope(self) -> bool:
+        """Images were classified, and none of them is one the model is made for."""
+        return bool(self.classified) and all(r.in_scope is False for r in self.classified)
+
+    @property
     def decision(self) -> str:
-        """PNEUMONIA if any image is, NORMAL if images were classified and none is."""
+        """OUT_OF_SCOPE if every classified image is out of scope; else PNEUMONIA if any
+        image is, NORMAL if images were classified and none is."""
+        if self.out_of_scope:
+            return OUT_OF_SCOPE
         labels = {r.label for r in self.classified}
         if POSITIVE in labels:
             return POSITIVE
@@ -94,7 +107,7 @@ class Study:
         return [(k, DICOM_FIELDS.get(k, k), list(values[k])) for k in order]
 
 
-_DECISION_RANK = {POSITIVE: 0, NEGATIVE: 1, UNCLASSIFIED: 2}
+_DECISION_RANK = {POSITIVE: 0, OUT_OF_SCOPE: 1, NEGATIVE: 2, UNCLASSIFIED: 3}
 
 
 def group_studies(results: Iterable[FileResult]) -> list[Study]:
