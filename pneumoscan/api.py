@@ -31,6 +31,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -88,6 +89,17 @@ class RunError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FATAL):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal (the command line raises it on SIGINT and SIGTERM).
+    A BaseException, like KeyboardInterrupt, so that no handler of errors takes it for
+    one; what was computed is kept in the state. Exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum)
+        super().__init__(f"interrupted by {self.signal.name}")
+        self.exit_code = 128 + self.signal.value
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,39 @@ class RunOptions:
         if self.report is not None and self.report.suffix.lower() not in REPORT_SUFFIXES:
             raise RunError(f"--out must end in .pdf or .html, not {self.report.name!r}",
                            EXIT_USAGE)
+        if self.cam_backend == "torch" and self.checkpoint is None:
+            raise RunError("--cam-backend torch needs --checkpoint FILE", EXIT_USAGE)
+
+    def outputs(self) -> list[tuple[str, Path]]:
+        """(what, path) of every output the run writes, as given (or defaulted)."""
+        given = [("report", self.report), ("json", self.json), ("per-study", self.per_study),
+                 ("dicom-out", self.dicom_out)]
+        return [(what, path) for what, path in given if path is not None] + [
+            ("state", self.state_path), ("log", self.log_path)]
+
+    def check_outputs(self) -> None:
+        """Raises RunError naming the path as given when an output cannot be written
+        there; creates nothing."""
+        for what, path in self.outputs():
+            check_writable(path, what, folder=what in ("per-study", "dicom-out"))
+
+
+def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
+    """Raises RunError unless `path` (a file, or with `folder` a folder) can be written:
+    it is of that kind if it exists, and the nearest folder that exists on its way can be
+    written into."""
+    if path.exists() and path.is_dir() != folder:
+        raise RunError(f"cannot write the {what} {path}: it is "
+                       f"{'a file, not a folder' if folder else 'a folder'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise RunError(f"cannot write the {what} {path}: permission denied")
+    nearest = path if folder and path.exists() else path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise RunError(f"cannot write the {what} {path}: {nearest} is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write the {what} {path}: folder {nearest} is not writable")
 
 
 class RunEvents:
@@ -170,6 +215,14 @@ class RunEvents:
     def classified(self) -> None:
         """Every file has its result; the outputs are written next."""
 
+    def writing(self, what: str, path: Path, parts: int) -> None:
+        """Output `path` ("report" or "per-study") is being rendered, in `parts` pieces:
+        the studies whose reports are due, for per-study; 1 for the report, 0 when it is
+        current already."""
+
+    def wrote_part(self) -> None:
+        """One more piece of the output being written is done."""
+
     def dicom_outputs(self, study: str) -> None:
         """The DICOM outputs of `study` are made, to be written and/or sent, next."""
 
@@ -180,6 +233,7 @@ class RunSummary:
     written: list[Path]  # the output files this run (re)wrote
     state: Path
     log: Path
+    outputs: list[tuple[str, Path]]  # (what, path) of every output, written or still current
     pushed: list[str] = field(default_factory=list)  # studies whose outputs were sent
     push_failures: list[str] = field(default_factory=list)  # "study: why", one a study
 
@@ -194,17 +248,37 @@ def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
     (with its exit code) when the run cannot be done; file-level problems are results."""
     options.check()
     events = events or RunEvents()
+    # A run that cannot start creates nothing: outputs are checked and the model opened
+    # before the state and the log are. An existing log is told why.
+    try:
+        options.check_outputs()
+        try:
+            model = open_model(options.model, options.device, options.cam_backend,
+                               options.checkpoint)
+        except ModelError as exc:
+            raise RunError(str(exc)) from None
+    except RunError as exc:
+        RunLog.append_if_present(options.log_path, "failed", message=str(exc),
+                                 exit_code=exc.exit_code)
+        raise
+    events.model_opened(model)
     try:
         runlog = RunLog(options.log_path)
     except OSError as exc:
-        raise RunError(f"cannot open the run log: {exc}") from None
+        raise RunError(f"cannot write the log {options.log_path}: "
+                       f"{exc.strerror or exc}") from None
     with runlog:
         try:
             with _lock_state(options.state_path, options.wait, events) as ledger:
-                return _run_locked(options, ledger, runlog, events)
+                return _run_locked(options, model, ledger, runlog, events)
         except RunError as exc:
             runlog.write("locked" if exc.exit_code == EXIT_LOCKED else "failed",
                          message=str(exc), exit_code=exc.exit_code)
+            raise
+        except (Interrupted, KeyboardInterrupt) as exc:
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            runlog.write("interrupted", signal=stopped.signal.name,
+                         exit_code=stopped.exit_code)
             raise
         except Exception as exc:  # a bug: leave a trace in the log, then the traceback
             runlog.write("failed", message=one_line(exc), exit_code=EXIT_FATAL)
@@ -224,24 +298,18 @@ def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
         raise RunError(str(exc)) from None
 
 
-def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
+def _run_locked(options: RunOptions, model: CamModel, ledger: Ledger, runlog: RunLog,
                 events: RunEvents) -> RunSummary:
     destination = _push_destination(options)
-    try:
-        model = open_model(options.model, options.device, options.cam_backend,
-                           options.checkpoint)
-    except ModelError as exc:
-        raise RunError(str(exc)) from None
-    events.model_opened(model)
     runlog.write("start", scans=str(options.scans), state=str(ledger.path), pid=os.getpid(),
                  pneumoscan=__version__, force=options.force, anonymize=options.anonymize,
                  model={"name": model.info.name, "version": model.info.version,
                         "sha256": model.info.sha256})
 
     def on_result(result: FileResult) -> None:
-        events.result(result)
         if not result.from_ledger:
             runlog.file(result)
+        events.result(result)
 
     render = options.report is not None or options.per_study is not None or options.dicom_outputs
     common = dict(batch_size=options.batch_size, workers=options.workers,
@@ -261,7 +329,8 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
         scanned = anonymize(scanned, ledger)
     written, sent = _write_outputs(options, scanned, ledger, destination, events)
     counts = scanned.counts()
-    summary = RunSummary(scanned, written, ledger.path, runlog.path, sent.pushed, sent.failures)
+    summary = RunSummary(scanned, written, ledger.path, runlog.path, options.outputs(),
+                         sent.pushed, sent.failures)
     runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
                  computed=counts.files - scanned.from_ledger, pushed=sent.pushed,
                  push_failures=sent.failures, exit_code=summary.exit_code,
@@ -335,24 +404,34 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
 def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger, destination,
                    events: RunEvents) -> tuple[list[Path], DicomOutputs]:
     sent = DicomOutputs()
-    try:
-        written = []
-        if options.json:
+    written = []
+    if options.json:
+        with _naming_errors("json", options.json):
             write_json(options.json, scanned)
             written.append(options.json)
-        if options.report:
-            written += write_report(options.report, scanned, ledger)
-        if options.per_study:
-            written += write_per_study(options.per_study, scanned, ledger)
-        if options.dicom_outputs:
+    if options.report:
+        with _naming_errors("report", options.report):
+            written += write_report(options.report, scanned, ledger, events=events)
+    if options.per_study:
+        with _naming_errors("per-study", options.per_study):
+            written += write_per_study(options.per_study, scanned, ledger, events=events)
+    if options.dicom_outputs:
+        with _naming_errors("dicom-out", options.dicom_out):
             sent = write_dicom_outputs(scanned, ledger, options.dicom_out, destination,
                                        on_study=events.dicom_outputs)
-            written += sent.written
-        for path in written:  # what killed runs left; no other run writes them: we hold the lock
-            remove_leftover_temporaries(path)
-    except OSError as exc:
-        raise RunError(f"cannot write output: {exc}") from None
+        written += sent.written
+    for path in written:  # what killed runs left; no other run writes them: we hold the lock
+        remove_leftover_temporaries(path)
     return written, sent
+
+
+@contextlib.contextmanager
+def _naming_errors(what: str, path: Path):
+    """Errors writing output `path` as RunError naming it as given (not a temporary name)."""
+    try:
+        yield
+    except OSError as exc:
+        raise RunError(f"cannot write the {what} {path}: {exc.strerror or exc}") from None
 
 
 def open_model(model_path: Path | None = None, device: str = "auto", cam_backend: str = "onnx",
@@ -532,7 +611,8 @@ def write_json(path: Path, scanned: Scan) -> None:
     write_atomic(path, json.dumps(results_json(scanned), indent=1).encode())
 
 
-def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None) -> list[Path]:
+def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None, *,
+                 events: RunEvents | None = None) -> list[Path]:
     """The report of the whole scan, as PDF or HTML by the suffix of `path`. With a ledger,
     not rendered again when the file is there showing the same results. Returns the files
     written."""
@@ -540,9 +620,13 @@ def write_report(path: Path, scanned: Scan, ledger: Ledger | None = None) -> lis
 
     name = ("report", os.path.abspath(path))
     fingerprint = shown_fingerprint(scanned.run, scanned.results)
-    if not _due(ledger, name, fingerprint):
+    due = _due(ledger, name, fingerprint)
+    events = events or RunEvents()
+    events.writing("report", path, int(due))
+    if not due:
         return []
     written = report.write_report(path, scanned.run, scanned.results)
+    events.wrote_part()
     return _written(ledger, name, fingerprint, [written])
 
 
@@ -552,7 +636,8 @@ PARALLEL_STUDIES_FROM = 8
 
 
 def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None, *,
-                    processes: int | None = None) -> list[Path]:
+                    processes: int | None = None,
+                    events: RunEvents | None = None) -> list[Path]:
     """One HTML and one PDF report per study in `directory`. With a ledger, only the studies
     whose results changed since their reports were written are rendered again. Studies
     are independent documents, so they are rendered in `processes` worker processes
@@ -565,6 +650,8 @@ def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None
         fingerprint = shown_fingerprint(scanned.run, study.files)
         if _due(ledger, name, fingerprint):
             due.append((name, fingerprint, study.files))
+    events = events or RunEvents()
+    events.writing("per-study", directory, len(due))
     render = functools.partial(report.write_per_study, directory, scanned.run)
     processes = processes or available_cores()
     written: list[Path] = []
@@ -578,6 +665,7 @@ def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None
             rendered = map(render, [results for _, _, results in due])
         for (name, fingerprint, _), paths in zip(due, rendered):
             written += _written(ledger, name, fingerprint, paths)
+            events.wrote_part()
     return written
 
 

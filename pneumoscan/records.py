@@ -24,11 +24,13 @@ DICOM_FIELDS = {
     "PatientBirthDate": "Birth date",
     "PatientAge": "Age",
     "PatientSex": "Sex",
+    "PatientAge": "Age",
     "StudyInstanceUID": "Study UID",
     "StudyDate": "Study date",
     "StudyTime": "Study time",
     "StudyID": "Study ID",
     "AccessionNumber": "Accession number",
+    "StudyDescription": "Study description",
     "ReferringPhysicianName": "Referring physician",
     "Modality": "Modality",
     "ViewPosition": "View position",
@@ -67,9 +69,10 @@ class LoadedImage:
 
 @dataclass
 class FileResult:
-    """The outcome for one input file; errors are values here, not exceptions."""
+    """The outcome for one input file; errors are values here, not exceptions. `study` is
+    None for a file that is not an image (it belongs to no study)."""
     path: Path
-    study: str
+    study: str | None
     status: Status
     reason: str | None = None
     probability: float | None = None  # of pneumonia

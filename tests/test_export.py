@@ -77,3 +77,26 @@ def test_export_refuses_a_checkpoint_it_cannot_read(tmp_path):
     assert result.exit_code == 1
     assert "cannot read checkpoint" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_is_named_after_its_run_and_refused_far_below_the_default_model(
+        small_checkpoint, val_images, tmp_path):
+    import torch
+
+    poor = tmp_path / "run-poor" / "best.pt"
+    poor.parent.mkdir()
+    payload = read_checkpoint(small_checkpoint)
+    payload["metrics"]["at_threshold"]["auc"] = 0.41
+    torch.save(payload, poor)
+    out = tmp_path / "poor.onnx"
+    refused = invoke_cli("export-onnx", poor, "--out", out, "--check-images", val_images)
+    assert refused.exit_code == 1 and not out.exists()
+    assert "validation AUC 0.410 is far below the default model's 0.997" in refused.stderr
+    assert "AUC 0.410" in refused.stdout  # its metrics, and the default model's
+    forced = invoke_cli("export-onnx", poor, "--out", out, "--check-images", val_images,
+                        "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "exported because of --force" in forced.stderr
+    info = OnnxCamModel(out, device="cpu").info
+    assert info.name == "pneumoscan-efficientnet_lite0-run-poor"
+    assert f"wrote {out}: model {info.name}" in forced.stdout

@@ -11,6 +11,7 @@ which keeps export inside tests and CI affordable on a 2-core CPU.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import warnings
 from datetime import datetime, timezone
@@ -27,6 +28,9 @@ OUTPUTS = ("logits", "features", "cams")
 # are shown (min-max normalised) to 1e-3. The raw feature maps (ReLU6 activations up to 6)
 # are reported too; their absolute error grows with their scale, so they are not gated.
 PARITY_LIMITS = {"logits": 1e-4, "probabilities": 1e-4, "normalised_cams": 1e-3}
+# An export whose validation AUC is more than this below the default model's is refused
+# unless forced: a model that bad is a failed training run, not an alternative.
+FAR_BELOW_AUC = 0.05
 
 
 class ExportError(RuntimeError):
@@ -51,6 +55,25 @@ def export_module(network):
             return logits, maps, cams
 
     return CamExport(network).eval()
+
+
+def export_name(checkpoint: Path, payload: dict) -> str:
+    """An export's default name: after its architecture and its training run (the
+    checkpoint's folder), so that it never takes the shipped model's name unasked."""
+    return f"pneumoscan-{payload['arch']}-{Path(checkpoint).resolve().parent.name}"
+
+
+def shortfall(metrics: dict, reference: dict) -> str | None:
+    """Why validation `metrics` (a checkpoint's) make a model not worth exporting next to
+    `reference` (the default model's ModelInfo.validation_metrics), or None."""
+    auc = (metrics.get("at_threshold") or {}).get("auc")
+    if auc is None or math.isnan(auc):  # NaN: a validation split of one class
+        return "the checkpoint records no validation AUC"
+    best = (reference.get("at_threshold") or {}).get("auc")
+    if best is not None and auc < best - FAR_BELOW_AUC:
+        return (f"its validation AUC {auc:.3f} is far below the default model's {best:.3f} "
+                f"(more than {FAR_BELOW_AUC} lower)")
+    return None
 
 
 def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> None:
@@ -228,6 +251,7 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
         raise ExportError("none of the parity-check images could be read")
     batch = np.stack(images)
     version = version or datetime.now(timezone.utc).strftime("%Y.%m.%d")
+    name = name or export_name(checkpoint, payload)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**model_metadata(payload, version, name),
                 "exported": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -100,10 +100,15 @@ class Basis:
     render: bool  # report images wanted
 
 
+# The content hash recorded for a file that is not an image: discovery decided that from
+# its first bytes, and it stays so while its stat does.
+NOT_AN_IMAGE = ""
+
+
 @dataclass
 class Planned:
     """One discovered file and what the ledger knows of it. `key` is None for entries that
-    are not recorded: not an image, or not readable now (the pipeline says why)."""
+    are not recorded: not readable now (the pipeline says why)."""
     item: InputFile
     key: bytes | None = None
     stat: str | None = None
@@ -173,14 +178,15 @@ class Ledger:
     def plan(self, items: Iterable[InputFile], basis: Basis, *,
              force: bool = False) -> list[Planned]:
         """Each item with its content hash and, when the ledger holds a result that is still
-        valid for it, that result. Reads each file whose stat changed since it was hashed;
-        decodes none."""
+        valid for it, that result. Reads each image whose stat changed since it was hashed;
+        decodes none. Files that are not images are recorded too (by their stat), so that
+        an unchanged one counts as unchanged."""
         plans = []
         with self._db:
             for item in items:
                 plan = Planned(item)
                 plans.append(plan)
-                if item.kind is None:
+                if item.unreadable:
                     continue
                 try:
                     self._fingerprint(plan)
@@ -212,6 +218,8 @@ class Ledger:
                                (key,)).fetchone()
         if row and row[0] == stat:
             digest = row[1]
+        elif plan.item.kind is None:
+            digest = NOT_AN_IMAGE
         else:
             digest = sha256_of_file(path)
             if row and row[1] == digest:  # touched, copied over, moved back: the same content

@@ -82,6 +82,11 @@ class Study:
         them): DICOM fields in their usual order, then any other keyword."""
         return [(label, values[0]) for _, label, values in self._fields if len(values) == 1]
 
+    @property
+    def shared_fields(self) -> dict[str, str]:
+        """keyword -> value of the fields all the study's files agree on."""
+        return {keyword: values[0] for keyword, _, values in self._fields if len(values) == 1}
+
     def image_metadata(self, result: FileResult) -> list[tuple[str, str]]:
         """(label, value) of `result`'s fields that differ between the study's files, such
         as each image's SOP instance UID."""
@@ -106,11 +111,12 @@ _DECISION_RANK = {POSITIVE: 0, OUT_OF_SCOPE: 1, NEGATIVE: 2, UNCLASSIFIED: 3}
 
 
 def group_studies(results: Iterable[FileResult]) -> list[Study]:
-    """Studies in reading order: positive first, then the most probable pneumonia first,
+    """The studies of the images among `results`, in reading order: positive first, then the most probable pneumonia first,
     then by key so that the order is stable."""
     files: dict[str, list[FileResult]] = {}
     for result in results:
-        files.setdefault(result.study, []).append(result)
+        if result.study is not None:  # None: not an image, so part of no study
+            files.setdefault(result.study, []).append(result)
     studies = [Study(key, tuple(group)) for key, group in files.items()]
 
     def reading_order(study: Study) -> tuple:
