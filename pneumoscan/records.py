@@ -24,7 +24,6 @@ DICOM_FIELDS = {
     "PatientBirthDate": "Birth date",
     "PatientAge": "Age",
     "PatientSex": "Sex",
-    "PatientAge": "Age",
     "StudyInstanceUID": "Study UID",
     "StudyDate": "Study date",
     "StudyTime": "Study time",

@@ -139,7 +139,6 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None,
     failing is shown with -v). CPU sessions reuse the graph ORT optimised for this machine
     the first time, kept in the user's cache folder (`cache=False`: neither read nor
     written)."""
-    import onnxruntime as ort
 
     if device not in DEVICES:
         raise ModelError(f"unknown device {device!r}")

@@ -10,7 +10,6 @@ which keeps export inside tests and CI affordable on a 2-core CPU.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import warnings
