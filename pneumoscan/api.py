@@ -28,7 +28,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,11 +39,12 @@ from pneumoscan.inference.model import ModelError, available_cores, default_mode
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
 from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
-from pneumoscan.results.anonymize import anonymized
+from pneumoscan.results.anonymize import anonymized, anonymized_result, pseudonym_path
 from pneumoscan.results.ledger import Basis, Ledger, StateError, StateLocked
 from pneumoscan.results.runlog import RunLog
 from pneumoscan.results.summary import Counts, group_studies
 from pneumoscan.text import one_line
+from pneumoscan.workers import die_with_parent
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
@@ -146,6 +147,7 @@ class RunSummary:
     written: list[Path]  # the output files this run (re)wrote
     state: Path
     log: Path
+    removed: list[Path] = field(default_factory=list)  # per-study reports of vanished studies
 
     @property
     def exit_code(self) -> int:
@@ -165,7 +167,10 @@ def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
     with runlog:
         try:
             with _lock_state(options.state_path, options.wait, events) as ledger:
-                return _run_locked(options, ledger, runlog, events)
+                try:
+                    return _run_locked(options, ledger, runlog, events)
+                except StateError as exc:  # full disk, damaged pages: what is recorded stays
+                    raise RunError(str(exc)) from None
         except RunError as exc:
             runlog.write("locked" if exc.exit_code == EXIT_LOCKED else "failed",
                          message=str(exc), exit_code=exc.exit_code)
@@ -196,12 +201,17 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
     except ModelError as exc:
         raise RunError(str(exc)) from None
     events.model_opened(model)
-    runlog.write("start", scans=str(options.scans), state=str(ledger.path), pid=os.getpid(),
+    # With --anonymize, nothing told or logged names a patient, a path included.
+    key = ledger.pseudonym_key if options.anonymize else None
+    scans = str(pseudonym_path(key, options.scans.absolute()).parent if key else options.scans)
+    runlog.write("start", scans=scans, state=str(ledger.path), pid=os.getpid(),
                  pneumoscan=__version__, force=options.force, anonymize=options.anonymize,
                  model={"name": model.info.name, "version": model.info.version,
                         "sha256": model.info.sha256})
 
     def on_result(result: FileResult) -> None:
+        if key:
+            result = anonymized_result(result, key)
         events.result(result)
         if not result.from_ledger:
             runlog.file(result)
@@ -214,17 +224,20 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
     events.classified()
     if options.anonymize:
         scanned = anonymize(scanned, ledger)
-    written = _write_outputs(options, scanned, ledger)
+    written, removed = _write_outputs(options, scanned, ledger)
     counts = scanned.counts()
     runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
                  computed=counts.files - scanned.from_ledger, exit_code=scanned.exit_code,
-                 started=scanned.run.started, finished=scanned.run.finished)
-    return RunSummary(scanned, written, ledger.path, runlog.path)
+                 removed_reports=len(removed), started=scanned.run.started,
+                 finished=scanned.run.finished)
+    return RunSummary(scanned, written, ledger.path, runlog.path, removed)
 
 
-def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger) -> list[Path]:
+def _write_outputs(options: RunOptions, scanned: Scan,
+                   ledger: Ledger) -> tuple[list[Path], list[Path]]:
+    """The files written, and the per-study reports removed (of studies now gone)."""
     try:
-        written = []
+        written, removed = [], []
         if options.json:
             write_json(options.json, scanned)
             written.append(options.json)
@@ -232,11 +245,12 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger) -> list[P
             written += write_report(options.report, scanned, ledger)
         if options.per_study:
             written += write_per_study(options.per_study, scanned, ledger)
+            removed = remove_stale_per_study(options.per_study, scanned, ledger)
         for path in written:  # what killed runs left; no other run writes them: we hold the lock
             remove_leftover_temporaries(path)
     except OSError as exc:
         raise RunError(f"cannot write output: {exc}") from None
-    return written
+    return written, removed
 
 
 def open_model(model_path: Path | None = None, device: str = "auto", cam_backend: str = "onnx",
@@ -310,7 +324,9 @@ def _scan_incrementally(root: Path, items: list[InputFile], model: CamModel, led
             result = plan.cached
             if result is None:
                 result = next(computed)
-                ledger.record(plan, result, basis)
+                if ledger.record(plan, result, basis) and result.picture:
+                    # Read back when a report shows it: memory stays flat however many.
+                    result.picture = ledger.stored_picture(plan.key)
             if on_result:
                 on_result(result)
             results.append(result)
@@ -320,7 +336,7 @@ def _scan_incrementally(root: Path, items: list[InputFile], model: CamModel, led
 
 def anonymize(scanned: Scan, ledger: Ledger) -> Scan:
     """The scan with stable pseudonyms (keyed by the ledger's secret) in place of patient
-    name, ID and birth date."""
+    identity, paths and study labels (`results.anonymize` says what is kept)."""
     return replace(scanned, results=anonymized(scanned.results, ledger.pseudonym_key))
 
 
@@ -386,14 +402,44 @@ def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None
     with contextlib.ExitStack() as stack:
         if processes > 1 and len(due) >= PARALLEL_STUDIES_FROM:
             # spawn, not fork: this process runs ONNX Runtime's and the decoders' threads.
+            # Workers die with this process, even when it is killed with SIGKILL.
             pool = stack.enter_context(ProcessPoolExecutor(
-                min(processes, len(due)), mp_context=multiprocessing.get_context("spawn")))
+                min(processes, len(due)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent, initargs=(os.getpid(),)))
             rendered = pool.map(render, [results for _, _, results in due])
         else:
             rendered = map(render, [results for _, _, results in due])
         for (name, fingerprint, _), paths in zip(due, rendered):
             written += _written(ledger, name, fingerprint, paths)
     return written
+
+
+def remove_stale_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None
+                           ) -> list[Path]:
+    """Remove the per-study reports in `directory` of studies that are not in the scan
+    (their files were deleted or moved, or their label changed, as with --anonymize), so
+    the folder matches the scanned one: the reports the ledger recorded for such studies,
+    and any other file named as pneumoscan names per-study reports. Returns the files
+    removed."""
+    from pneumoscan.report import html as report
+
+    directory = Path(directory)
+    keys = {study.key for study in group_studies(scan_.results)}
+    current = {directory / name for key in keys for name in report.per_study_names(key)}
+    stale: set[Path] = set()
+    if ledger is not None:
+        for name, files in ledger.outputs(("per-study", os.path.abspath(directory))).items():
+            if name[2] not in keys:
+                stale.update(files)
+                ledger.forget_output(name)
+    if directory.is_dir():
+        stale.update(p for p in directory.iterdir() if report.is_per_study_name(p.name))
+    removed = []
+    for path in sorted(stale - current):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _due(ledger: Ledger | None, name: tuple[str, ...], fingerprint: str) -> bool:

@@ -11,6 +11,7 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,8 +20,9 @@ import click
 
 from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
-from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
+from pneumoscan.text import printable
 
 log = logging.getLogger("pneumoscan")
 
@@ -96,7 +98,7 @@ class Progress(api.RunEvents):
             self.bar.__enter__()
 
     def result(self, result) -> None:
-        log.info("%s: %s %s", result.path, result.status,
+        log.info("%s: %s %s", printable(str(result.path)), result.status,
                  result.label if result.status == "ok" else result.reason)
         if self.bar:
             self.bar.update(1)
@@ -165,7 +167,16 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in scan.results:
         if r.status != "ok":
-            click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
+            click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
+    if summary.removed:
+        click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
+                   "longer found", err=True)
+    if stuck():
+        # A file abandoned by the watchdog still holds a thread that may never end: the
+        # outputs are written and the state closed, so exit without waiting for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(summary.exit_code)
     sys.exit(summary.exit_code)
 
 
