@@ -15,19 +15,32 @@ import numpy as np
 FileKind = Literal["dicom", "png", "jpeg", "tiff"]
 Status = Literal["ok", "skipped", "error"]
 
-# DICOM attributes kept for each image (keyword -> report label).
+# DICOM attributes kept for each image (keyword -> report label). The DICOM outputs copy
+# the patient and study modules from them and refer to the source instance by its series,
+# SOP class and SOP instance UIDs; the report leaves out the NOT_SHOWN ones.
 DICOM_FIELDS = {
     "PatientID": "Patient ID",
     "PatientName": "Patient name",
     "PatientBirthDate": "Birth date",
+    "PatientAge": "Age",
+    "PatientSex": "Sex",
+    "PatientAge": "Age",
     "StudyInstanceUID": "Study UID",
     "StudyDate": "Study date",
+    "StudyTime": "Study time",
+    "StudyID": "Study ID",
     "AccessionNumber": "Accession number",
+    "StudyDescription": "Study description",
+    "ReferringPhysicianName": "Referring physician",
     "Modality": "Modality",
     "ViewPosition": "View position",
     "BodyPartExamined": "Body part",
+    "PatientOrientation": "Orientation",
+    "SeriesInstanceUID": "Series UID",
+    "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
 }
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
 
 
 @dataclass(frozen=True)
@@ -58,15 +71,20 @@ class LoadedImage:
 
 @dataclass
 class FileResult:
-    """The outcome for one input file; errors are values here, not exceptions."""
+    """The outcome for one input file; errors are values here, not exceptions. `study` is
+    None for a file that is not an image (it belongs to no study)."""
     path: Path
-    study: str
+    study: str | None
     status: Status
     reason: str | None = None
     probability: float | None = None  # of pneumonia
     label: str | None = None
     threshold: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Classified images only: whether the image is one the model was made for (see
+    # inference/scope.py), and why not, one line per reason.
+    in_scope: bool | None = None
+    scope_reasons: list[str] = field(default_factory=list)
     # For the report only (not serialised): the X-ray and its CAM overlay side by side,
     # JPEG (report.pictures.render_picture), or what gives its bytes when asked (a picture
     # kept in the state ledger).
@@ -83,6 +101,8 @@ class FileResult:
             "probability": self.probability,
             "label": self.label,
             "threshold": self.threshold,
+            "in_scope": self.in_scope,
+            "scope_reasons": self.scope_reasons,
             "metadata": self.metadata,
         }
 

@@ -62,3 +62,10 @@ def dicom_value(values: list[str], vr: str) -> str:
     if len(values) > DICOM_MAX_VALUES:
         shown.append(ELLIPSIS)
     return "\\".join(shown)
+
+
+def defined_term(value: str, defined_terms: set[str]) -> str:
+    """`value` when it is one of the standard's defined terms, else a word that says it is
+    not: reasons never echo a file's own text, which may hold a patient's name or control
+    sequences."""
+    return value if value in defined_terms else "of an unlisted value"

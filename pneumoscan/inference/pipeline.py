@@ -25,6 +25,7 @@ import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
 from pneumoscan.inference.preprocess import Preprocessing, model_input, normalise, prepare_pixels
+from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.report.pictures import render_picture
@@ -170,13 +171,19 @@ def _finish_chunk(chunk, model, threshold, info, negative, render_pool,
         cams = normalised_cams(predictions.cams, decided)
         pictures = [render_pool.submit(render_picture, p.outcome.pixels, cam)
                     if render_pool else None for p, cam in zip(loaded, cams)]
-        for p, prob, cls, picture in zip(loaded, probabilities, decided, pictures):
+        scores = predictions.scope_scores
+        if scores is None:
+            scores = [None] * len(loaded)
+        guard_threshold = scope_threshold(info)
+        for p, prob, cls, picture, score in zip(loaded, probabilities, decided, pictures, scores):
             img: LoadedImage = p.outcome
+            in_scope, reasons = assess(img.metadata, None if score is None else float(score),
+                                       guard_threshold)
             by_id[id(p)] = FileResult(
                 path=img.path, study=img.study, status="ok", probability=float(prob),
                 label=info.class_names[cls], threshold=float(threshold),
-                metadata=img.metadata, picture=picture.result() if picture else None,
-                seconds=p.seconds + share)
+                metadata=img.metadata, in_scope=in_scope, scope_reasons=reasons,
+                picture=picture.result() if picture else None, seconds=p.seconds + share)
     for p in chunk:
         result = by_id.get(id(p)) or p.outcome
         if result.seconds is None:

@@ -172,18 +172,11 @@ def _text(ds: Dataset, keyword: str, separator: str = " ") -> str:
     return dicom_value(values, element.VR).replace("\\", separator).strip()
 
 
-def _term(value: str, defined_terms: set[str]) -> str:
-    """`value` when it is one of the standard's defined terms, else a word that says it is
-    not: reasons never echo a file's own text, which may hold a patient's name or control
-    sequences."""
-    return value if value in defined_terms else "of an unlisted value"
-
-
 def _require_frontal_chest_radiograph(ds: Dataset) -> None:
     """Raise SkipImage unless the attributes describe one frontal chest radiograph."""
     modality = _text(ds, "Modality").upper()
     if modality not in RADIOGRAPH_MODALITIES:
-        raise SkipImage(f"modality {_term(modality, MODALITIES) if modality else 'not given'}: "
+        raise SkipImage(f"modality {defined_term(modality, MODALITIES) if modality else 'not given'}: "
                         "not a radiograph (CR or DX)")
     _require_chest(ds)
     _require_frontal_view(ds)
@@ -194,7 +187,7 @@ def _require_frontal_chest_radiograph(ds: Dataset) -> None:
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if photometric and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # CR and DX are greyscale by definition: colour here is a screenshot or a photo.
-        raise SkipImage(f"colour image ({_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}), "
+        raise SkipImage(f"colour image ({defined_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}), "
                         "not a greyscale radiograph")
 
 
@@ -202,7 +195,7 @@ def _require_chest(ds: Dataset) -> None:
     body_part = _text(ds, "BodyPartExamined").upper()
     if body_part:
         if body_part not in CHEST_BODY_PARTS:
-            raise SkipImage(f"body part examined is {_term(body_part, BODY_PARTS)}, "
+            raise SkipImage(f"body part examined is {defined_term(body_part, BODY_PARTS)}, "
                             "not the chest")
         return
     for keyword in DESCRIPTION_KEYWORDS:

@@ -27,10 +27,10 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
     """Read one discovered file. `min_size` (width, height) lets decoders that can scale
     while decoding (JPEG, JPEG 2000) produce a smaller image that is still at least that
     large."""
-    study = str(item.path.parent)
     if item.kind is None:
-        return FileResult(item.path, study, "error" if item.unreadable else "skipped",
+        return FileResult(item.path, None, "error" if item.unreadable else "skipped",
                           reason(item.skip_reason or "not an image"))
+    study = str(item.path.parent)
     try:
         with open_input(item.path, follow_link=item.link) as fh:
             if item.kind == "dicom":

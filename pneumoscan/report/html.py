@@ -18,14 +18,18 @@ from markupsafe import Markup
 
 from pneumoscan.files import study_file_stem, write_atomic, write_atomic_chunks
 from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.report.headings import study_heading
 from pneumoscan.report.pdf import render_pdf
 from pneumoscan.report.pictures import colour_bar_png
 from pneumoscan.report.templates import templates
-from pneumoscan.results.summary import NEGATIVE, POSITIVE, Counts, group_studies
+from pneumoscan.results.summary import (NEGATIVE, OUT_OF_SCOPE, POSITIVE, Counts, Study,
+                                        group_studies)
 from pneumoscan.text import printable
 
 DISCLAIMER = "Research use only; not a medical diagnosis."
 DEFAULT_TITLE = "Chest X-ray pneumonia screening report"
+# Images of a study on one printed A4 page (report.css sizes the pictures to fit).
+IMAGES_PER_PAGE = 4
 
 
 # A whole-run PDF of a run with more classified images than this holds its summary only:
@@ -48,10 +52,12 @@ def html_chunks(run: RunInfo, results: Sequence[FileResult], *, title: str = DEF
     template = _environment().get_template("report.html.j2")
     yield from template.generate(
         title=title,
+        description=_description(run, studies, summary),
         run=run,
         counts=Counts.of(results),
         studies=studies,
-        not_classified=[r for study in studies for r in study.not_classified],
+        not_classified=[r for r in results if r.status != "ok"],
+        images_per_page=IMAGES_PER_PAGE,
         colour_bar=data_uri(colour_bar_png()),
         disclaimer=DISCLAIMER,
         css=_stylesheet(),
@@ -111,17 +117,36 @@ def is_per_study_name(name: str) -> bool:
 def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileResult], *,
                     mode: int = 0o600) -> list[Path]:
     """One HTML and one PDF report per study in `directory` (created if missing), named
-    by `per_study_names`. Returns the paths written."""
+    by `per_study_names`. Files that are not images belong to no study and get no report.
+    Returns the paths written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = []
     for study in group_studies(results):
-        html = render_html(run, study.files, title=f"Study {study.key}", summary=False)
+        html = study_html(run, study)
         for name in per_study_names(study.key):
             path = directory / name
             write_atomic(path, _encode_as(path.suffix, html), mode)
             written.append(path)
     return written
+
+
+def study_html(run: RunInfo, study: Study) -> str:
+    """The report of one study, without the run's page of counts."""
+    return render_html(run, study.files, title=f"Study {study_heading(study).label}",
+                       summary=False)
+
+
+def study_pdf(run: RunInfo, study: Study) -> bytes:
+    return render_pdf(study_html(run, study))
+
+
+def _description(run: RunInfo, studies: Sequence[Study], summary: bool) -> str:
+    """The document's subject (PDF metadata): its study, or how many, and the model."""
+    what = (f"{len(studies)} studies" if summary or len(studies) != 1
+            else f"study {study_heading(studies[0]).label}")
+    return (f"{what}; model {run.model_name} {run.model_version} (sha256 {run.model_sha256});"
+            f" run {run.started}")
 
 
 def _encode_as(suffix: str, html: str) -> bytes:
@@ -145,6 +170,8 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["data_uri"] = data_uri
     env.filters["decision_class"] = _decision_class
+    env.filters["heading"] = study_heading
+    env.filters["anchor"] = study_file_stem
     return env
 
 
@@ -178,4 +205,5 @@ def data_uri(picture: bytes | SupportsBytes) -> str:
 
 
 def _decision_class(label: str | None) -> str:
-    return {POSITIVE: "pneumonia", NEGATIVE: "normal"}.get(label, "unclassified")
+    return {POSITIVE: "pneumonia", NEGATIVE: "normal", OUT_OF_SCOPE: "review"}.get(
+        label, "unclassified")

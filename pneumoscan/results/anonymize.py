@@ -83,7 +83,7 @@ def anonymized_result(result: FileResult, key: bytes) -> FileResult:
                             (result.path.name, path.name)):
             if real:
                 reason = reason.replace(real, shown)
-    return replace(result, path=path, study=pseudonym(key, "study\0" + result.study),
+    return replace(result, path=path, study=None if result.study is None else pseudonym(key, "study\0" + result.study),
                    reason=reason, metadata=_anonymized_metadata(result.metadata, key))
 
 

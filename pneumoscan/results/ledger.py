@@ -1,7 +1,8 @@
 """The state ledger: what earlier runs found, so that a run over a growing folder decodes and
 classifies only files that are new or changed (`pneumoscan run --state FILE`).
 
-One SQLite file holds, for each input file ever classified, its content SHA-256, the model
+One SQLite file holds, for each input file ever classified (or PACS instance, by its SOP
+Instance UID), its content SHA-256, the model
 and threshold that classified it, and the result (with the report images when the run
 rendered them). A file is reused when its content, the model and the threshold are the same
 and, for a report, its images are there; anything else is computed again. The file is
@@ -33,7 +34,7 @@ from pneumoscan.inputs.reading import open_input
 from pneumoscan.records import FileResult, InputFile
 from pneumoscan.text import printable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE settings (
@@ -60,13 +61,32 @@ CREATE TABLE outputs (
 INSERT INTO settings VALUES ('pseudonym_key', randomblob(32));
 """
 
-# Format N -> N + 1. Format 1 kept the X-ray and its overlay as two images; its scores
-# stay valid, and the pictures are made again when a report next needs them.
+
+
+def _add_scope(db: sqlite3.Connection) -> None:
+    """Format 2 results have no scope: those models had no scope guard, so what the same
+    model would say now comes from the metadata rules alone."""
+    from pneumoscan.inference.scope import assess
+
+    rows = db.execute("SELECT path, result FROM files").fetchall()
+    for path, text in rows:
+        result = json.loads(text)
+        if "in_scope" in result:
+            continue
+        result["in_scope"], result["scope_reasons"] = (
+            assess(result["metadata"], None, None) if result["status"] == "ok" else (None, []))
+        db.execute("UPDATE files SET result = ? WHERE path = ?", (json.dumps(result), path))
+
+
+# Format N -> N + 1 (SQL, or a function of the connection). Format 1 kept the X-ray and its
+# overlay as two images; its scores stay valid, and the pictures are made again when a
+# report next needs them. Format 2 had no scope (in_scope, scope_reasons) in its results.
 MIGRATIONS = {
     1: """ALTER TABLE files DROP COLUMN image_png;
           ALTER TABLE files DROP COLUMN overlay_png;
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
+    2: _add_scope,
 }
 
 # Tables and columns a state file of SCHEMA_VERSION must have.
@@ -145,10 +165,15 @@ def _close_reader(state: str) -> None:
         reader.close()
 
 
+# The content hash recorded for a file that is not an image: discovery decided that from
+# its first bytes, and it stays so while its stat does.
+NOT_AN_IMAGE = ""
+
+
 @dataclass
 class Planned:
     """One discovered file and what the ledger knows of it. `key` is None for entries that
-    are not recorded: not an image, or not readable now (the pipeline says why)."""
+    are not recorded: not readable now (the pipeline says why)."""
     item: InputFile
     key: bytes | None = None
     stat: str | None = None
@@ -158,6 +183,14 @@ class Planned:
 
 def ledger_key(path: Path) -> bytes:
     return os.fsencode(os.path.abspath(path))
+
+
+# The stat of a PACS instance's row: it is never stat'ed, its SOP Instance UID is its key.
+REMOTE_STAT = "dicomweb"
+
+
+def remote_key(sop_uid: str) -> bytes:
+    return b"dicomweb:" + sop_uid.encode("ascii")
 
 
 def stat_signature(st: os.stat_result) -> str:
@@ -267,14 +300,15 @@ class Ledger:
     def plan(self, items: Iterable[InputFile], basis: Basis, *,
              force: bool = False) -> list[Planned]:
         """Each item with its content hash and, when the ledger holds a result that is still
-        valid for it, that result. Reads each file whose stat changed since it was hashed;
-        decodes none."""
+        valid for it, that result. Reads each image whose stat changed since it was hashed;
+        decodes none. Files that are not images are recorded too (by their stat), so that
+        an unchanged one counts as unchanged."""
         plans = []
         with self._using("read recorded results"), self._db:
             for item in items:
                 plan = Planned(item)
                 plans.append(plan)
-                if item.kind is None:
+                if item.unreadable:
                     continue
                 try:
                     self._fingerprint(plan)
@@ -283,6 +317,19 @@ class Ledger:
                 if not force:
                     plan.cached = self._reusable(plan, basis)
                 self._beat()
+        return plans
+
+    def plan_remote(self, items: Iterable[InputFile], sop_uids: Iterable[str], basis: Basis, *,
+                    force: bool = False) -> list[Planned]:
+        """Like `plan`, for instances on a PACS: keyed by SOP Instance UID (by the standard,
+        one instance for ever), so nothing needs to be retrieved to know it was seen."""
+        plans = []
+        with self._db:
+            for item, sop_uid in zip(items, sop_uids):
+                plan = Planned(item, remote_key(sop_uid), REMOTE_STAT, sop_uid)
+                if not force:
+                    plan.cached = self._reusable(plan, basis)
+                plans.append(plan)
         return plans
 
     def _fingerprint(self, plan: Planned) -> None:
@@ -296,6 +343,8 @@ class Ledger:
                                    (key,)).fetchone()
             if row and row[0] == signature:
                 digest = row[1]
+            elif plan.item.kind is None:
+                digest = NOT_AN_IMAGE
             else:
                 digest = sha256_of_stream(fh)
                 if row and row[1] == digest:  # touched, copied over, moved back: same content
@@ -324,7 +373,7 @@ class Ledger:
         """Keep `result` of a planned file, in its own transaction. Only results of content
         that stayed the same while it was processed are kept: a file still being copied in,
         or gone, is tried again next run. Returns whether it was kept."""
-        if plan.key is None or not _stat_unchanged(plan):
+        if plan.key is None or not (plan.stat == REMOTE_STAT or _stat_unchanged(plan)):
             return False
         with self._using("record a result"), self._db:
             self._db.execute(
@@ -392,6 +441,7 @@ def result_from_json(data: dict, path: Path, **extra) -> FileResult:
     return FileResult(path=path, study=study, status=data["status"], reason=data["reason"],
                       probability=data["probability"], label=data["label"],
                       threshold=data["threshold"], metadata=data["metadata"],
+                      in_scope=data["in_scope"], scope_reasons=data["scope_reasons"],
                       from_ledger=True, **extra)
 
 
@@ -492,6 +542,22 @@ def _age(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Format `version` -> `version` + 1, in one transaction."""
+    step = MIGRATIONS[version]
+    if isinstance(step, str):
+        db.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
+        return
+    db.execute("BEGIN")
+    try:
+        step(db)
+        db.execute(f"PRAGMA user_version = {version + 1}")
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path)
     try:
@@ -500,9 +566,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version in MIGRATIONS:
             while version < SCHEMA_VERSION:
+                _migrate(db, version)
                 version += 1
-                db.executescript(f"BEGIN; {MIGRATIONS[version - 1]}"
-                                 f" PRAGMA user_version = {version}; COMMIT;")
         elif version == 0:
             raise StateError(f"state file {path} is not a pneumoscan state file")
         elif version != SCHEMA_VERSION:
