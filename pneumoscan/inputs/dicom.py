@@ -42,7 +42,7 @@ from pneumoscan.inputs.problems import (
 )
 from pneumoscan.inputs.raster import shrink_to_cover
 from pneumoscan.records import DICOM_FIELDS, LoadedImage
-from pneumoscan.text import dicom_value, one_line
+from pneumoscan.text import defined_term, dicom_value, one_line
 
 # Elements larger than this (the pixel data) are read only when used, so files skipped by
 # their metadata cost one small read.
