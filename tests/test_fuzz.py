@@ -112,7 +112,8 @@ def test_a_fuzzed_corpus_is_accounted_for_in_bounded_time(tmp_path, chest, small
         if result["status"] != "ok":
             reason = result["reason"]
             assert reason and len(reason) <= 500 and not UNPRINTABLE.search(reason), result
-        for value in [result["study"], *result["metadata"].values()]:
+        study = [result["study"]] if result["study"] is not None else []  # None: not an image
+        for value in [*study, *result["metadata"].values()]:
             # Up to DICOM_MAX_VALUES values, each within its VR's length (PN: 194).
             assert max(map(len, value.split("\\"))) <= 194, result
             assert not UNPRINTABLE.search(value), result
