@@ -47,11 +47,12 @@ from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
 from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
-from pneumoscan.results.anonymize import anonymized
+from pneumoscan.results.anonymize import anonymized, anonymized_result, pseudonym_path
 from pneumoscan.results.ledger import Basis, Ledger, Planned, StateError, StateLocked
 from pneumoscan.results.runlog import RunLog
 from pneumoscan.results.summary import Counts, group_studies
 from pneumoscan.text import one_line
+from pneumoscan.workers import die_with_parent
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
 EXIT_FATAL = 1  # the run could not be done (bad model, unwritable output, ...)
@@ -236,6 +237,7 @@ class RunSummary:
     outputs: list[tuple[str, Path]]  # (what, path) of every output, written or still current
     pushed: list[str] = field(default_factory=list)  # studies whose outputs were sent
     push_failures: list[str] = field(default_factory=list)  # "study: why", one a study
+    removed: list[Path] = field(default_factory=list)  # per-study reports of vanished studies
 
     @property
     def exit_code(self) -> int:
@@ -270,7 +272,10 @@ def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
     with runlog:
         try:
             with _lock_state(options.state_path, options.wait, events) as ledger:
-                return _run_locked(options, model, ledger, runlog, events)
+                try:
+                    return _run_locked(options, model, ledger, runlog, events)
+                except StateError as exc:  # full disk, damaged pages: what is recorded stays
+                    raise RunError(str(exc)) from None
         except RunError as exc:
             runlog.write("locked" if exc.exit_code == EXIT_LOCKED else "failed",
                          message=str(exc), exit_code=exc.exit_code)
@@ -301,12 +306,19 @@ def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
 def _run_locked(options: RunOptions, model: CamModel, ledger: Ledger, runlog: RunLog,
                 events: RunEvents) -> RunSummary:
     destination = _push_destination(options)
-    runlog.write("start", scans=str(options.scans), state=str(ledger.path), pid=os.getpid(),
+    # With --anonymize, nothing told or logged names a patient, a path included.
+    key = ledger.pseudonym_key if options.anonymize else None
+    scans = str(options.scans)
+    if key and not options.from_pacs:
+        scans = str(pseudonym_path(key, options.scans.absolute()).parent)
+    runlog.write("start", scans=scans, state=str(ledger.path), pid=os.getpid(),
                  pneumoscan=__version__, force=options.force, anonymize=options.anonymize,
                  model={"name": model.info.name, "version": model.info.version,
                         "sha256": model.info.sha256})
 
     def on_result(result: FileResult) -> None:
+        if key:
+            result = anonymized_result(result, key)
         if not result.from_ledger:
             runlog.file(result)
         events.result(result)
@@ -327,13 +339,14 @@ def _run_locked(options: RunOptions, model: CamModel, ledger: Ledger, runlog: Ru
     events.classified()
     if options.anonymize:
         scanned = anonymize(scanned, ledger)
-    written, sent = _write_outputs(options, scanned, ledger, destination, events)
+    written, sent, removed = _write_outputs(options, scanned, ledger, destination, events)
     counts = scanned.counts()
     summary = RunSummary(scanned, written, ledger.path, runlog.path, options.outputs(),
-                         sent.pushed, sent.failures)
+                         sent.pushed, sent.failures, removed)
     runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
                  computed=counts.files - scanned.from_ledger, pushed=sent.pushed,
                  push_failures=sent.failures, exit_code=summary.exit_code,
+                 removed_reports=len(removed),
                  started=scanned.run.started, finished=scanned.run.finished)
     return summary
 
@@ -402,9 +415,11 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
 
 
 def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger, destination,
-                   events: RunEvents) -> tuple[list[Path], DicomOutputs]:
+                   events: RunEvents) -> tuple[list[Path], DicomOutputs, list[Path]]:
+    """The files written, the DICOM outputs made and sent, and the per-study reports
+    removed (of studies now gone)."""
     sent = DicomOutputs()
-    written = []
+    written, removed = [], []
     if options.json:
         with _naming_errors("json", options.json):
             write_json(options.json, scanned)
@@ -415,6 +430,7 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger, destinati
     if options.per_study:
         with _naming_errors("per-study", options.per_study):
             written += write_per_study(options.per_study, scanned, ledger, events=events)
+            removed = remove_stale_per_study(options.per_study, scanned, ledger)
     if options.dicom_outputs:
         with _naming_errors("dicom-out", options.dicom_out):
             sent = write_dicom_outputs(scanned, ledger, options.dicom_out, destination,
@@ -422,7 +438,7 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger, destinati
         written += sent.written
     for path in written:  # what killed runs left; no other run writes them: we hold the lock
         remove_leftover_temporaries(path)
-    return written, sent
+    return written, sent, removed
 
 
 @contextlib.contextmanager
@@ -517,8 +533,9 @@ def _merge_with_ledger(plans: list[Planned], model: CamModel, ledger: Ledger | N
             if result is None:
                 result = next(computed)
                 result.path = plan.item.path  # a PACS instance's, not its cached copy's
-                if ledger is not None:
-                    ledger.record(plan, result, basis)
+                if ledger is not None and ledger.record(plan, result, basis) and result.picture:
+                    # Read back when a report shows it: memory stays flat however many.
+                    result.picture = ledger.stored_picture(plan.key)
             if on_result:
                 on_result(result)
             results.append(result)
@@ -584,7 +601,7 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
 
 def anonymize(scanned: Scan, ledger: Ledger) -> Scan:
     """The scan with stable pseudonyms (keyed by the ledger's secret) in place of patient
-    name, ID and birth date."""
+    identity, paths and study labels (`results.anonymize` says what is kept)."""
     return replace(scanned, results=anonymized(scanned.results, ledger.pseudonym_key))
 
 
@@ -658,8 +675,10 @@ def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None
     with contextlib.ExitStack() as stack:
         if processes > 1 and len(due) >= PARALLEL_STUDIES_FROM:
             # spawn, not fork: this process runs ONNX Runtime's and the decoders' threads.
+            # Workers die with this process, even when it is killed with SIGKILL.
             pool = stack.enter_context(ProcessPoolExecutor(
-                min(processes, len(due)), mp_context=multiprocessing.get_context("spawn")))
+                min(processes, len(due)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent, initargs=(os.getpid(),)))
             rendered = pool.map(render, [results for _, _, results in due])
         else:
             rendered = map(render, [results for _, _, results in due])
@@ -667,6 +686,34 @@ def write_per_study(directory: Path, scanned: Scan, ledger: Ledger | None = None
             written += _written(ledger, name, fingerprint, paths)
             events.wrote_part()
     return written
+
+
+def remove_stale_per_study(directory: Path, scan_: Scan, ledger: Ledger | None = None
+                           ) -> list[Path]:
+    """Remove the per-study reports in `directory` of studies that are not in the scan
+    (their files were deleted or moved, or their label changed, as with --anonymize), so
+    the folder matches the scanned one: the reports the ledger recorded for such studies,
+    and any other file named as pneumoscan names per-study reports. Returns the files
+    removed."""
+    from pneumoscan.report import html as report
+
+    directory = Path(directory)
+    keys = {study.key for study in group_studies(scan_.results)}
+    current = {directory / name for key in keys for name in report.per_study_names(key)}
+    stale: set[Path] = set()
+    if ledger is not None:
+        for name, files in ledger.outputs(("per-study", os.path.abspath(directory))).items():
+            if name[2] not in keys:
+                stale.update(files)
+                ledger.forget_output(name)
+    if directory.is_dir():
+        stale.update(p for p in directory.iterdir() if report.is_per_study_name(p.name))
+    removed = []
+    for path in sorted(stale - current):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _due(ledger: Ledger | None, name: tuple[str, ...], fingerprint: str) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -25,9 +26,10 @@ import click
 
 from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
-from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
+from pneumoscan.text import printable
 
 log = logging.getLogger("pneumoscan")
 
@@ -111,7 +113,7 @@ class Progress(api.RunEvents):
         self._open_bar("classifying", total)
 
     def result(self, result) -> None:
-        log.info("%s: %s %s", result.path, result.status,
+        log.info("%s: %s %s", printable(str(result.path)), result.status,
                  result.label if result.status == "ok" else result.reason)
         if self.bar:
             self.bar.step()
@@ -297,16 +299,25 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in scan.results:
         if r.status != "ok":
-            click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
+            click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
         elif r.in_scope is False:
-            click.echo(f"  out of scope: {r.path}: {'; '.join(r.scope_reasons)}", err=True)
+            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
     if push:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
         for failure in summary.push_failures:
             click.echo(f"  not sent: {failure}", err=True)
+    if summary.removed:
+        click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
+                   "longer found", err=True)
     for what, path in summary.outputs:
         click.echo(f"{what}: {path}")
+    if stuck():
+        # A file abandoned by the watchdog still holds a thread that may never end: the
+        # outputs are written and the state closed, so exit without waiting for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(summary.exit_code)
     sys.exit(summary.exit_code)
 
 

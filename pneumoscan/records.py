@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, SupportsBytes
 
 import numpy as np
 
@@ -46,11 +46,13 @@ NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"}
 class InputFile:
     """A file (or a folder not entered) found under the scanned folder. `kind` is None when
     it will not be read; then `skip_reason` says why, and `unreadable` tells a file that
-    could not even be opened (an error) from one that is not an image (skipped)."""
+    could not even be opened (an error) from one that is not an image (skipped). `link`:
+    found as a symbolic link to a file, so a link is expected there when it is read."""
     path: Path
     kind: FileKind | None
     skip_reason: str | None = None
     unreadable: bool = False
+    link: bool = False
 
 
 @dataclass
@@ -83,8 +85,9 @@ class FileResult:
     in_scope: bool | None = None
     scope_reasons: list[str] = field(default_factory=list)
     # For the report only (not serialised): the X-ray and its CAM overlay side by side,
-    # JPEG (overlay.render_picture).
-    picture: bytes | None = None
+    # JPEG (report.pictures.render_picture), or what gives its bytes when asked (a picture
+    # kept in the state ledger).
+    picture: bytes | SupportsBytes | None = None
     seconds: float | None = None
     from_ledger: bool = False  # taken from the state ledger, not computed in this run
 

@@ -24,7 +24,7 @@ MARGIN = 6
 def cam_capture(result: FileResult, source: SourceImage, run: RunInfo) -> hd.sc.SCImage:
     """Needs the result's report picture (a run that renders)."""
     orientation = source.metadata.get("PatientOrientation", "").split("\\")
-    pixels = np.asarray(_with_banner(Image.open(io.BytesIO(result.picture)).convert("RGB"),
+    pixels = np.asarray(_with_banner(Image.open(io.BytesIO(bytes(result.picture))).convert("RGB"),
                                      _banner_text(result, run)))
     capture = hd.sc.SCImage(
         pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,

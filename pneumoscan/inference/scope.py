@@ -16,6 +16,8 @@ import re
 from datetime import date
 
 from pneumoscan.inference.model import ModelInfo
+from pneumoscan.inputs.dicom import VIEW_POSITIONS
+from pneumoscan.text import defined_term
 
 # The model card's population is children aged 1 to 5 (whole years, so up to the sixth
 # birthday); ages are often rounded or written at the visit's month, hence half a year of
@@ -66,7 +68,8 @@ def metadata_reasons(metadata: dict[str, str]) -> list[str]:
         reasons.append(f"patient aged {_age_text(age)}: the model is made for {POPULATION_TEXT}")
     view = metadata.get("ViewPosition", "").strip().upper()
     if view and view not in FRONTAL_VIEWS:
-        reasons.append(f"view position {view}: the model is made for PA or AP views")
+        reasons.append(f"view position {defined_term(view, VIEW_POSITIONS)}: the model is made "
+                       "for PA or AP views")
     return reasons
 
 

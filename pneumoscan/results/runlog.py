@@ -15,6 +15,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pneumoscan.files import open_private
 from pneumoscan.records import FileResult
 
 
@@ -22,8 +23,9 @@ class RunLog:
     def __init__(self, path: Path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Paths and reasons may name patients: owner-only, like the reports.
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Paths and reasons may name patients: owner-only, like the reports, and never
+        # through a link.
+        self._fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self.path = path
         self.run_id = uuid.uuid4().hex[:12]
 
