@@ -51,13 +51,20 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_network(path: Path):
-    """(network in eval mode, checkpoint payload)."""
+    """(network in eval mode, checkpoint payload); its logits include the temperature
+    scaling that training fitted, when it did."""
+    import torch
+
     from pneumoscan.modelling.architectures import build_network
 
     payload = read_checkpoint(path)
     net = build_network(payload["arch"], num_classes=len(payload["class_names"]),
                         dropout=payload.get("dropout", 0.0), pretrained=False)
     net.load_state_dict(payload["state_dict"])
+    temperature = payload.get("calibration", {}).get("temperature", 1.0)
+    with torch.no_grad():  # temperature scaling: logits / T, as a linear head scaled by 1/T
+        net.classifier.weight /= temperature
+        net.classifier.bias /= temperature
     return net.eval(), payload
 
 
@@ -78,6 +85,7 @@ def model_metadata(payload: dict, version: str, name: str | None = None) -> dict
         "training_data": payload.get("data_description", ""),
         "validation_metrics": metrics,
         "trained_epochs": payload["epoch"],
+        "calibration": payload.get("calibration", {"method": "none", "temperature": 1.0}),
         "outputs": {"logits": "(N, K) class logits", "features": "(N, C, h, w) last conv maps",
                     "cams": "(N, K, h, w) class activation maps"},
     }
