@@ -1,5 +1,5 @@
 """Does the score depend on how a scan was stored? Each labelled original, stored ten ways,
-through `pneumoscan run`'s own path (`api.scan`), against the score of the original file.
+through `pneumoscan run` itself (`api.run`), against the score of the original file.
 
     python benchmarks/bench_robustness.py [--model M] [--jpeg-quality Q|none] [--json OUT]
 
@@ -16,8 +16,9 @@ Ways of storing each one (the reference is the original JPEG as distributed):
   dicom-j2k-lossless                           the same data set, JPEG 2000 lossless
 Printed: per way and over all of them, the mean, 95th percentile and maximum of |p - p_ref|,
 decision flips against the reference at the model's threshold, and accuracy; and the largest
-gap between the two lossless DICOM encodings of one image. `--jpeg-quality` overrides the
-model's JPEG round trip (`none` removes it), to measure what that preprocessing step does.
+gap between the two lossless DICOM encodings of one image. `--jpeg-quality` runs a copy of the
+model whose metadata asks for another JPEG round trip (`none`: without), to measure what that
+preprocessing step does.
 Targets (issue 10): mean |dp| <= 0.01, flips <= 1%, lossless DICOM pairs within 0.002.
 """
 
@@ -44,6 +45,7 @@ CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 REFERENCE = "original"
+COMPLETE = "stored-copies-complete.txt"  # written last: a --keep folder that has it is reused
 
 
 def labelled_originals() -> list[tuple[Path, int]]:
@@ -95,6 +97,20 @@ def store_every_way(path: Path, out: Path, size: tuple[int, int]) -> None:
     ds.save_as(target("dicom-j2k-lossless", ".dcm"), enforce_file_format=True)
 
 
+def with_preprocessing(model: Path, prep, out: Path) -> Path:
+    """A copy of the ONNX model whose metadata asks for `prep`."""
+    import onnx
+
+    from pneumoscan.inference.model import META_PREFIX
+
+    proto = onnx.load(str(model))
+    for entry in proto.metadata_props:
+        if entry.key == META_PREFIX + "preprocessing":
+            entry.value = prep.to_json()
+    onnx.save(proto, str(out))
+    return out
+
+
 def spread(dp: np.ndarray, flips: int) -> dict:
     return {"n": int(len(dp)), "mean_abs_dp": float(dp.mean()),
             "p95_abs_dp": float(np.percentile(dp, 95)), "max_abs_dp": float(dp.max()),
@@ -138,6 +154,8 @@ def print_table(result: dict) -> None:
         acc = f"{row['accuracy']:6.3f}" if "accuracy" in row else ""
         print(f"{way:22} {row['n']:4d} {row['mean_abs_dp']:9.4f} {row['p95_abs_dp']:7.4f} "
               f"{row['max_abs_dp']:7.4f} {row['flips']:6d} {acc}")
+    print(f"official VAL images correct (original files): {result['val_correct']}/"
+          f"{result['val_images']}")
     gap = result["lossless_dicom"]
     print(f"lossless DICOM pairs (uncompressed vs JPEG 2000 lossless): max gap "
           f"{gap['max_gap']:.4f}, mean {gap['mean_gap']:.4f} over {gap['n']} images")
@@ -146,6 +164,7 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from pneumoscan import api
+    from pneumoscan.inference.model import default_model_path
 
     p = argparse.ArgumentParser(prog="python benchmarks/bench_robustness.py",
                                 description=__doc__.split("\n\n")[0],
@@ -154,24 +173,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpeg-quality", help="override the model's JPEG round trip: a quality, "
                                           "or none")
     p.add_argument("--json", type=Path, help="also write the figures here")
-    p.add_argument("--keep", type=Path, help="write the stored copies here and keep them")
+    p.add_argument("--keep", type=Path, help="write the stored copies here and keep them; "
+                                             "a later run with the same folder reuses them "
+                                             "(writing takes minutes: JPEG 2000 at full size)")
     args = p.parse_args(argv)
 
-    model = api.open_model(args.model, "cpu")
-    if args.jpeg_quality is not None:
-        quality = None if args.jpeg_quality.lower() == "none" else int(args.jpeg_quality)
-        model.info = replace(model.info, preprocessing=replace(model.info.preprocessing,
-                                                               jpeg_quality=quality))
-    prep = model.info.preprocessing
+    model_path = args.model or default_model_path()
+    prep = api.open_model(model_path, "cpu").info.preprocessing
     originals = labelled_originals()
     labels = {path.stem: label for path, label in originals}
+    held_out = [path.stem for path, _ in originals if path.is_relative_to(SOURCES[1])]
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.keep or Path(tmp)
+        if args.jpeg_quality is not None:
+            quality = None if args.jpeg_quality.lower() == "none" else int(args.jpeg_quality)
+            prep = replace(prep, jpeg_quality=quality)
+            model_path = with_preprocessing(model_path, prep, Path(tmp) / "model.onnx")
+        root = (args.keep or Path(tmp)) / "scans"
+        complete = root.parent / COMPLETE
         started = time.perf_counter()
-        for path, _ in originals:
-            store_every_way(path, root, (prep.width, prep.height))
+        if not complete.exists():
+            for path, _ in originals:
+                store_every_way(path, root, (prep.width, prep.height))
+            complete.write_text(f"{len(originals)} images, {prep.width}x{prep.height}\n")
         written = time.perf_counter() - started
-        scan = api.scan(root, model, render=False)
+        summary = api.run(api.RunOptions(scans=root, json=Path(tmp) / "results.json",
+                                         model=model_path, device="cpu"))
+    scan = summary.scan
     unscored = [r for r in scan.results if r.probability is None]
     for r in unscored:
         print(f"not scored: {r.path}: {r.status}: {r.reason}", file=sys.stderr)
@@ -180,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         if r.probability is not None:
             way = Path(r.path).relative_to(root).parts[0]
             scores.setdefault(way, {})[Path(r.path).stem] = r.probability
-    result = {"model": f"{model.info.name} {model.info.version} ({model.info.sha256[:12]})",
+    result = {"model": f"{scan.run.model_name} {scan.run.model_version} "
+                       f"({scan.run.model_sha256[:12]})",
               "threshold": scan.run.threshold, "jpeg_quality": prep.jpeg_quality,
               "images": len(originals), "unscored": len(unscored),
+              "val_images": len(held_out),
+              "val_correct": sum((scores[REFERENCE][s] >= scan.run.threshold) == labels[s]
+                                 for s in held_out),
               "seconds_writing": round(written, 1),
               **measure(scores, labels, scan.run.threshold), "scores": scores}
     print_table(result)
