@@ -4,10 +4,13 @@
         --out runs/lite0
 
 Recipe: pretrained trunk, new dropout + linear head; progressive unfreezing (head first,
-then deeper blocks, earlier blocks at lower learning rates); augmentation; class-weighted
-loss with label smoothing; AdamW + warm-up + cosine schedule; early stopping on validation
-AUC; the decision threshold chosen on the validation split. Runs on GPU (AMP,
-channels_last) when there is one, on CPU otherwise, with the same command.
+then deeper blocks, earlier blocks at lower learning rates); storage augmentation
+(training/augment.py: how else the image could have been resized, compressed and stored);
+class-weighted loss with label smoothing; AdamW + warm-up + cosine schedule; an exponential
+moving average of the weights validated beside them; early stopping on validation AUC;
+temperature scaling and the decision threshold fitted on the validation split. Structured
+as torchvision's references/classification: `train_one_epoch`, `evaluate`, `train`. Runs on
+GPU (AMP, channels_last) when there is one, on CPU otherwise, with the same command.
 """
 
 from __future__ import annotations
