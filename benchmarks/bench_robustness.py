@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = api.run(api.RunOptions(scans=root, json=Path(tmp) / "results.json",
                                          model=model_path, device="cpu"))
     scan = summary.scan
+    held_out = [s for s in held_out if s in {Path(r.path).stem for r in scan.results
+                                             if r.probability is not None}]
     unscored = [r for r in scan.results if r.probability is None]
     for r in unscored:
         print(f"not scored: {r.path}: {r.status}: {r.reason}", file=sys.stderr)
