@@ -199,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         summary = api.run(api.RunOptions(scans=root, json=Path(tmp) / "results.json",
                                          model=model_path, device="cpu"))
     scan = summary.scan
-    held_out = [s for s in held_out if s in {Path(r.path).stem for r in scan.results
-                                             if r.probability is not None}]
     unscored = [r for r in scan.results if r.probability is None]
     for r in unscored:
         print(f"not scored: {r.path}: {r.status}: {r.reason}", file=sys.stderr)
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               "images": len(originals), "unscored": len(unscored),
               "val_images": len(held_out),
               "val_correct": sum((scores[REFERENCE][s] >= scan.run.threshold) == labels[s]
-                                 for s in held_out),
+                                 for s in held_out if s in scores[REFERENCE]),
               "seconds_writing": round(written, 1),
               **measure(scores, labels, scan.run.threshold), "scores": scores}
     print_table(result)
