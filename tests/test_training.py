@@ -19,8 +19,10 @@ from pneumoscan.modelling.architectures import (
 from training.data import split_by_patient
 from training.train import (
     TrainConfig,
+    fit_temperature,
     open_stages_at,
     param_groups,
+    parse_args,
     set_trainable,
     train,
 )
@@ -152,6 +154,19 @@ def test_training_writes_everything_and_resumes(kermany_train, tmp_path):
     assert 0 <= best["threshold"] <= 1 and best["threshold"] == summary["threshold"]
     assert best["preprocessing"]["height"] == 64
     assert "ci95" in best["metrics"]
+    # Temperature scaling: fitted on the validation logits, applied by load_network.
+    from pneumoscan.modelling.checkpoint import load_network
+
+    calibration = best["calibration"]
+    preds = np.load(tmp_path / "val_predictions.npz")
+    assert calibration["temperature"] == pytest.approx(
+        fit_temperature(preds["logits"], preds["labels"]))
+    raw = build_network(cfg.arch, dropout=cfg.dropout, pretrained=False).eval()
+    raw.load_state_dict(best["state_dict"])
+    scaled, _ = load_network(tmp_path / "best.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), raw(x) / calibration["temperature"])
     header = (tmp_path / "history.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss", "accuracy", "sensitivity", "specificity", "auc"} <= set(header)
     # Resuming from the last checkpoint continues at the next epoch.
@@ -195,3 +210,25 @@ def test_local_imagenet_weights_file_is_loaded(arch, tmp_path):
     assert torch.equal(net.classifier.weight, head.weight)
     first_conv = reference.conv1 if arch == "resnet50" else reference.features.conv0
     assert torch.equal(next(net.features.parameters()), first_conv.weight)
+
+
+def test_temperature_scaling_undoes_overconfidence():
+    """Logits made three times too confident: the fitted temperature is about 3."""
+    rng = np.random.default_rng(0)
+    margin = rng.normal(0, 2, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-margin))).astype(np.int64)
+    logits = np.stack([np.zeros_like(margin), 3 * margin], 1)
+    assert fit_temperature(logits, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_command_line_is_built_from_the_config():
+    """Every TrainConfig field is an option with the field's default, so the two cannot
+    drift; lists, optional numbers and switches parse."""
+    import dataclasses
+
+    cfg, resume = parse_args(["--data", "d", "--out", "o"])
+    assert cfg == TrainConfig(data="d", out="o") and resume is None
+    cfg, _ = parse_args(["--data", "d", "--out", "o", "--unfreeze-epochs", "1,3",
+                         "--ema-decay", "none", "--no-pretrained", "--jpeg-quality", "75"])
+    assert cfg == dataclasses.replace(TrainConfig(data="d", out="o"), unfreeze_epochs=(1, 3),
+                                      ema_decay=None, pretrained=False, jpeg_quality=75)
