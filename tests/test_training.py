@@ -19,7 +19,7 @@ from pneumoscan.modelling.architectures import (
 from training.data import split_by_patient
 from training.train import (
     TrainConfig,
-    fit_temperature,
+    fit_calibration,
     open_stages_at,
     param_groups,
     parse_args,
@@ -154,19 +154,20 @@ def test_training_writes_everything_and_resumes(kermany_train, tmp_path):
     assert 0 <= best["threshold"] <= 1 and best["threshold"] == summary["threshold"]
     assert best["preprocessing"]["height"] == 64
     assert "ci95" in best["metrics"]
-    # Temperature scaling: fitted on the validation logits, applied by load_network.
+    # Calibration: fitted on the validation logits, folded into the head by load_network.
     from pneumoscan.modelling.checkpoint import load_network
 
     calibration = best["calibration"]
     preds = np.load(tmp_path / "val_predictions.npz")
-    assert calibration["temperature"] == pytest.approx(
-        fit_temperature(preds["logits"], preds["labels"]))
+    t, b = fit_calibration(preds["logits"], preds["labels"])
+    assert (calibration["temperature"], calibration["bias"]) == pytest.approx((t, b))
     raw = build_network(cfg.arch, dropout=cfg.dropout, pretrained=False).eval()
     raw.load_state_dict(best["state_dict"])
     scaled, _ = load_network(tmp_path / "best.pt")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(scaled(x), raw(x) / calibration["temperature"])
+        margin, raw_margin = (net(x) @ torch.tensor([-1.0, 1.0]) for net in (scaled, raw))
+    torch.testing.assert_close(margin, raw_margin / t + b)
     header = (tmp_path / "history.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss", "accuracy", "sensitivity", "specificity", "auc"} <= set(header)
     # Resuming from the last checkpoint continues at the next epoch.
@@ -212,13 +213,16 @@ def test_local_imagenet_weights_file_is_loaded(arch, tmp_path):
     assert torch.equal(next(net.features.parameters()), first_conv.weight)
 
 
-def test_temperature_scaling_undoes_overconfidence():
-    """Logits made three times too confident: the fitted temperature is about 3."""
+def test_calibration_undoes_overconfidence_and_a_shifted_prior():
+    """Logit margins made three times too confident and shifted by +2 (as class weights
+    shift them): the fit finds temperature 3 and bias -2."""
     rng = np.random.default_rng(0)
     margin = rng.normal(0, 2, 4000)
     labels = (rng.random(4000) < 1 / (1 + np.exp(-margin))).astype(np.int64)
-    logits = np.stack([np.zeros_like(margin), 3 * margin], 1)
-    assert fit_temperature(logits, labels) == pytest.approx(3.0, rel=0.1)
+    logits = np.stack([np.zeros_like(margin), 3 * (margin + 2)], 1)
+    temperature, bias = fit_calibration(logits, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    assert bias == pytest.approx(-2.0, abs=0.2)
 
 
 def test_command_line_is_built_from_the_config():

@@ -8,7 +8,7 @@ then deeper blocks, earlier blocks at lower learning rates); storage augmentatio
 (training/augment.py: how else the image could have been resized, compressed and stored);
 class-weighted loss with label smoothing; AdamW + warm-up + cosine schedule; an exponential
 moving average of the weights validated beside them; early stopping on validation AUC;
-temperature scaling and the decision threshold fitted on the validation split. Structured
+probability calibration and the decision threshold fitted on the validation split. Structured
 as torchvision's references/classification: `train_one_epoch`, `evaluate`, `train`. Runs on
 GPU (AMP, channels_last) when there is one, on CPU otherwise, with the same command.
 """
@@ -252,8 +252,11 @@ def evaluate(model: nn.Module, images: np.ndarray, prep: Preprocessing, device: 
     return torch.cat(out).numpy()
 
 
-def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(torch.from_numpy(logits) / temperature, 1)[:, 1].numpy()
+def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0,
+                          bias: float = 0.0) -> np.ndarray:
+    """P(pneumonia) from (N, 2) logits, recalibrated: sigmoid(margin / T + bias)."""
+    margin = torch.from_numpy(logits[:, 1] - logits[:, 0]).double()
+    return torch.sigmoid(margin / temperature + bias).numpy()
 
 
 def validation_row(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -264,21 +267,25 @@ def validation_row(logits: np.ndarray, labels: np.ndarray) -> dict:
                                                          "specificity", "auc", "f1")}}
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the negative
-    log-likelihood of softmax(logits / T), by L-BFGS on log T."""
-    x, y = torch.from_numpy(logits).double(), torch.from_numpy(labels)
+def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Platt scaling of the logit margin: the temperature T > 0 and bias b minimising the
+    negative log-likelihood of sigmoid(margin / T + b), by L-BFGS. The temperature alone
+    (Guo et al. 2017) cannot undo the class weights' shift of the prior; the bias does."""
+    margin = torch.from_numpy(logits[:, 1] - logits[:, 0]).double()
+    y = torch.from_numpy(labels).double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=200,
+                                  line_search_fn="strong_wolfe")
 
     def nll():
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss = nn.functional.binary_cross_entropy_with_logits(margin / log_t.exp() + bias, y)
         loss.backward()
         return loss
 
     optimizer.step(nll)
-    return float(log_t.detach().exp())
+    return float(log_t.detach().exp()), float(bias.detach())
 
 
 def checkpoint_payload(state_dict, cfg, prep, epoch, history, threshold, val_metrics,
@@ -434,20 +441,22 @@ def write_history(history: list[dict], out: Path) -> None:
 def finalize(out: Path, cfg: TrainConfig) -> dict:
     """Calibrate the best checkpoint, then its metrics with bootstrap CIs, and plots.
 
-    Temperature scaling is fitted on the validation logits and recorded in the checkpoint;
-    `load_network` divides the classifier by it, so the ONNX export and every other consumer
-    get calibrated probabilities. Decisions do not change: the threshold is chosen on the
-    scaled probabilities, which keep their order."""
+    Temperature and bias are fitted on the validation logits and recorded in the checkpoint;
+    `load_network` folds them into the linear head, so the ONNX export and every other
+    consumer get calibrated probabilities. Decisions do not change: the threshold is chosen
+    on the recalibrated probabilities, which keep their order."""
     from pneumoscan.evaluation.plots import write_plots
 
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     preds = np.load(out / "val_predictions.npz")
     labels, logits = preds["labels"], preds["logits"]
-    temperature = fit_temperature(logits, labels)
-    uncalibrated, probs = pneumonia_probability(logits), pneumonia_probability(logits, temperature)
+    temperature, bias = fit_calibration(logits, labels)
+    uncalibrated = pneumonia_probability(logits)
+    probs = pneumonia_probability(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, cfg.min_sensitivity)
-    calibration = {"method": "temperature scaling fitted on the validation split",
-                   "temperature": temperature,
+    calibration = {"method": "Platt scaling of the logit margin (temperature and bias), "
+                             "fitted on the validation split",
+                   "temperature": temperature, "bias": bias,
                    "ece_before": expected_calibration_error(labels, uncalibrated),
                    "ece_after": expected_calibration_error(labels, probs),
                    "ece_after_cross_fitted": cross_fitted_ece(logits, labels, cfg.seed)}
@@ -471,13 +480,13 @@ def finalize(out: Path, cfg: TrainConfig) -> dict:
 
 
 def cross_fitted_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """ECE of temperature scaling judged on images it was not fitted on: two halves, each
-    scaled with the temperature fitted on the other."""
+    """ECE of the recalibration judged on images it was not fitted on: two halves, each
+    recalibrated with what was fitted on the other."""
     half = np.random.default_rng(seed).permutation(len(labels)) < len(labels) // 2
     probs = np.empty(len(labels))
     for fit, judge in ((half, ~half), (~half, half)):
         probs[judge] = pneumonia_probability(logits[judge],
-                                             fit_temperature(logits[fit], labels[fit]))
+                                             *fit_calibration(logits[fit], labels[fit]))
     return expected_calibration_error(labels, probs)
 
 
