@@ -99,3 +99,19 @@ def test_run_scores_an_original_scan_as_training_and_eval_would(shipped, shared_
         assert [r.path.name for r in results] == [p.name for p in originals]
         assert all((r.picture is not None) == render for r in results)
         np.testing.assert_allclose([r.probability for r in results], expected, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10 target not met: RG1_UNCR 0.521 vs RG1_J2KR 0.554 "
+                   "with the shipped model (0.524 vs 0.324 with the 2026.12.01 candidate); the "
+                   "box-averaged and the reduced JPEG 2000 decodes differ at the pixel level")
+def test_lossless_encodings_of_one_dicom_score_alike(shipped, tmp_path):
+    """RG1 stored uncompressed and as JPEG 2000 lossless: the same stored values, decoded
+    by two paths (box-averaged, and from the wavelet levels the model needs)."""
+    from pneumoscan import api
+
+    for name in ("RG1_UNCR", "RG1_J2KR"):
+        (tmp_path / f"{name}.dcm").symlink_to(SAMPLES / "dicom" / f"{name}.dcm")
+    scores = [r.probability for r in sorted(api.scan(tmp_path, shipped, render=False).results,
+                                            key=lambda r: r.path.name)]
+    assert None not in scores
+    assert abs(scores[0] - scores[1]) <= 0.002, scores

@@ -19,8 +19,10 @@ from pneumoscan.modelling.architectures import (
 from training.data import split_by_patient
 from training.train import (
     TrainConfig,
+    fit_calibration,
     open_stages_at,
     param_groups,
+    parse_args,
     set_trainable,
     train,
 )
@@ -152,6 +154,20 @@ def test_training_writes_everything_and_resumes(kermany_train, tmp_path):
     assert 0 <= best["threshold"] <= 1 and best["threshold"] == summary["threshold"]
     assert best["preprocessing"]["height"] == 64
     assert "ci95" in best["metrics"]
+    # Calibration: fitted on the validation logits, folded into the head by load_network.
+    from pneumoscan.modelling.checkpoint import load_network
+
+    calibration = best["calibration"]
+    preds = np.load(tmp_path / "val_predictions.npz")
+    t, b = fit_calibration(preds["logits"], preds["labels"])
+    assert (calibration["temperature"], calibration["bias"]) == pytest.approx((t, b))
+    raw = build_network(cfg.arch, dropout=cfg.dropout, pretrained=False).eval()
+    raw.load_state_dict(best["state_dict"])
+    scaled, _ = load_network(tmp_path / "best.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        margin, raw_margin = (net(x) @ torch.tensor([-1.0, 1.0]) for net in (scaled, raw))
+    torch.testing.assert_close(margin, raw_margin / t + b)
     header = (tmp_path / "history.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss", "accuracy", "sensitivity", "specificity", "auc"} <= set(header)
     # Resuming from the last checkpoint continues at the next epoch.
@@ -171,7 +187,8 @@ def test_large_backbones_train_and_export(arch, kermany_train, val_images, tmp_p
     train(cfg, log=lambda m: None)
     diffs = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onnx",
                               check_images=val_images, log=lambda m: None)
-    assert all(diffs[k] < limit for k, limit in PARITY_LIMITS.items()), diffs
+    # What `run` consumes; the logits' own gate scales with the calibration temperature.
+    assert all(diffs[k] < PARITY_LIMITS[k] for k in ("probabilities", "normalised_cams")), diffs
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "densenet161"])
@@ -195,3 +212,28 @@ def test_local_imagenet_weights_file_is_loaded(arch, tmp_path):
     assert torch.equal(net.classifier.weight, head.weight)
     first_conv = reference.conv1 if arch == "resnet50" else reference.features.conv0
     assert torch.equal(next(net.features.parameters()), first_conv.weight)
+
+
+def test_calibration_undoes_overconfidence_and_a_shifted_prior():
+    """Logit margins made three times too confident and shifted by +2 (as class weights
+    shift them): the fit finds temperature 3 and bias -2."""
+    rng = np.random.default_rng(0)
+    margin = rng.normal(0, 2, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-margin))).astype(np.int64)
+    logits = np.stack([np.zeros_like(margin), 3 * (margin + 2)], 1)
+    temperature, bias = fit_calibration(logits, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    assert bias == pytest.approx(-2.0, abs=0.2)
+
+
+def test_command_line_is_built_from_the_config():
+    """Every TrainConfig field is an option with the field's default, so the two cannot
+    drift; lists, optional numbers and switches parse."""
+    import dataclasses
+
+    cfg, resume = parse_args(["--data", "d", "--out", "o"])
+    assert cfg == TrainConfig(data="d", out="o") and resume is None
+    cfg, _ = parse_args(["--data", "d", "--out", "o", "--unfreeze-epochs", "1,3",
+                         "--ema-decay", "none", "--no-pretrained", "--jpeg-quality", "75"])
+    assert cfg == dataclasses.replace(TrainConfig(data="d", out="o"), unfreeze_epochs=(1, 3),
+                                      ema_decay=None, pretrained=False, jpeg_quality=75)

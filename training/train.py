@@ -4,10 +4,13 @@
         --out runs/lite0
 
 Recipe: pretrained trunk, new dropout + linear head; progressive unfreezing (head first,
-then deeper blocks, earlier blocks at lower learning rates); augmentation; class-weighted
-loss with label smoothing; AdamW + warm-up + cosine schedule; early stopping on validation
-AUC; the decision threshold chosen on the validation split. Runs on GPU (AMP,
-channels_last) when there is one, on CPU otherwise, with the same command.
+then deeper blocks, earlier blocks at lower learning rates); storage augmentation
+(training/augment.py: how else the image could have been resized, compressed and stored);
+class-weighted loss with label smoothing; AdamW + warm-up + cosine schedule; an exponential
+moving average of the weights validated beside them; early stopping on validation AUC;
+probability calibration and the decision threshold fitted on the validation split. Structured
+as torchvision's references/classification: `train_one_epoch`, `evaluate`, `train`. Runs on
+GPU (AMP, channels_last) when there is one, on CPU otherwise, with the same command.
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
+from typing import Callable, get_args, get_type_hints
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
 from pneumoscan.evaluation.metrics import (
     binary_metrics,
     bootstrap_intervals,
     choose_threshold,
+    expected_calibration_error,
 )
 from pneumoscan.inference.preprocess import Preprocessing, normalise
 from pneumoscan.modelling.architectures import (
@@ -40,37 +46,58 @@ from pneumoscan.modelling.architectures import (
     build_network,
 )
 
+from . import augment
 from .data import load_cached, split_by_patient
+
+
+def option(default=MISSING, help: str = ""):
+    """A TrainConfig field: its default and the help text of its command-line option."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    data: str
-    out: str
-    arch: str = "efficientnet_lite0"
-    image_size: int = 224
-    jpeg_quality: int | None = None  # see Preprocessing.jpeg_quality; 75 for Kermany 224 px
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    dropout: float = 0.3
-    label_smoothing: float = 0.1
-    warmup_steps: int = 50
-    # epoch (1-based) at which each further trunk stage is unfrozen, deepest first
-    unfreeze_epochs: tuple[int, ...] = (2, 3, 4, 5)
-    stage_lr_decay: float = 0.5  # each earlier stage trains at this fraction of the next
-    patience: int = 4
-    val_fraction: float = 0.15
-    min_sensitivity: float = 0.95
-    hflip: bool = False
-    seed: int = 42
-    workers: int | None = None  # DataLoader workers; default 4 on GPU, 0 (in-process) on CPU
-    pretrained_weights: str | None = None
-    download_weights: bool = False
-    pretrained: bool = True
-    max_steps_per_epoch: int | None = None  # for smoke tests
-    limit_samples: int | None = None  # for smoke tests: first N of each class
+    """Every setting of a run; `parse_args` makes one command-line option of each field."""
+    data: str = option(help="Kermany root, labelled folder or CSV")
+    out: str = option(help="output folder (checkpoints, metrics, plots)")
+    arch: str = option("efficientnet_lite0", f"network: {', '.join(ARCHITECTURES)}")
+    image_size: int = option(224, "input height and width")
+    jpeg_quality: int | None = option(
+        None, "JPEG round trip after resizing, applied in training and stored for inference "
+              "(see Preprocessing.jpeg_quality); off by default: the storage augmentation "
+              "teaches the network to ignore compression instead")
+    storage_augment: bool = option(True, "draw how each training image was stored "
+                                         "(training/augment.py)")
+    epochs: int = option(10, "most epochs (early stopping may end sooner)")
+    batch_size: int = option(32, "images per training step")
+    lr: float = option(1e-3, "head learning rate; trunk stages get less (--stage-lr-decay)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    dropout: float = option(0.3, "dropout before the linear head")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    warmup_steps: int = option(50, "linear warm-up before the cosine decay")
+    unfreeze_epochs: tuple[int, ...] = option(
+        (2, 3, 4, 5), "epochs (1-based) at which the next-deeper trunk stage opens, "
+                      "comma-separated")
+    stage_lr_decay: float = option(0.5, "each earlier stage trains at this fraction of the "
+                                         "learning rate of the next")
+    ema_decay: float | None = option(
+        0.998, "per-step decay of an exponential moving average of the weights, validated "
+               "beside the weights themselves (the better one is kept); none to disable")
+    patience: int = option(4, "early stopping: epochs without a validation AUC gain")
+    val_fraction: float = option(0.15, "fraction of patients held out for validation")
+    min_sensitivity: float = option(0.95, "threshold rule: the highest threshold with at "
+                                          "least this validation sensitivity")
+    hflip: bool = option(False, "random horizontal flips")
+    seed: int = option(42, "seed of the split, the initialisation and the augmentation")
+    workers: int | None = option(None, "DataLoader workers (default: 4 on GPU, 0 on CPU)")
+    pretrained_weights: str | None = option(None, "local ImageNet weights file for the "
+                                                  "backbone")
+    download_weights: bool = option(False, "download torchvision ImageNet weights "
+                                           "(resnet50, densenet161)")
+    pretrained: bool = option(True, "start from ImageNet weights")
+    max_steps_per_epoch: int | None = option(None, "for smoke tests")
+    limit_samples: int | None = option(None, "for smoke tests: first N of each class")
+    progress_seconds: float = option(30.0, "seconds between progress lines")
 
 
 def seed_everything(seed: int) -> None:
@@ -114,28 +141,24 @@ def param_groups(model: PneumoniaNet, lr: float, decay: float, weight_decay: flo
     return groups
 
 
-def augmenter(size: int, hflip: bool) -> v2.Compose:
-    steps = [v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.8, 1.25), antialias=True),
-             v2.RandomAffine(degrees=10, translate=(0.05, 0.05)),
-             v2.ColorJitter(brightness=0.3, contrast=0.3)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
-
-
 class AugmentedImages(torch.utils.data.Dataset):
-    """Cached uint8 (N, H, W) images -> (augmented, normalised float (C, H, W), label)."""
+    """Cached uint8 (N, H, W) images -> (augmented, normalised float (C, H, W), label).
+    Each item's storage draw is seeded from torch's generator, which DataLoader seeds per
+    worker and a resumed run restores."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, aug: v2.Compose,
-                 prep: Preprocessing):
-        self.images, self.labels, self.aug, self.prep = images, labels, aug, prep
+    def __init__(self, images: np.ndarray, labels: np.ndarray, prep: Preprocessing,
+                 cfg: TrainConfig):
+        self.images, self.labels, self.prep, self.cfg = images, labels, prep, cfg
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        img = self.aug(torch.from_numpy(self.images[i])[None]).numpy()
-        return torch.from_numpy(normalise(img, self.prep)[0]), int(self.labels[i])
+        rng = np.random.default_rng(int(torch.randint(2**62, ())))
+        storage = augment.draw(rng, self.cfg.hflip) if self.cfg.storage_augment \
+            else augment.Storage()
+        pixels = augment.apply(self.images[i], storage, self.prep.height)
+        return torch.from_numpy(normalise(pixels[None], self.prep)[0]), int(self.labels[i])
 
 
 def epoch_loader(dataset: AugmentedImages, cfg: TrainConfig, epoch: int,
@@ -149,50 +172,149 @@ def epoch_loader(dataset: AugmentedImages, cfg: TrainConfig, epoch: int,
                                        persistent_workers=False)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, prep: Preprocessing, device: torch.device,
-            batch_size: int, amp_dtype) -> np.ndarray:
-    """Pneumonia probabilities for uint8 (N, H, W) images, without augmentation."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(normalise(images[i:i + batch_size], prep)).to(device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), 1)[:, 1].cpu().numpy())
-    return np.concatenate(out)
-
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 2% of each group's initial learning rate."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def checkpoint_payload(model, optimizer, cfg, prep, epoch, step, history, best, threshold,
-                       val_metrics) -> dict:
+@dataclass
+class Progress:
+    """Prints steps, running loss, images/s and ETAs at most every `every` seconds."""
+    log: Callable[[str], None]
+    every: float
+    epoch: int
+    steps: int
+    remaining_after: int  # steps in the epochs after this one
+    started: float = field(default_factory=time.time)
+    last: float = field(default_factory=time.time)
+
+    def update(self, step: int, images: int, loss: float) -> None:
+        now = time.time()
+        if now - self.last < self.every and step < self.steps:
+            return
+        self.last = now
+        rate = step / (now - self.started)
+        epoch_left = (self.steps - step) / rate
+        self.log(f"epoch {self.epoch} step {step}/{self.steps} loss {loss:.4f} "
+                 f"{images / (now - self.started):.1f} images/s, epoch ETA "
+                 f"{_clock(epoch_left)}, run ETA {_clock(epoch_left + self.remaining_after / rate)}"
+                 " (at this rate)")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def train_one_epoch(model: PneumoniaNet, open_stages: int, ema: AveragedModel | None,
+                    criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                    batches, steps: int, device: torch.device, amp_dtype,
+                    progress: Progress) -> dict:
+    """One pass over `steps` batches with the head and `open_stages` trunk stages
+    training; returns the mean loss, images/s and seconds."""
+    model.train()
+    set_trainable(model, open_stages)
+    started, losses, seen = time.time(), [], 0
+    for step, (x, y) in zip(range(1, steps + 1), batches):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        losses.append(loss.item())
+        seen += len(y)
+        progress.update(step, seen, float(np.mean(losses[-50:])))
+    seconds = time.time() - started
+    return {"train_loss": float(np.mean(losses)), "seconds": seconds,
+            "images_per_s": seen / seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: np.ndarray, prep: Preprocessing, device: torch.device,
+             batch_size: int, amp_dtype) -> np.ndarray:
+    """Class logits (N, K) for uint8 (N, H, W) images, without augmentation."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(normalise(images[i:i + batch_size], prep)).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0,
+                          bias: float = 0.0) -> np.ndarray:
+    """P(pneumonia) from (N, 2) logits, recalibrated: sigmoid(margin / T + bias)."""
+    margin = torch.from_numpy(logits[:, 1] - logits[:, 0]).double()
+    return torch.sigmoid(margin / temperature + bias).numpy()
+
+
+def validation_row(logits: np.ndarray, labels: np.ndarray) -> dict:
+    probs = pneumonia_probability(logits)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    m = binary_metrics(labels, probs, 0.5)
+    return {"val_loss": float(loss), **{k: m[k] for k in ("accuracy", "sensitivity",
+                                                         "specificity", "auc", "f1")}}
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Platt scaling of the logit margin: the temperature T > 0 and bias b minimising the
+    negative log-likelihood of sigmoid(margin / T + b), by L-BFGS. The temperature alone
+    (Guo et al. 2017) cannot undo the class weights' shift of the prior; the bias does."""
+    margin = torch.from_numpy(logits[:, 1] - logits[:, 0]).double()
+    y = torch.from_numpy(labels).double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=200,
+                                  line_search_fn="strong_wolfe")
+
+    def nll():
+        optimizer.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(margin / log_t.exp() + bias, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    return float(log_t.detach().exp()), float(bias.detach())
+
+
+def checkpoint_payload(state_dict, cfg, prep, epoch, history, threshold, val_metrics,
+                       weights: str) -> dict:
     return {
         "format": "pneumoscan-checkpoint-1",
         "arch": cfg.arch,
         "class_names": list(CLASS_NAMES),
         "preprocessing": asdict(prep),
         "dropout": cfg.dropout,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "weights": weights,
         "threshold": threshold,
         "metrics": val_metrics,
         "config": asdict(cfg),
         "epoch": epoch,
-        "step": step,
         "history": history,
-        "best_auc": best,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate()},
         "data_description": f"{cfg.data} ({cfg.val_fraction:.0%} of patients held out for "
                             f"validation, seed {cfg.seed})",
     }
+
+
+def resume_state(model, ema, optimizer, scheduler) -> dict:
+    """What last.pt adds to a checkpoint so that a run can continue."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "ema_state_dict": ema.state_dict() if ema is not None else None,
+            "model_state_dict": model.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate()}}
 
 
 def save_atomic(payload: dict, path: Path) -> None:
@@ -234,78 +356,71 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
                           weights=cfg.pretrained_weights, download=cfg.download_weights,
                           pretrained=cfg.pretrained)
     model = model.to(device).to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                        use_buffers=True) if cfg.ema_decay is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.stage_lr_decay,
                                                cfg.weight_decay))
+    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=steps_per_epoch * cfg.epochs,
+                           warmup=cfg.warmup_steps))
     counts = np.bincount(train_y, minlength=2)
     class_weights = torch.tensor(counts.sum() / (2.0 * counts), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    dataset = AugmentedImages(train_x, train_y, augmenter(cfg.image_size, cfg.hflip), prep)
+    dataset = AugmentedImages(train_x, train_y, prep, cfg)
 
-    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
     history: list[dict] = []
-    best_auc, best_epoch, start_epoch, step = -1.0, 0, 1, 0
+    best_auc, best_epoch, start_epoch = -1.0, 0, 1
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state["model_state_dict"])
+        if ema is not None:
+            ema.load_state_dict(state["ema_state_dict"])
         optimizer.load_state_dict(state["optimizer"])
-        history, best_auc, step = state["history"], state["best_auc"], state["step"]
-        start_epoch = state["epoch"] + 1
-        best_epoch = max((h["epoch"] for h in history if h["auc"] == best_auc), default=0)
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        best = max(history, key=lambda h: h["auc"])
+        best_auc, best_epoch = best["auc"], best["epoch"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         log(f"resumed from {resume} after epoch {state['epoch']}")
 
     for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
         n_open = open_stages_at(epoch, cfg.unfreeze_epochs, len(model.stages))
-        set_trainable(model, n_open)
-        t_epoch, losses, seen = time.time(), [], 0
-        batches = epoch_loader(dataset, cfg, epoch, device)
-        for _, (x, y) in zip(range(steps_per_epoch), batches):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            factor = lr_factor(step, total_steps, cfg.warmup_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * factor
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            seen += len(y)
-            step += 1
-        train_seconds = time.time() - t_epoch
-        val_prob = predict(model, val_x, prep, device, cfg.batch_size * 2, amp_dtype)
-        val_loss = float(nn.functional.cross_entropy(
-            torch.log(torch.from_numpy(np.stack([1 - val_prob, val_prob], 1)).clamp_min(1e-7)),
-            torch.from_numpy(val_y)).item())
-        m = binary_metrics(val_y, val_prob, 0.5)
-        row = {"epoch": epoch, "open_stages": n_open, "train_loss": float(np.mean(losses)),
-               "val_loss": val_loss, **{k: m[k] for k in ("accuracy", "sensitivity",
-                                                           "specificity", "auc", "f1")},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds,
-               "images_per_s": seen / train_seconds}
+        progress = Progress(log, cfg.progress_seconds, epoch, steps_per_epoch,
+                            steps_per_epoch * (cfg.epochs - epoch))
+        trained = train_one_epoch(model, n_open, ema, criterion, optimizer, scheduler, scaler,
+                                  epoch_loader(dataset, cfg, epoch, device), steps_per_epoch,
+                                  device, amp_dtype, progress)
+        candidates = {"weights": model} | ({"ema": ema.module} if ema is not None else {})
+        logits = {name: evaluate(net, val_x, prep, device, cfg.batch_size * 2, amp_dtype)
+                  for name, net in candidates.items()}
+        rows = {name: validation_row(lg, val_y) for name, lg in logits.items()}
+        chosen = max(rows, key=lambda name: rows[name]["auc"])
+        row = {"epoch": epoch, "open_stages": n_open, "train_loss": trained["train_loss"],
+               **rows[chosen], "evaluated": chosen,
+               **({"ema_auc": rows["ema"]["auc"], "weights_auc": rows["weights"]["auc"]}
+                  if ema is not None else {}),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": trained["seconds"],
+               "images_per_s": trained["images_per_s"]}
         history.append(row)
         log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-        improved = m["auc"] > best_auc
-        if improved:
-            best_auc, best_epoch = m["auc"], epoch
+        val_prob = pneumonia_probability(logits[chosen])
         threshold = choose_threshold(val_y, val_prob, cfg.min_sensitivity)
-        val_metrics = {"at_0.5": m, "at_threshold": binary_metrics(val_y, val_prob, threshold),
+        val_metrics = {"at_0.5": binary_metrics(val_y, val_prob, 0.5),
+                       "at_threshold": binary_metrics(val_y, val_prob, threshold),
                        "n_val": int(len(val_y))}
-        payload = checkpoint_payload(model, optimizer, cfg, prep, epoch, step, history,
-                                     best_auc, threshold, val_metrics)
-        save_atomic(payload, out / "last.pt")
-        if improved:
+        payload = checkpoint_payload(candidates[chosen].state_dict(), cfg, prep, epoch, history,
+                                     threshold, val_metrics, chosen)
+        save_atomic(payload | resume_state(model, ema, optimizer, scheduler), out / "last.pt")
+        if row["auc"] > best_auc:
+            best_auc, best_epoch = row["auc"], epoch
             save_atomic(payload, out / "best.pt")
-            np.savez(out / "val_predictions.npz", labels=val_y, probabilities=val_prob)
+            np.savez(out / "val_predictions.npz", labels=val_y, logits=logits[chosen])
         write_history(history, out)
         if epoch - best_epoch >= cfg.patience:
             log(f"early stopping: no AUC gain for {cfg.patience} epochs (best epoch {best_epoch})")
@@ -324,65 +439,96 @@ def write_history(history: list[dict], out: Path) -> None:
 
 
 def finalize(out: Path, cfg: TrainConfig) -> dict:
-    """Metrics with bootstrap CIs and plots for the best checkpoint."""
+    """Calibrate the best checkpoint, then its metrics with bootstrap CIs, and plots.
+
+    Temperature and bias are fitted on the validation logits and recorded in the checkpoint;
+    `load_network` folds them into the linear head, so the ONNX export and every other
+    consumer get calibrated probabilities. Decisions do not change: the threshold is chosen
+    on the recalibrated probabilities, which keep their order."""
     from pneumoscan.evaluation.plots import write_plots
 
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     preds = np.load(out / "val_predictions.npz")
-    labels, probs = preds["labels"], preds["probabilities"]
-    threshold = best["threshold"]
+    labels, logits = preds["labels"], preds["logits"]
+    temperature, bias = fit_calibration(logits, labels)
+    uncalibrated = pneumonia_probability(logits)
+    probs = pneumonia_probability(logits, temperature, bias)
+    threshold = choose_threshold(labels, probs, cfg.min_sensitivity)
+    calibration = {"method": "Platt scaling of the logit margin (temperature and bias), "
+                             "fitted on the validation split",
+                   "temperature": temperature, "bias": bias,
+                   "ece_before": expected_calibration_error(labels, uncalibrated),
+                   "ece_after": expected_calibration_error(labels, probs),
+                   "ece_after_cross_fitted": cross_fitted_ece(logits, labels, cfg.seed)}
     summary = {
-        "arch": cfg.arch, "best_epoch": best["epoch"], "threshold": threshold,
+        "arch": cfg.arch, "best_epoch": best["epoch"], "weights": best["weights"],
+        "threshold": threshold,
         "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.min_sensitivity}",
+        "calibration": calibration,
         "validation": binary_metrics(labels, probs, threshold),
         "validation_ci95": bootstrap_intervals(labels, probs, threshold),
         "n_val": int(len(labels)),
     }
-    best["metrics"]["ci95"] = summary["validation_ci95"]
+    best["threshold"], best["calibration"] = threshold, calibration
+    best["metrics"] = {"at_0.5": binary_metrics(labels, probs, 0.5),
+                       "at_threshold": summary["validation"],
+                       "ci95": summary["validation_ci95"], "n_val": int(len(labels))}
     save_atomic(best, out / "best.pt")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_plots(best["history"], labels, probs, threshold, out)
+    write_plots(best["history"], labels, probs, threshold, out, uncalibrated=uncalibrated)
     return summary
 
 
+def cross_fitted_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    """ECE of the recalibration judged on images it was not fitted on: two halves, each
+    recalibrated with what was fitted on the other."""
+    half = np.random.default_rng(seed).permutation(len(labels)) < len(labels) // 2
+    probs = np.empty(len(labels))
+    for fit, judge in ((half, ~half), (~half, half)):
+        probs[judge] = pneumonia_probability(logits[judge],
+                                             *fit_calibration(logits[fit], labels[fit]))
+    return expected_calibration_error(labels, probs)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = TrainConfig(data="", out="")
-    p.add_argument("--data", required=True, help="Kermany root, labelled folder or CSV")
-    p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, plots)")
-    p.add_argument("--arch", choices=ARCHITECTURES, default=d.arch)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
-                   help="JPEG round trip after resizing, for data stored as JPEG at the "
-                        "input size (the Kermany 224 px set: 75); training and inference "
-                        "both apply it")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--unfreeze-epochs", default=",".join(map(str, d.unfreeze_epochs)),
-                   help="epochs at which the next-deeper trunk stage opens, e.g. 2,3,4,5")
-    p.add_argument("--stage-lr-decay", type=float, default=d.stage_lr_decay)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--min-sensitivity", type=float, default=d.min_sensitivity)
-    p.add_argument("--hflip", action="store_true")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: 4 on GPU, 0 on CPU)")
-    p.add_argument("--pretrained-weights", help="local ImageNet weights file for the backbone")
-    p.add_argument("--download-weights", action="store_true",
-                   help="download torchvision ImageNet weights (resnet50, densenet161)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
-    p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--limit-samples", type=int)
+    """One option per TrainConfig field, named, typed and defaulted from it."""
+    p = argparse.ArgumentParser(prog="python -m training.train",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        options = {"help": f.metadata["help"]}
+        if f.default is MISSING:
+            options.update(required=True, default=argparse.SUPPRESS)
+        elif kind == tuple[int, ...]:
+            options["default"] = ",".join(map(str, f.default))  # parsed by int_tuple
+        else:
+            options["default"] = f.default
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind == tuple[int, ...]:
+            options["type"] = int_tuple
+        else:
+            base = next((t for t in get_args(kind) if t is not type(None)), kind)
+            options["type"] = optional(base) if base is not kind else base
+        p.add_argument(flag, **options)
     p.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")
-    a["unfreeze_epochs"] = tuple(int(x) for x in a["unfreeze_epochs"].split(",") if x)
     return TrainConfig(**a), resume
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def optional(kind: type) -> Callable[[str], object]:
+    """`kind`, or None written as 'none'."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

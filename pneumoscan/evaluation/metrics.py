@@ -103,3 +103,13 @@ def format_validation(metrics: dict) -> str:
         ("accuracy", "accuracy"), ("f1", "F1")) if name in at]
     count = f"{metrics['n_val']} images, " if "n_val" in metrics else ""
     return f"{count}at the model's threshold: " + ", ".join(figures)
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """ECE of the pneumonia probability: over equal-width probability bins, the
+    image-weighted mean gap between the mean probability and the fraction with pneumonia."""
+    labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    which = np.clip((probs * bins).astype(int), 0, bins - 1)
+    gaps = [abs(probs[which == b].mean() - labels[which == b].mean()) * (which == b).sum()
+            for b in range(bins) if (which == b).any()]
+    return float(sum(gaps) / len(labels))

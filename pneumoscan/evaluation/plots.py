@@ -7,7 +7,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from pneumoscan.evaluation.metrics import confusion, roc_auc, roc_curve
+from pneumoscan.evaluation.metrics import (
+    confusion,
+    expected_calibration_error,
+    roc_auc,
+    roc_curve,
+)
 
 
 def subplots(*grid: int, figsize: tuple[float, float]):
@@ -66,23 +71,33 @@ def plot_confusion(labels: np.ndarray, probs: np.ndarray, threshold: float, path
     fig.savefig(path, dpi=100)
 
 
-def plot_calibration(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10) -> None:
+def plot_calibration(labels: np.ndarray, curves: dict[str, np.ndarray], path: Path,
+                     bins: int = 10) -> None:
+    """Reliability diagram: one line per named set of probabilities, ECE in the legend."""
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(probs, edges) - 1, 0, bins - 1)
-    mean_p = [probs[which == b].mean() for b in range(bins) if (which == b).any()]
-    frac = [labels[which == b].mean() for b in range(bins) if (which == b).any()]
     fig, ax = subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.plot(mean_p, frac, "o-")
+    for name, probs in curves.items():
+        which = np.clip(np.digitize(probs, edges) - 1, 0, bins - 1)
+        filled = [b for b in range(bins) if (which == b).any()]
+        ece = expected_calibration_error(labels, probs, bins)
+        ax.plot([probs[which == b].mean() for b in filled],
+                [labels[which == b].mean() for b in filled], "o-",
+                label=f"{name} (ECE {ece:.3f})")
     ax.set_xlabel("mean predicted probability of pneumonia")
     ax.set_ylabel("fraction with pneumonia")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def write_plots(history: list[dict], labels: np.ndarray, probs: np.ndarray, threshold: float,
-                out: Path) -> None:
+                out: Path, uncalibrated: np.ndarray | None = None) -> None:
+    """`probs` as the model gives them; `uncalibrated`, when given, before temperature
+    scaling, drawn beside them in the reliability diagram."""
     plot_learning_curves(history, out / "learning_curves.png")
     plot_roc(labels, probs, threshold, out / "roc.png")
     plot_confusion(labels, probs, threshold, out / "confusion.png")
-    plot_calibration(labels, probs, out / "calibration.png")
+    curves = {"model": probs} if uncalibrated is None \
+        else {"before scaling": uncalibrated, "temperature-scaled": probs}
+    plot_calibration(labels, curves, out / "calibration.png")

@@ -19,9 +19,10 @@ RESIZE_MODES = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampli
 class Preprocessing:
     """How a model wants its input. `resize` squashes to (height, width) without keeping
     the aspect ratio, as the Kermany 224 px training set was made. `jpeg_quality`, when
-    set, passes the resized image through JPEG at that quality: the Kermany 224 px images
-    are stored as quality-75 JPEGs, and a model trained on them reads those compression
-    artefacts as part of the image, so inputs must carry the same ones."""
+    set, passes the resized image through JPEG at that quality: a model trained on the
+    Kermany 224 px images as they are (quality-75 JPEGs) reads those compression artefacts
+    as part of the image, so its inputs must carry the same ones. Models trained with the
+    storage augmentation (the 2026.12.01 candidate in the model card) do without."""
     height: int
     width: int
     channels: int

@@ -51,13 +51,25 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_network(path: Path):
-    """(network in eval mode, checkpoint payload)."""
+    """(network in eval mode, checkpoint payload); its logits include the calibration
+    (temperature and bias) that training fitted, when it did."""
+    import torch
+
     from pneumoscan.modelling.architectures import build_network
 
     payload = read_checkpoint(path)
     net = build_network(payload["arch"], num_classes=len(payload["class_names"]),
                         dropout=payload.get("dropout", 0.0), pretrained=False)
     net.load_state_dict(payload["state_dict"])
+    calibration = payload.get("calibration", {})
+    temperature, bias = calibration.get("temperature", 1.0), calibration.get("bias", 0.0)
+    # Calibration folded into the linear head: the logits become logits / T, plus bias / 2
+    # for PNEUMONIA and minus bias / 2 for NORMAL, so the margin is margin / T + bias.
+    shift = torch.tensor([bias / 2 if name == "PNEUMONIA" else -bias / 2
+                          for name in payload["class_names"]])
+    with torch.no_grad():
+        net.classifier.weight /= temperature
+        net.classifier.bias.copy_(net.classifier.bias / temperature + shift)
     return net.eval(), payload
 
 
@@ -78,6 +90,7 @@ def model_metadata(payload: dict, version: str, name: str | None = None) -> dict
         "training_data": payload.get("data_description", ""),
         "validation_metrics": metrics,
         "trained_epochs": payload["epoch"],
+        "calibration": payload.get("calibration", {"method": "none", "temperature": 1.0}),
         "outputs": {"logits": "(N, K) class logits", "features": "(N, C, h, w) last conv maps",
                     "cams": "(N, K, h, w) class activation maps"},
     }
