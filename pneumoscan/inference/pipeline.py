@@ -1,9 +1,12 @@
 """Batched classification + CAM over a stream of files (the middle stages of the pipeline).
 
-Worker threads load and preprocess files ahead of the model (a bounded window, so memory
-stays flat however many files there are) while the calling thread runs batches through the
-model; the report's pictures are rendered back in the workers. Results come out in input
-order, one per input file, whatever happened to it.
+The stages are plain functions, shared by both engines: `prepare` (load + preprocess one
+file), `score` (one batch through the model, with its CAMs) and `finish` (the file's
+result, with the report's picture). `classify` is the local engine: worker threads prepare
+files ahead of the model (a bounded window, so memory stays flat however many files there
+are) while the calling thread runs batches through the model; the pictures are rendered
+back in the workers. `ray_engine` runs the same stages on a Ray cluster. Results come out
+in input order, one per input file, whatever happened to it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
-from pneumoscan.inference.preprocess import Preprocessing, model_input, normalise, prepare_pixels
+from pneumoscan.inference.preprocess import Preprocessing, normalise, prepare_pixels
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.report.pictures import render_picture
@@ -29,9 +32,22 @@ DEFAULT_BATCH_SIZE = 32
 
 @dataclass
 class Prepared:
+    """One file after load + preprocess. `model_pixels` is the model's input before
+    normalisation (uint8, the model's size: a fifth of the float tensor's bytes, which
+    matters where it travels between processes); None when the file was not loaded, and
+    `outcome` is then its result."""
     item: InputFile
     outcome: LoadedImage | FileResult
-    tensor: np.ndarray | None
+    model_pixels: np.ndarray | None
+    seconds: float
+
+
+@dataclass
+class Scored:
+    """The model's verdict on one image; `seconds` is its share of the batch's time."""
+    probability: float
+    label: str
+    cam: np.ndarray  # of the decided class, (h, w) in [0, 1]
     seconds: float
 
 
@@ -53,13 +69,45 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _prepare(item: InputFile, model: CamModel, min_size: tuple[int, int]) -> Prepared:
+def prepare(item: InputFile, prep: Preprocessing) -> Prepared:
+    """Load one file at the model's decode size and make the model's input of it. The
+    report's pictures come from the same decode (large scans are shown at up to
+    DISPLAY_SIZE): one decode per file."""
     t0 = time.perf_counter()
-    outcome = load(item, min_size=min_size)
-    tensor = None
-    if isinstance(outcome, LoadedImage):
-        tensor = model_input(outcome.pixels, model.info.preprocessing)
-    return Prepared(item, outcome, tensor, time.perf_counter() - t0)
+    outcome = load(item, min_size=prep.decode_size)
+    pixels = prepare_pixels(outcome.pixels, prep) if isinstance(outcome, LoadedImage) else None
+    return Prepared(item, outcome, pixels, time.perf_counter() - t0)
+
+
+def score(loaded: list[Prepared], model: CamModel, threshold: float) -> list[Scored]:
+    """One batch of loaded files through the model: probability, decision and the CAM of
+    the decided class of each."""
+    info = model.info
+    t0 = time.perf_counter()
+    batch = normalise(np.stack([p.model_pixels for p in loaded]), info.preprocessing)
+    predictions = model.predict(batch)
+    share = (time.perf_counter() - t0) / len(loaded)
+    probabilities = predictions.probabilities[:, info.positive_class]
+    negative = 1 - info.positive_class  # binary models: the other class
+    decided = np.where(probabilities >= threshold, info.positive_class, negative)
+    cams = normalised_cams(predictions.cams, decided)
+    return [Scored(float(prob), info.class_names[cls], cam, share)
+            for prob, cls, cam in zip(probabilities, decided, cams)]
+
+
+def finish(prepared: Prepared, scored: Scored | None, threshold: float,
+           picture: bytes | None = None) -> FileResult:
+    """The file's result: classified when it was scored, else what loading it gave."""
+    if scored is None:
+        result = prepared.outcome
+        if result.seconds is None:
+            result.seconds = prepared.seconds
+        return result
+    img: LoadedImage = prepared.outcome
+    return FileResult(path=img.path, study=img.study, status="ok",
+                      probability=scored.probability, label=scored.label,
+                      threshold=float(threshold), metadata=img.metadata, picture=picture,
+                      seconds=prepared.seconds + scored.seconds)
 
 
 def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -68,63 +116,45 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
     """One FileResult per item, in order. `render` adds the report's pictures (the X-ray
     beside its CAM overlay); without it the run is classification only."""
-    info = model.info
-    threshold = info.threshold if threshold is None else threshold
-    # The report's pictures come from the same decode as the model's input (at least the
-    # model's size; large scans are shown at up to DISPLAY_SIZE): one decode per file.
-    min_size = info.preprocessing.decode_size
-    negative = 1 - info.positive_class  # binary models: the other class
+    threshold = model.info.threshold if threshold is None else threshold
+    prep = model.info.preprocessing
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
-        window: deque[Future[Prepared]] = deque()
-        iterator = iter(items)
-        exhausted = False
-
-        def refill() -> None:
-            nonlocal exhausted
-            while not exhausted and len(window) < batch_size * 3:
-                try:
-                    window.append(pool.submit(_prepare, next(iterator), model, min_size))
-                except StopIteration:
-                    exhausted = True
-
-        refill()
-        while window:
-            chunk: list[Prepared] = []
-            ready = 0
-            while window and ready < batch_size:
-                prepared = window.popleft().result()
-                chunk.append(prepared)
-                ready += prepared.tensor is not None
-                refill()
-            yield from _finish_chunk(chunk, model, threshold, info, negative,
-                                     pool if render else None, on_result)
+        for chunk in _read_ahead(pool, iter(items), prep, batch_size):
+            loaded = [p for p in chunk if p.model_pixels is not None]
+            scores = dict(zip(map(id, loaded), score(loaded, model, threshold))) if loaded else {}
+            pictures = {id(p): pool.submit(render_picture, p.outcome.pixels, scores[id(p)].cam)
+                        for p in loaded} if render else {}
+            for p in chunk:
+                picture = pictures.get(id(p))
+                result = finish(p, scores.get(id(p)), threshold,
+                                picture.result() if picture else None)
+                if on_result:
+                    on_result(result)
+                yield result
 
 
-def _finish_chunk(chunk, model, threshold, info, negative, render_pool,
-                  on_result) -> Iterator[FileResult]:
-    loaded = [p for p in chunk if p.tensor is not None]
-    by_id: dict[int, FileResult] = {}
-    if loaded:
-        t0 = time.perf_counter()
-        predictions = model.predict(np.stack([p.tensor for p in loaded]))
-        share = (time.perf_counter() - t0) / len(loaded)
-        probabilities = predictions.probabilities[:, info.positive_class]
-        positive = probabilities >= threshold
-        decided = np.where(positive, info.positive_class, negative)
-        cams = normalised_cams(predictions.cams, decided)
-        pictures = [render_pool.submit(render_picture, p.outcome.pixels, cam)
-                    if render_pool else None for p, cam in zip(loaded, cams)]
-        for p, prob, cls, picture in zip(loaded, probabilities, decided, pictures):
-            img: LoadedImage = p.outcome
-            by_id[id(p)] = FileResult(
-                path=img.path, study=img.study, status="ok", probability=float(prob),
-                label=info.class_names[cls], threshold=float(threshold),
-                metadata=img.metadata, picture=picture.result() if picture else None,
-                seconds=p.seconds + share)
-    for p in chunk:
-        result = by_id.get(id(p)) or p.outcome
-        if result.seconds is None:
-            result.seconds = p.seconds
-        if on_result:
-            on_result(result)
-        yield result
+def _read_ahead(pool: ThreadPoolExecutor, iterator: Iterator[InputFile], prep: Preprocessing,
+                batch_size: int) -> Iterator[list[Prepared]]:
+    """Chunks of prepared files in input order, each with up to `batch_size` loaded ones,
+    while up to three batches more are prepared in the pool."""
+    window: deque[Future[Prepared]] = deque()
+    exhausted = False
+
+    def refill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(window) < batch_size * 3:
+            try:
+                window.append(pool.submit(prepare, next(iterator), prep))
+            except StopIteration:
+                exhausted = True
+
+    refill()
+    while window:
+        chunk: list[Prepared] = []
+        ready = 0
+        while window and ready < batch_size:
+            prepared = window.popleft().result()
+            chunk.append(prepared)
+            ready += prepared.model_pixels is not None
+            refill()
+        yield chunk
