@@ -26,7 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -36,7 +36,8 @@ from pneumoscan import __version__
 from pneumoscan.files import remove_leftover_temporaries, write_atomic
 from pneumoscan.inference.cam import CamModel
 from pneumoscan.inference.model import ModelError, available_cores, default_model_path
-from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, Engine, LocalEngine
+from pneumoscan.inference.ray_engine import EngineError, RayEngine, RayOptions
 from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
 from pneumoscan.results.anonymize import anonymized
@@ -71,6 +72,7 @@ class Scan:
 
 
 REPORT_SUFFIXES = (".pdf", ".html", ".htm")
+ENGINES = ("local", "ray")  # this process's threads, or a Ray cluster (ray_engine)
 
 
 class RunError(Exception):
@@ -101,6 +103,8 @@ class RunOptions:
     force: bool = False  # compute every file again
     wait: bool = False  # wait for another run that holds the state, instead of EXIT_LOCKED
     anonymize: bool = False
+    engine: str = "local"
+    ray: RayOptions = RayOptions()  # for engine "ray"
 
     @property
     def state_path(self) -> Path:
@@ -117,6 +121,11 @@ class RunOptions:
                            EXIT_USAGE)
         if self.report is not None and self.report.suffix.lower() not in REPORT_SUFFIXES:
             raise RunError(f"--out must end in .pdf or .html, not {self.report.name!r}",
+                           EXIT_USAGE)
+        if self.engine not in ENGINES:
+            raise RunError(f"unknown engine {self.engine!r}", EXIT_USAGE)
+        if self.engine == "ray" and self.cam_backend != "onnx":
+            raise RunError("--engine ray runs the ONNX model only (no --cam-backend torch)",
                            EXIT_USAGE)
 
 
@@ -191,9 +200,11 @@ def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
 def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
                 events: RunEvents) -> RunSummary:
     try:
-        model = open_model(options.model, options.device, options.cam_backend,
-                           options.checkpoint)
-    except ModelError as exc:
+        engine = open_engine(options.engine, options.ray, options.device)
+        # On Ray the actors open the model where they run; the driver reads its metadata.
+        device = "cpu" if options.engine == "ray" else options.device
+        model = open_model(options.model, device, options.cam_backend, options.checkpoint)
+    except (EngineError, ModelError) as exc:
         raise RunError(str(exc)) from None
     events.model_opened(model)
     runlog.write("start", scans=str(options.scans), state=str(ledger.path), pid=os.getpid(),
@@ -206,11 +217,15 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
         if not result.from_ledger:
             runlog.file(result)
 
-    scanned = scan(options.scans, model, batch_size=options.batch_size,
-                   workers=options.workers, threshold=options.threshold,
-                   render=options.report is not None or options.per_study is not None,
-                   on_result=on_result, on_discovered=events.discovered, ledger=ledger,
-                   force=options.force)
+    try:
+        with engine:
+            scanned = scan(options.scans, model, batch_size=options.batch_size,
+                           workers=options.workers, threshold=options.threshold,
+                           render=options.report is not None or options.per_study is not None,
+                           on_result=on_result, on_discovered=events.discovered,
+                           ledger=ledger, force=options.force, engine=engine)
+    except EngineError as exc:
+        raise RunError(str(exc)) from None
     events.classified()
     if options.anonymize:
         scanned = anonymize(scanned, ledger)
@@ -259,6 +274,14 @@ def open_model(model_path: Path | None = None, device: str = "auto", cam_backend
     return OnnxCamModel(Path(path), device=device, threads=threads)
 
 
+def open_engine(name: str, ray: RayOptions = RayOptions(), device: str = "auto"):
+    """The engine `name` (ENGINES), as a context manager that holds what it runs on. Raises
+    EngineError when it cannot run here (Ray not installed)."""
+    if name == "ray":
+        return RayEngine(ray, device)
+    return contextlib.nullcontext(LocalEngine())
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -274,38 +297,42 @@ def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
          workers: int | None = None, threshold: float | None = None, render: bool = True,
          on_result: Callable[[FileResult], None] | None = None,
          on_discovered: Callable[[int], None] | None = None,
-         ledger: Ledger | None = None, force: bool = False) -> Scan:
+         ledger: Ledger | None = None, force: bool = False,
+         engine: Engine | None = None) -> Scan:
     """Classify every file under `root`; one result per file found. With a `ledger`, only
     files that are new or changed (or all, with `force`) are decoded and classified; the
-    others' results come from the ledger, and the ledger learns the new ones."""
+    others' results come from the ledger, and the ledger learns the new ones. `engine`
+    runs the stages (default: this process, LocalEngine; a RayEngine must be open)."""
     if not Path(root).exists():
         raise FileNotFoundError(f"no such file or folder: {root}")
     run = run_info(model, threshold)
     items = list(discover(Path(root)))
     if on_discovered:
         on_discovered(len(items))
-    options = dict(batch_size=batch_size, workers=workers, threshold=run.threshold,
-                   render=render)
+    engine = engine or LocalEngine()
+    classify = functools.partial(engine.classify, model=model, batch_size=batch_size,
+                                 workers=workers, threshold=run.threshold, render=render)
     if ledger is None:
-        results = list(classify(items, model, on_result=on_result, **options))
+        results = list(classify(items, on_result=on_result))
     else:
         basis = Basis(run.model_sha256, run.threshold, render)
-        results = _scan_incrementally(Path(root), items, model, ledger, basis, force,
-                                      on_result, options)
+        results = _scan_incrementally(Path(root), items, classify, ledger, basis, force,
+                                      on_result)
+    run.provider = engine.provider(model)
     run.finished = now_iso()
     return Scan(run, results)
 
 
-def _scan_incrementally(root: Path, items: list[InputFile], model: CamModel, ledger: Ledger,
-                        basis: Basis, force: bool,
-                        on_result: Callable[[FileResult], None] | None,
-                        options: dict) -> list[FileResult]:
+def _scan_incrementally(root: Path, items: list[InputFile],
+                        classify: Callable[[Iterable[InputFile]], Iterator[FileResult]],
+                        ledger: Ledger, basis: Basis, force: bool,
+                        on_result: Callable[[FileResult], None] | None) -> list[FileResult]:
     plans = ledger.plan(items, basis, force=force)
     # The pipeline sees only the files to compute, before any is decoded; its results come
     # back in order, and are merged with the ledger's in discovery order.
     to_compute = (plan.item for plan in plans if plan.cached is None)
     results = []
-    with contextlib.closing(classify(to_compute, model, **options)) as computed:
+    with contextlib.closing(classify(to_compute)) as computed:
         for plan in plans:
             result = plan.cached
             if result is None:

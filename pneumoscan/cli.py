@@ -20,6 +20,7 @@ import click
 from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
 
 log = logging.getLogger("pneumoscan")
@@ -78,16 +79,17 @@ class Progress(api.RunEvents):
     """What a run tells on stderr: a progress bar on a terminal, nothing otherwise; -v logs
     each file instead."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, engine: str = "local"):
         self.enabled = enabled
+        self.engine = engine
         self.bar = None
 
     def waiting(self, state_path: Path) -> None:
         click.echo(f"waiting for the run that holds {state_path}", err=True)
 
     def model_opened(self, model) -> None:
-        click.echo(f"model {model.info.name} {model.info.version} on {model.provider}",
-                   err=True)
+        where = "Ray actors" if self.engine == "ray" else model.provider
+        click.echo(f"model {model.info.name} {model.info.version} on {where}", err=True)
 
     def discovered(self, total: int) -> None:
         log.info("found %d files", total)
@@ -137,9 +139,24 @@ class Progress(api.RunEvents):
 @click.option("--anonymize", is_flag=True,
               help="a stable pseudonym instead of patient name, ID and birth date in the "
                    "reports and JSON")
-@click.option("-v", "--verbose", count=True, help="log each file (-vv: debug)")
+@click.option("--engine", type=click.Choice(api.ENGINES), default="local", show_default=True,
+              help="ray: decode and classify on a Ray cluster (pip install "
+                   "\"pneumoscan[ray]\"; docs/CLUSTER.md)")
+@click.option("--ray-address", help="--engine ray: the cluster (auto, HOST:6379, "
+                                    "ray://HOST:10001; default: a Ray started for this run)")
+@click.option("--ray-actors", type=click.IntRange(1),
+              help="--engine ray: inference actors (default: as many as keep up, from 1)")
+@click.option("--ray-actor-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
+              help="--engine ray: CPUs per inference actor (its ONNX Runtime threads)")
+@click.option("--ray-actor-gpus", type=click.FloatRange(0),
+              help="--engine ray: GPUs per inference actor (default: 1 on a cluster with "
+                   "GPUs, unless --device cpu)")
+@click.option("--ray-decode-cpus", type=click.FloatRange(0.01), default=1.0,
+              show_default=True, help="--engine ray: CPUs per decoding task")
+@click.option("-v", "--verbose", count=True, help="log each file (-vv: debug and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
-        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, verbose):
+        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, engine,
+        ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus, ray_decode_cpus, verbose):
     """Classify every image under SCANS and write a report and/or JSON.
 
     Safe to run from cron: each run computes only the files that are new or changed since
@@ -149,13 +166,15 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                              model=model_path, device=device, batch_size=batch_size,
                              workers=workers, threshold=threshold, cam_backend=cam_backend,
                              checkpoint=checkpoint, state=state_path, log=log_path,
-                             force=force, wait=wait, anonymize=anonymize)
+                             force=force, wait=wait, anonymize=anonymize, engine=engine,
+                             ray=RayOptions(ray_address, ray_actors, ray_actor_cpus,
+                                            ray_actor_gpus, ray_decode_cpus, logs=verbose > 1))
     try:
         options.check()
     except api.RunError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        summary = api.run(options, Progress(sys.stderr.isatty() and verbose == 0))
+        summary = api.run(options, Progress(sys.stderr.isatty() and verbose == 0, engine))
     except api.RunError as exc:
         fail(str(exc), exc.exit_code)
     scan = summary.scan

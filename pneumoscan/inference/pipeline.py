@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -63,6 +64,29 @@ def read_model_input(path: Path, prep: Preprocessing) -> np.ndarray | FileResult
     width); or the FileResult that says why it cannot be."""
     pixels = read_model_pixels(path, prep)
     return pixels if isinstance(pixels, FileResult) else normalise(pixels[None], prep)[0]
+
+
+class Engine(Protocol):
+    """What runs the stages: `classify` below (LocalEngine), or ray_engine.RayEngine."""
+
+    def classify(self, items: Iterable[InputFile], model: CamModel, *, batch_size: int,
+                 workers: int | None, threshold: float | None, render: bool,
+                 on_result: Callable[[FileResult], None] | None = None
+                 ) -> Iterator[FileResult]:
+        """One FileResult per item, in order."""
+
+    def provider(self, model: CamModel) -> str:
+        """The execution provider that ran the model, for the run's record."""
+
+
+class LocalEngine:
+    """This process: decoding threads and the model's session (`classify`)."""
+
+    def classify(self, items, model, **options) -> Iterator[FileResult]:
+        return classify(items, model, **options)
+
+    def provider(self, model: CamModel) -> str:
+        return model.provider
 
 
 def default_workers() -> int:

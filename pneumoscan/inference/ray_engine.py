@@ -55,12 +55,13 @@ class RayOptions:
     for the run; otherwise an existing cluster (`auto`, `HOST:6379`, `ray://HOST:10001`).
     `actors`: inference actors (default: from one up to as many as the cluster can hold).
     `actor_gpus`: GPUs per actor (default: one when the cluster has GPUs and the device
-    is not `cpu`)."""
+    is not `cpu`). `logs`: Ray's own logs and progress bars on stderr."""
     address: str | None = None
     actors: int | None = None
     actor_cpus: float = 1.0
     actor_gpus: float | None = None
     decode_cpus: float = 1.0
+    logs: bool = False
 
 
 def import_ray():
@@ -144,44 +145,53 @@ def _objects(values: list) -> np.ndarray:
 
 
 class RayEngine:
-    """Connected to (or started) Ray while open; `classify` as the local engine's."""
+    """A pipeline.Engine on Ray, connected to (or started) while open."""
 
-    def __init__(self, options: RayOptions = RayOptions(), *, verbose: bool = False):
+    def __init__(self, options: RayOptions = RayOptions(), device: str = "auto"):
         self.options = options
-        self.verbose = verbose
+        self.device = device  # the actors': CUDA only where they hold a GPU
         self.providers: set[str] = set()
         self._ray = import_ray()
         self._started = False
 
     def __enter__(self) -> RayEngine:
         ray = self._ray
+        if not self.options.logs:
+            # Ray's notices (its token, progress bars off) are not the user's business;
+            # failures still come back as exceptions.
+            for name in ("ray", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         if not ray.is_initialized():
             try:
                 ray.init(address=self.options.address, include_dashboard=False,
-                         log_to_driver=self.verbose, configure_logging=self.verbose,
-                         logging_level=logging.INFO if self.verbose else logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+                         log_to_driver=self.options.logs, configure_logging=self.options.logs,
+                         logging_level=logging.INFO if self.options.logs else logging.WARNING)
+            # ConnectionError, RuntimeError, ValueError, and a bare Exception when its
+            # processes do not start in time: all say the cluster is not there.
+            except Exception as exc:  # noqa: BLE001 (only ray.init is inside)
                 where = self.options.address or "a new local instance"
                 raise EngineError(f"cannot start or reach Ray ({where}): {one_line(exc)}"
                                   ) from None
             self._started = True
-        if not self.verbose:
-            for name in ("ray", "ray.data"):
-                logging.getLogger(name).setLevel(logging.WARNING)
+        context = ray.data.DataContext.get_current()  # the datasets made from now on
+        context.enable_progress_bars = self.options.logs
+        # Rows hold our records (files, pixels, results): pickled, as Ray Data does after
+        # trying Arrow first (and saying so, once per process).
+        context.enable_fallback_to_arrow_object_ext_type = True
         return self
 
     def __exit__(self, *exc) -> None:
         if self._started:
             self._ray.shutdown()
 
-    @property
-    def provider(self) -> str:
-        """The execution provider(s) the actors ran."""
-        return "+".join(sorted(self.providers)) or "none"
+    def provider(self, model: CamModel) -> str:
+        """The execution provider(s) the actors ran; the driver's when none ran (every
+        result from the state)."""
+        return "+".join(sorted(self.providers)) or model.provider
 
     def classify(self, items: Iterable[InputFile], model: CamModel, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                 threshold: float | None = None, render: bool = True, device: str = "auto",
+                 threshold: float | None = None, render: bool = True,
                  on_result: Callable[[FileResult], None] | None = None
                  ) -> Iterator[FileResult]:
         """One FileResult per item, in order, as `pipeline.classify` gives them. `model` is
@@ -193,12 +203,14 @@ class RayEngine:
         if not items:
             return
         threshold = model.info.threshold if threshold is None else threshold
-        dataset = self._dataset(items, model, batch_size, threshold, render, device)
+        dataset = self._dataset(items, model, batch_size, threshold, render)
+        returned = 0
         try:
-            for expected, row in enumerate(dataset.iter_rows()):
-                if row["index"] != expected:  # Ray lost or repeated a row: never hide it
+            for row in dataset.iter_rows():
+                if row["index"] != returned:  # Ray lost or repeated a row: never hide it
                     raise EngineError(f"the Ray pipeline returned file {row['index']} where "
-                                      f"file {expected} was due")
+                                      f"file {returned} was due")
+                returned += 1
                 self.providers.add(str(row["provider"]))
                 result = row["result"]
                 if on_result:
@@ -206,22 +218,18 @@ class RayEngine:
                 yield result
         except ray.exceptions.RayError as exc:
             raise EngineError(f"the Ray run failed: {one_line(exc)}") from None
-        if expected != len(items) - 1:
-            raise EngineError(f"the Ray pipeline returned {expected + 1} of {len(items)} files")
+        if returned != len(items):
+            raise EngineError(f"the Ray pipeline returned {returned} of {len(items)} files")
 
     def _dataset(self, items: list[InputFile], model: CamModel, batch_size: int,
-                 threshold: float, render: bool, device: str):
+                 threshold: float, render: bool):
         ray = self._ray
-        gpus = self._actor_gpus(device)
-        spec = ModelSpec.of(model, device if gpus else "cpu")
+        gpus = self._actor_gpus()
+        spec = ModelSpec.of(model, self.device if gpus else "cpu")
         rows = [{"index": i, "item": item} for i, item in enumerate(items)]
         dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_TASK))
         context = dataset.context
         context.execution_options.preserve_order = True  # results reach the ledger in order
-        context.enable_progress_bars = self.verbose
-        # Rows hold our records (paths, pixels, results): pickled, as Ray Data would after
-        # trying Arrow first (and saying so).
-        context.enable_fallback_to_arrow_object_ext_type = True
         actors = (ray.data.ActorPoolStrategy(size=self.options.actors) if self.options.actors
                   else ray.data.ActorPoolStrategy(min_size=1, max_size=None))
         return (dataset
@@ -238,11 +246,11 @@ class RayEngine:
                                                        "render": render},
                              batch_size=None, num_cpus=self.options.decode_cpus))
 
-    def _actor_gpus(self, device: str) -> float:
+    def _actor_gpus(self) -> float:
         gpus = self.options.actor_gpus
         if gpus is None:
             has_gpus = self._ray.cluster_resources().get("GPU", 0) > 0
-            gpus = 1.0 if has_gpus and device != "cpu" else 0.0
-        if device == "cuda" and not gpus:
+            gpus = 1.0 if has_gpus and self.device != "cpu" else 0.0
+        if self.device == "cuda" and not gpus:
             raise EngineError("--device cuda: the Ray cluster has no GPU for the actors")
         return gpus
