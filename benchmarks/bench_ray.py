@@ -36,7 +36,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_pipeline import SHARED, WARMUP_IMAGES, machine, peak_rss_mb
+from bench_pipeline import REPO, SHARED, WARMUP_IMAGES, machine, peak_rss_mb
+
+sys.path.insert(0, str(REPO / "tests"))
+from ray_cluster import RAY_ENV, LoopbackCluster  # noqa: E402
 
 ORIGINALS = SHARED / "kermany-original"
 SMALL = SHARED / "kermany224" / "train"
@@ -208,46 +211,6 @@ def table(title: str, n: int, results: dict, reference: str) -> list[str]:
     return lines + [""]
 
 
-class LoopbackCluster:
-    """`ray start` on 127.0.0.1: a head with no CPU and `workers` nodes of 1 CPU each."""
-
-    def __init__(self, workers: int, port: int = 6391):
-        self.address = f"127.0.0.1:{port}"
-        self.temp = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
-        self.command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-                        "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-        self.port, self.workers, self.nodes = port, workers, []
-
-    def __enter__(self) -> LoopbackCluster:
-        self._node("--head", f"--port={self.port}", f"--temp-dir={self.temp}",
-                   "--include-dashboard=false", "--num-cpus=0")
-        for _ in range(self.workers):
-            self._node(f"--address={self.address}", "--num-cpus=1")
-        self._wait_for(1 + self.workers)
-        return self
-
-    def _node(self, *args) -> None:
-        self.nodes.append(subprocess.Popen([*self.command, *args], stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL))
-        time.sleep(5 if len(self.nodes) == 1 else 0)  # the head first
-
-    def _wait_for(self, count: int) -> None:
-        ask = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
-               "print(sum(n['Alive'] for n in ray.nodes()))")
-        for _ in range(120):
-            done = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True)
-            if done.returncode == 0 and int(done.stdout.split()[-1]) >= count:
-                return
-            time.sleep(2)
-        sys.exit(f"the loopback cluster did not reach {count} nodes")
-
-    def __exit__(self, *exc) -> None:
-        for node in reversed(self.nodes):
-            node.terminate()
-            node.wait(timeout=120)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="overhead,scaling,memory,bound")
@@ -264,6 +227,7 @@ def main() -> None:
     p.add_argument("--actor-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--decode-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    os.environ.update(RAY_ENV)  # inherited by the measuring subprocesses and `ray start`
     if args.worker:
         return worker(args)
     parts = args.parts.split(",")
@@ -289,7 +253,7 @@ def main() -> None:
             raw["scaling"] = {}
             for workers in (1, 2):
                 print(f"scaling, {workers} worker node(s):", file=sys.stderr)
-                with LoopbackCluster(workers) as cluster:
+                with LoopbackCluster(0, [1] * workers) as cluster:
                     rows = {f"{workers} worker(s) of 1 CPU": {"measure": "ray", "options": {
                         "address": cluster.address, "actors": workers, "actor_cpus": 0.5,
                         "decode_cpus": 0.5}}}

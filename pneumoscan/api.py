@@ -200,7 +200,7 @@ def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
 def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
                 events: RunEvents) -> RunSummary:
     try:
-        engine = open_engine(options.engine, options.ray, options.device)
+        engine_context = open_engine(options.engine, options.ray, options.device)
         # On Ray the actors open the model where they run; the driver reads its metadata.
         device = "cpu" if options.engine == "ray" else options.device
         model = open_model(options.model, device, options.cam_backend, options.checkpoint)
@@ -218,7 +218,7 @@ def _run_locked(options: RunOptions, ledger: Ledger, runlog: RunLog,
             runlog.file(result)
 
     try:
-        with engine:
+        with engine_context as engine:
             scanned = scan(options.scans, model, batch_size=options.batch_size,
                            workers=options.workers, threshold=options.threshold,
                            render=options.report is not None or options.per_study is not None,

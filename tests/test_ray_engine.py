@@ -12,16 +12,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CLI_CWD, CLI_ENV, SAMPLES, pneumoscan_command, shared_path
+from ray_cluster import STARTS, ClusterError, LoopbackCluster
+
 from pneumoscan import api
 from pneumoscan.inference.ray_engine import INSTALL_HINT, RayEngine, RayOptions
 from pneumoscan.results.ledger import Ledger
@@ -79,7 +78,14 @@ def import_ray():
 @pytest.fixture(scope="module")
 def ray_here():
     ray = import_ray()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for start in range(STARTS):  # as LoopbackCluster does
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001 (a bare Exception: "node timed out during startup")
+            ray.shutdown()
+            if start == STARTS - 1:
+                raise
     yield
     ray.shutdown()
 
@@ -143,61 +149,22 @@ def test_every_file_accounted_for_once_when_an_actor_dies(ray_here, scans, model
 
 # --- a cluster of two nodes on loopback, as `ray start` makes one ----------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def loopback_cluster():
-    """A head and a worker node of one CPU each on 127.0.0.1; its address. `ray start
-    --block` stays in the foreground and stops its node's processes when terminated."""
+    """A head and a worker node of one CPU each on 127.0.0.1."""
     import_ray()
-    port = free_port()
-    # Ray's sockets live under the temporary folder: a short path (AF_UNIX limit).
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray_start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-                 "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    head = subprocess.Popen([*ray_start, "--head", f"--port={port}", f"--temp-dir={temp}",
-                             "--include-dashboard=false"], env=CLI_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    nodes = [head]
-    address = f"127.0.0.1:{port}"
     try:
-        wait_for_nodes(address, 1, head)
-        nodes.append(subprocess.Popen([*ray_start, f"--address={address}"], env=CLI_ENV,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for_nodes(address, 2, nodes[-1])
-        yield address
-    finally:
-        for node in reversed(nodes):
-            node.terminate()
-            node.wait(timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        with LoopbackCluster(1, [1], CLI_ENV) as cluster:
+            yield cluster
+    except ClusterError as exc:
+        pytest.fail(str(exc))
 
 
-def wait_for_nodes(address: str, count: int, process: subprocess.Popen) -> None:
-    """Until the cluster at `address` has `count` live nodes (asked by a separate driver:
-    this process keeps its own Ray)."""
-    ask = ("import ray; ray.init(address=%r, log_to_driver=False); "
-           "print(sum(n['Alive'] for n in ray.nodes()))" % address)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "ray start exited"
-        done = subprocess.run([sys.executable, "-c", ask], env=CLI_ENV, capture_output=True,
-                              text=True, timeout=180)
-        if done.returncode == 0 and int(done.stdout.split()[-1]) >= count:
-            return
-        time.sleep(1)
-    pytest.fail(f"the Ray cluster at {address} did not reach {count} nodes")
-
-
-def cluster_run(address: str, scans: Path, out: Path) -> subprocess.Popen:
+def cluster_run(cluster: LoopbackCluster, scans: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         pneumoscan_command("run", scans, "--json", out, "--engine", "ray", "--ray-address",
-                           address, "--ray-actors", "1", "--device", "cpu"),
-        env=CLI_ENV, cwd=CLI_CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cluster.address, "--ray-actors", "1", "--device", "cpu"),
+        env=cluster.env, cwd=CLI_CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def logged(log: Path, event: str) -> list[dict]:

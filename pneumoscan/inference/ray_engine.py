@@ -29,7 +29,13 @@ import numpy as np
 
 from pneumoscan.inference.cam import CamModel
 from pneumoscan.inference.model import ModelError, default_model_path
-from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, Prepared, finish, prepare, score
+from pneumoscan.inference.pipeline import (
+    DEFAULT_BATCH_SIZE,
+    Prepared,
+    finish,
+    prepare,
+    score,
+)
 from pneumoscan.inference.preprocess import Preprocessing
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.report.pictures import render_picture
