@@ -68,11 +68,16 @@ class LoopbackCluster:
         for _ in range(STARTS):
             node = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            if self._joined(len(self.nodes) + 1, node):
+            joined = False
+            try:
+                joined = self._joined(len(self.nodes) + 1, node)
+            finally:
+                if not joined:  # also when interrupted: stop what was started
+                    node.terminate()
+                    node.wait(timeout=120)
+            if joined:
                 self.nodes.append(node)
                 return
-            node.terminate()
-            node.wait(timeout=120)
         raise ClusterError(f"ray start {' '.join(args)} did not start in {STARTS} tries")
 
     def _joined(self, count: int, node: subprocess.Popen) -> bool:

@@ -129,8 +129,8 @@ class _Scorer:
             for i, s in zip(loaded, score([prepared[i] for i in loaded], self.model,
                                           self.threshold)):
                 scored[i] = s
-        return {"index": batch["index"], "prepared": batch["prepared"],
-                "scored": _objects(scored),
+        done = [replace(p, model_pixels=None) for p in prepared]  # not needed any more
+        return {"index": batch["index"], "prepared": _objects(done), "scored": _objects(scored),
                 "provider": np.array([self.model.provider] * len(prepared))}
 
 
