@@ -78,14 +78,14 @@ def bench_ceiling(args, folder: Path, warmup: Path) -> list[float]:
 
     from pneumoscan import api
     from pneumoscan.inference.preprocess import model_input
-    from pneumoscan.inputs.raster import load_raster
+    from pneumoscan.inputs.loading import load_path
 
     model = api.open_model(args.model, "cpu")
     prep = model.info.preprocessing
     files = image_files(folder)
     n, size = len(files), args.batch_size
     # A pool of distinct decoded batches, cycled: holding N decoded images would not fit.
-    pool = [np.stack([model_input(load_raster(p, (prep.width, prep.height)).pixels, prep)
+    pool = [np.stack([model_input(load_path(p, (prep.width, prep.height)).pixels, prep)
                       for p in files[i:i + size]])
             for i in range(0, min(n, 8 * size), size)]
     batches = [pool[i % len(pool)][:min(size, n - i * size)] for i in range(-(-n // size))]

@@ -27,7 +27,7 @@ import numpy as np
 from pneumoscan.api import Scan, write_per_study
 from pneumoscan.evaluation.datasets import patient_id
 from pneumoscan.inference.model import available_cores
-from pneumoscan.inputs.raster import load_raster
+from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.report.html import render_html
 from pneumoscan.report.pdf import render_pdf
@@ -88,7 +88,7 @@ def build_results(paths: list[Path]) -> tuple[list[FileResult], Timing]:
         if i % 100 == 99:
             results.append(FileResult(path, patient, "skipped", "not a frontal chest radiograph"))
             continue
-        loaded = load_raster(path)
+        loaded = load_path(path)
         pneumonia = path.parent.name == "PNEUMONIA"
         probability = float(np.clip(rng.normal(0.85 if pneumonia else 0.2, 0.15), 0, 1))
         cam = plausible_cam(rng, pneumonia)

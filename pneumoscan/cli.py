@@ -4,14 +4,21 @@ Exit codes of `pneumoscan run` (docs/CRON.md):
   0  every file classified, or skipped for a stated reason
   1  fatal error: the run could not be done (bad model, unusable state file, unwritable output)
   2  usage error (bad command line)
-  3  the run completed, but some files could not be read (listed with reasons)
+  3  the run completed, but some files could not be read (listed with reasons), or some
+     studies' DICOM outputs could not be sent (--push)
   4  another run holds the state file: this run did nothing (see --wait)
+  130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: what was computed is kept
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -19,29 +26,39 @@ import click
 
 from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
-from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
+from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
+from pneumoscan.text import printable
 
 log = logging.getLogger("pneumoscan")
 
+
 def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+    """-v: pneumoscan's own log (each file, each output); -vv: its debug log and the
+    libraries' (WeasyPrint's layout steps and font warnings, pydicom's decoder reports)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger().setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
+    log.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1
+                 else logging.DEBUG)
     # WeasyPrint warns about its own optional font libraries (HarfBuzz-Subset) on every
-    # render; that is not the user's business unless they ask for logs.
-    logging.getLogger("weasyprint").setLevel(level if verbose else logging.ERROR)
+    # render; that is not the user's business unless they ask for libraries' logs.
+    logging.getLogger("weasyprint").setLevel(logging.INFO if verbose >= 2 else logging.ERROR)
     # pydicom logs every decoder that fails on a file, traceback and all, and warns about
     # attribute values that break the standard; the file's result already says what
     # matters. Filtered at our handlers: importing pydicom resets its loggers' level.
+    libraries = verbose >= 2
     for handler in logging.getLogger().handlers:
-        if verbose:
+        if libraries:
             handler.removeFilter(_not_pydicom)
         else:
             handler.addFilter(_not_pydicom)
-    if not verbose:
+    if not libraries:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+        # highdicom warns when a copied source attribute is unusual (a one-word name).
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom\.")
 
 
 def _not_pydicom(record: logging.LogRecord) -> bool:
@@ -56,8 +73,8 @@ def fail(message: str, code: int = api.EXIT_FATAL) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pneumoscan")
 def main() -> None:
-    """Classify chest X-rays (PNG, JPEG, DICOM) as NORMAL or PNEUMONIA, show the regions
-    behind each decision as class activation maps, and write reports.
+    """Classify chest X-rays (PNG, JPEG, TIFF, DICOM) as NORMAL or PNEUMONIA, show the
+    regions behind each decision as class activation maps, and write reports.
 
     Research use only; not a medical diagnosis."""
 
@@ -76,13 +93,15 @@ workers_option = click.option("--workers", type=click.IntRange(1, 64),
 
 
 class Progress(api.RunEvents):
-    """What a run tells on stderr: a progress bar on a terminal, nothing otherwise; -v logs
-    each file instead."""
+    """What a run tells on stderr: on a terminal, a bar for classifying and one for the
+    per-study reports, each with the time left, and a line for the report; -v logs each
+    file and output instead."""
 
     def __init__(self, enabled: bool, engine: str = "local"):
         self.enabled = enabled
         self.engine = engine
-        self.bar = None
+        self.bar: ProgressBar | None = None
+        self.started = 0.0
 
     def waiting(self, state_path: Path) -> None:
         click.echo(f"waiting for the run that holds {state_path}", err=True)
@@ -93,26 +112,108 @@ class Progress(api.RunEvents):
 
     def discovered(self, total: int) -> None:
         log.info("found %d files", total)
-        if self.enabled and total:
-            self.bar = click.progressbar(length=total, label="classifying", file=sys.stderr)
-            self.bar.__enter__()
+        self._open_bar("classifying", total)
 
     def result(self, result) -> None:
-        log.info("%s: %s %s", result.path, result.status,
+        log.info("%s: %s %s", printable(str(result.path)), result.status,
                  result.label if result.status == "ok" else result.reason)
         if self.bar:
-            self.bar.update(1)
+            self.bar.step()
 
     def classified(self) -> None:
+        self.close()
+
+    def writing(self, what: str, path: Path, parts: int) -> None:
+        if not parts:
+            log.info("the %s %s is current", what, path)
+            return
+        log.info("writing the %s %s", what, path)
+        self.started = time.monotonic()
+        if what == "per-study":
+            self._open_bar(f"per-study reports ({parts} due)", parts)
+        elif self.enabled:
+            click.echo(f"rendering the report {path} ...", err=True, nl=False)
+
+    def wrote_part(self) -> None:
         if self.bar:
-            self.bar.__exit__(None, None, None)
+            self.bar.step()
+            if self.bar.done:
+                self.close()
+        elif self.enabled and self.started:
+            click.echo(f" {time.monotonic() - self.started:.1f} s", err=True)
+        self.started = 0.0
+
+    def _open_bar(self, label: str, total: int) -> None:
+        if self.enabled and total:
+            self.bar = ProgressBar(label, total)
+
+    def close(self) -> None:
+        """Ends the line of a bar or phase left open (also when the run is interrupted)."""
+        if self.bar:
+            self.bar.close()
             self.bar = None
+        elif self.enabled and self.started:
+            click.echo("", err=True)
+            self.started = 0.0
+
+
+class ProgressBar:
+    """click's bar on stderr with a truthful time left: from the rate observed since the
+    first step (which pays for warm-up: the first batch, pipeline filling), never from a
+    guess before it; none until a second has passed."""
+
+    def __init__(self, label: str, total: int):
+        self.total, self.count = total, 0
+        self.warm: tuple[float, int] | None = None  # (time, count) at the first step
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
+                                     show_eta=False, item_show_func=lambda text: text)
+        self.bar.__enter__()
+
+    @property
+    def done(self) -> bool:
+        return self.count >= self.total
+
+    def step(self) -> None:
+        self.count += 1
+        self.bar.update(1, self.time_left(time.monotonic()))
+
+    def time_left(self, now: float) -> str:
+        if self.warm is None:
+            self.warm = (now, self.count)
+        since, counted = self.warm
+        if now - since < 1.0 or self.count == counted:
+            return "time left: measuring"
+        seconds = (self.total - self.count) * (now - since) / (self.count - counted)
+        return f"time left: {format_duration(seconds)}"
+
+    def close(self) -> None:
+        self.bar.__exit__(None, None, None)
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 3 min 05 s, 2 h 07 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Source(click.ParamType):
+    """A folder or file that exists, or a DICOMweb base URL (kept as text)."""
+    name = "FOLDER|URL"
+
+    def convert(self, value, param, ctx):
+        if is_dicomweb_url(value):
+            return value
+        return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
 
 
 @main.command()
-@click.argument("scans", type=click.Path(exists=True, path_type=Path))
+@click.argument("scans", type=Source())
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
-              help="report file: .pdf or .html (one file for the whole run)")
+              help="report file: .pdf (PDF/A) or .html (one file for the whole run)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="machine-readable results (schema in docs/RESULTS_JSON.md)")
 @click.option("--per-study", type=click.Path(path_type=Path, file_okay=False),
@@ -139,6 +240,14 @@ class Progress(api.RunEvents):
 @click.option("--anonymize", is_flag=True,
               help="a stable pseudonym instead of patient name, ID and birth date in the "
                    "reports and JSON")
+@click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
+              help="write DICOM outputs into this folder: per study an Encapsulated PDF "
+                   "report, per classified DICOM image an SR and a CAM Secondary Capture")
+@click.option("--push", is_flag=False, flag_value="source", metavar="[URL]",
+              help="send the DICOM outputs to a PACS: alone, the DICOMweb server SCANS "
+                   "names (STOW-RS); or a DICOMweb URL; or dicom://AET@host:port (C-STORE)")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
+              help="a DICOMweb SCANS: only studies from this study date on")
 @click.option("--engine", type=click.Choice(api.ENGINES), default="local", show_default=True,
               help="ray: decode and classify on a Ray cluster (pip install "
                    "\"pneumoscan[ray]\"; docs/CLUSTER.md)")
@@ -153,39 +262,104 @@ class Progress(api.RunEvents):
                    "GPUs, unless --device cpu)")
 @click.option("--ray-decode-cpus", type=click.FloatRange(0.01), default=1.0,
               show_default=True, help="--engine ray: CPUs per decoding task")
-@click.option("-v", "--verbose", count=True, help="log each file (-vv: debug and Ray's logs)")
+@click.option("-v", "--verbose", count=True,
+              help="log each file and output (-vv: debug, and the libraries' and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
-        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, engine,
-        ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus, ray_decode_cpus, verbose):
-    """Classify every image under SCANS and write a report and/or JSON.
+        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out, push,
+        since, engine, ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus,
+        ray_decode_cpus, verbose):
+    """Classify every image (PNG, JPEG, TIFF, DICOM) under SCANS and write a report and/or
+    JSON.
+
+    SCANS is a folder, or the base URL of a DICOMweb server (http:// or https://): its CR
+    and DX studies are queried, the instances not seen before are retrieved and classified,
+    and --push sends the DICOM outputs back (docs/PACS.md). Credentials come from
+    PNEUMOSCAN_DICOMWEB_USER and PNEUMOSCAN_DICOMWEB_PASSWORD, or a netrc file.
 
     Safe to run from cron: each run computes only the files that are new or changed since
-    the last one (recorded in the state file), and the outputs still cover all of SCANS."""
+    the last one (recorded in the state file), and the outputs still cover all of SCANS.
+    Progress and diagnostics go to stderr; the last lines on stdout name every output
+    ("report: PATH", "json: PATH", "per-study: DIR", "state: PATH", "log: PATH").
+
+    Exit codes: 0 done; 3 done, but some files could not be read; 1 fatal error; 2 usage
+    error; 4 another run holds the state file; 130 interrupted (SIGINT, Ctrl-C), 143
+    terminated (SIGTERM): what was computed is kept for the next run."""
     _setup_logging(verbose)
     options = api.RunOptions(scans, report=out, json=json_path, per_study=per_study,
                              model=model_path, device=device, batch_size=batch_size,
                              workers=workers, threshold=threshold, cam_backend=cam_backend,
                              checkpoint=checkpoint, state=state_path, log=log_path,
-                             force=force, wait=wait, anonymize=anonymize, engine=engine,
+                             force=force, wait=wait, anonymize=anonymize,
+                             dicom_out=dicom_out, push=push,
+                             since=since.date() if since else None, engine=engine,
                              ray=RayOptions(ray_address, ray_actors, ray_actor_cpus,
                                             ray_actor_gpus, ray_decode_cpus, logs=verbose > 1))
     try:
         options.check()
     except api.RunError as exc:
         raise click.UsageError(str(exc)) from None
+    progress = Progress(sys.stderr.isatty() and verbose == 0, engine)
     try:
-        summary = api.run(options, Progress(sys.stderr.isatty() and verbose == 0, engine))
+        with _signals_interrupt():
+            summary = api.run(options, progress)
     except api.RunError as exc:
+        progress.close()
         fail(str(exc), exc.exit_code)
+    except api.Interrupted as exc:
+        progress.close()
+        click.echo(f"pneumoscan: {exc}; what was computed is kept in {options.state_path} "
+                   "for the next run", err=True)
+        sys.exit(exc.exit_code)
     scan = summary.scan
     c = scan.counts()
     click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
-               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
+               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL; "
+               f"{c.out_of_scope} of them out of the model's scope), "
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in scan.results:
         if r.status != "ok":
-            click.echo(f"  {r.status}: {r.path}: {r.reason}", err=True)
+            click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
+        elif r.in_scope is False:
+            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
+    if push:
+        click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
+                   f"{len(summary.push_failures)} (the next run tries again)", err=True)
+        for failure in summary.push_failures:
+            click.echo(f"  not sent: {failure}", err=True)
+    if summary.removed:
+        click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
+                   "longer found", err=True)
+    for what, path in summary.outputs:
+        click.echo(f"{what}: {path}")
+    if stuck():
+        # A file abandoned by the watchdog still holds a thread that may never end: the
+        # outputs are written and the state closed, so exit without waiting for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(summary.exit_code)
     sys.exit(summary.exit_code)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGINT and SIGTERM raise api.Interrupted while the run goes on (the run log records
+    it, the state is closed cleanly); the previous handlers are back afterwards."""
+    def interrupt(signum, frame):
+        raise api.Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+scope_train_images_option = click.option(
+    "--scope-train-images", type=click.IntRange(100), metavar="N",
+    help="fit the scope guard on N training images at most, evenly spread (default: all; "
+         "the network's pass over them is most of the time the fit takes)")
 
 
 @main.command("export-onnx")
@@ -195,7 +369,11 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
               help="real images for the PyTorch/ONNX parity check (default: the "
                    "checkpoint's validation images, when present)")
 @click.option("--model-version", help="version string stored in the model (default: today)")
-@click.option("--name", help="model name stored in the model")
+@click.option("--name", help="model name stored in the model (default: pneumoscan-ARCH-RUN, "
+                             "RUN being the checkpoint's folder)")
+@click.option("--force", is_flag=True,
+              help="export even when the checkpoint's validation AUC is far below the default "
+                   "model's, or not recorded")
 @click.option("--int8", is_flag=True,
               help="also write OUT.int8.onnx: static int8 quantisation (QDQ, per-channel), "
                    "for CPUs")
@@ -208,24 +386,56 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
               help="labelled folder ({NORMAL,PNEUMONIA}/...) or CSV on which --int8/--fp16 "
                    "models are compared with float32 (default: the checkpoint's validation "
                    "split)")
-def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
-                calibration_images, calibration_count, eval_images):
+@click.option("--scope-split", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+              help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
+                   "scope guard (default: the one training wrote beside the checkpoint)")
+@scope_train_images_option
+@click.option("--no-scope-guard", is_flag=True,
+              help="write the model without a scope guard (no out-of-distribution score)")
+def export_onnx(checkpoint, out, check_images, model_version, name, force, int8, fp16,
+                calibration_images, calibration_count, eval_images, scope_split,
+                scope_train_images, no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
 
-    --int8 and --fp16 copies are written only if their validation AUC is at most
+    Prints the checkpoint's validation metrics, and refuses (exit 1, nothing written; --force
+    exports anyway) a checkpoint whose validation AUC is more than 0.05 below the default
+    model's. --int8 and --fp16 copies are written only if their validation AUC is at most
     0.005 below the float32 model's; otherwise the command says by how much they missed,
     writes no copy and exits with status 1 (the float32 model is written either way)."""
-    from pneumoscan.modelling.export import ExportError, export_checkpoint
+    from pneumoscan.evaluation.metrics import format_validation
+    from pneumoscan.modelling.checkpoint import read_checkpoint
+    from pneumoscan.modelling.export import (
+        ExportError,
+        export_checkpoint,
+        export_name,
+        shortfall,
+    )
     from pneumoscan.modelling.quantize import QuantizeError, export_reduced
 
     try:
+        payload = read_checkpoint(checkpoint)
+        default = api.open_model(device="cpu").info
+    except ModelError as exc:
+        fail(str(exc))
+    metrics = payload.get("metrics") or {}
+    name = name or export_name(checkpoint, payload)
+    click.echo(f"validation: {format_validation(metrics)}")
+    click.echo(f"default model {default.name} {default.version}: "
+               f"{format_validation(default.validation_metrics)}")
+    problem = shortfall(metrics, default.validation_metrics)
+    if problem and not force:
+        fail(f"{problem}: not exported (--force exports it anyway)")
+    if problem:
+        click.echo(f"pneumoscan: warning: {problem}; exported because of --force", err=True)
+    try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
-                          log=lambda m: click.echo(m))
+                          log=lambda m: click.echo(m), scope_split=scope_split,
+                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out}: model {name}")
     refused = []
     for kind in [kind for kind, wanted in (("int8", int8), ("fp16", fp16)) if wanted]:
         try:
@@ -236,6 +446,43 @@ def export_onnx(checkpoint, out, check_images, model_version, name, int8, fp16,
             refused.append(kind)
     if refused:
         sys.exit(api.EXIT_FATAL)
+
+
+@main.command("scope-guard")
+@click.argument("model_path", type=click.Path(exists=True, path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="where to write the guarded model (default: MODEL_PATH, in place)")
+@click.option("--split", "split_path", type=click.Path(exists=True, path_type=Path,
+                                                        dir_okay=False),
+              help="split.json of the model's training run")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="without --split: the training data, split by patient as training does")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.15, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@scope_train_images_option
+def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images):
+    """Fit the scope guard of an exported ONNX model (one exported without it, or before
+    it existed) on its training images; its threshold flags at most 5% of the validation
+    images. `export-onnx` does this itself."""
+    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+
+    try:
+        if split_path is not None:
+            train, val = read_split(split_path)
+        elif data is not None:
+            from pneumoscan.evaluation.datasets import list_samples
+            from training.data import split_by_patient
+
+            parts = split_by_patient(list_samples(data), val_fraction, seed)
+            train, val = ([s.path for s in part] for part in parts)
+        else:
+            fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
+        fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
+                        max_train=scope_train_images)
+    except (ScopeFitError, ModelError, FileNotFoundError) as exc:
+        fail(str(exc))
+    click.echo(f"wrote {out or model_path}")
 
 
 @main.command("eval")
@@ -274,15 +521,39 @@ def evaluate(data, model_path, device, batch_size, workers, threshold, json_path
 
 @main.command("info")
 @model_option
-def info(model_path):
-    """Show the model's metadata."""
+@click.option("--json", "as_json", is_flag=True, help="everything the model says, as JSON")
+def info(model_path, as_json):
+    """Show the model in use: name, version, input, threshold, validation metrics."""
+    from pneumoscan.evaluation.metrics import format_validation
+
     try:
         model = api.open_model(model_path, "cpu")
     except ModelError as exc:
         fail(str(exc))
     i = model.info
-    click.echo(f"name: {i.name}\nversion: {i.version}\narch: {i.arch}\nsha256: {i.sha256}\n"
-               f"classes: {', '.join(i.class_names)}\nthreshold: {i.threshold}\n"
-               f"preprocessing: {i.preprocessing}")
-    for key, value in sorted(i.extra.items()):
-        click.echo(f"{key}: {value}")
+    if as_json:
+        click.echo(json.dumps(i.to_json(), indent=1))
+        return
+    p = i.preprocessing
+    extra = i.to_json()
+    rule = f" ({extra['threshold_rule']})" if "threshold_rule" in extra else ""
+    jpeg = f", JPEG quality {p.jpeg_quality} round trip" if p.jpeg_quality else ""
+    rows = [("model", f"{i.name} {i.version} ({i.arch})"), ("file", str(i.path)),
+            ("sha256", i.sha256),
+            ("classes", (f"{', '.join(i.class_names)} (positive: "
+                         f"{i.class_names[i.positive_class]})")),
+            ("threshold", f"{i.threshold:.3f}{rule}"),
+            ("input", (f"{p.width} x {p.height}, {p.channels} channels, {p.resize} resize"
+                       f"{jpeg}, mean {_numbers(p.mean)}, std {_numbers(p.std)}")),
+            ("trained on", f"{extra.get('training_data') or 'not recorded'}"
+                           + (f", {extra['trained_epochs']} epochs"
+                              if "trained_epochs" in extra else "")),
+            ("exported", str(extra.get("exported", "not recorded"))),
+            ("validation", format_validation(i.validation_metrics))]
+    for label, value in rows:
+        click.echo(f"{label + ':':<12} {value}")
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    """(0.498, 0.498, 0.498) -> "0.498"; different values -> "0.485/0.456/0.406"."""
+    return "/".join(dict.fromkeys(f"{v:.3f}" for v in values))

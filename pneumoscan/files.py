@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 _TEMPORARY_SUFFIX = ".tmp"
 HASH_CHUNK = 1 << 20
@@ -17,10 +20,15 @@ HASH_CHUNK = 1 << 20
 
 def sha256_of_file(path: Path) -> str:
     """Hex SHA-256 of the file's content, read in chunks (models and scans can be large)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
-            digest.update(chunk)
+        return sha256_of_stream(fh)
+
+
+def sha256_of_stream(fh: BinaryIO) -> str:
+    """Hex SHA-256 of what is left to read in `fh`, in chunks."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -49,10 +57,41 @@ def atomic_path(path: Path, mode: int = 0o600) -> Iterator[Path]:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """`data` written to `path` through `atomic_path`, on disk before the rename."""
+    write_atomic_chunks(path, [data], mode)
+
+
+def write_atomic_chunks(path: Path, chunks: Iterable[bytes], mode: int = 0o600) -> None:
+    """`write_atomic` of the concatenated `chunks`, written as they come: a large output
+    is never whole in memory."""
     with atomic_path(path, mode) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
+        for chunk in chunks:
+            fh.write(chunk)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def open_private(path: Path, flags: int) -> int:
+    """A descriptor of the file `path` opened with `flags` (O_CREAT makes it 0600), never
+    through a symbolic link: state files and logs hold patient data, which a link placed
+    there would send wherever it points. An existing file is made owner-only (0600) if it
+    was not. Raises OSError (its strerror says why)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link: refused (patient data would be "
+                                     "written where it points); remove the link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def study_file_stem(study_key: str) -> str:

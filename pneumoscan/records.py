@@ -8,37 +8,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, SupportsBytes
 
 import numpy as np
 
 FileKind = Literal["dicom", "png", "jpeg", "tiff"]
 Status = Literal["ok", "skipped", "error"]
 
-# DICOM attributes kept for each image (keyword -> report label).
+# DICOM attributes kept for each image (keyword -> report label). The DICOM outputs copy
+# the patient and study modules from them and refer to the source instance by its series,
+# SOP class and SOP instance UIDs; the report leaves out the NOT_SHOWN ones.
 DICOM_FIELDS = {
     "PatientID": "Patient ID",
     "PatientName": "Patient name",
     "PatientBirthDate": "Birth date",
+    "PatientAge": "Age",
+    "PatientSex": "Sex",
     "StudyInstanceUID": "Study UID",
     "StudyDate": "Study date",
+    "StudyTime": "Study time",
+    "StudyID": "Study ID",
     "AccessionNumber": "Accession number",
+    "StudyDescription": "Study description",
+    "ReferringPhysicianName": "Referring physician",
     "Modality": "Modality",
     "ViewPosition": "View position",
     "BodyPartExamined": "Body part",
+    "PatientOrientation": "Orientation",
+    "SeriesInstanceUID": "Series UID",
+    "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
 }
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
 
 
 @dataclass(frozen=True)
 class InputFile:
     """A file (or a folder not entered) found under the scanned folder. `kind` is None when
     it will not be read; then `skip_reason` says why, and `unreadable` tells a file that
-    could not even be opened (an error) from one that is not an image (skipped)."""
+    could not even be opened (an error) from one that is not an image (skipped). `link`:
+    found as a symbolic link to a file, so a link is expected there when it is read."""
     path: Path
     kind: FileKind | None
     skip_reason: str | None = None
     unreadable: bool = False
+    link: bool = False
 
 
 @dataclass
@@ -56,18 +70,24 @@ class LoadedImage:
 
 @dataclass
 class FileResult:
-    """The outcome for one input file; errors are values here, not exceptions."""
+    """The outcome for one input file; errors are values here, not exceptions. `study` is
+    None for a file that is not an image (it belongs to no study)."""
     path: Path
-    study: str
+    study: str | None
     status: Status
     reason: str | None = None
     probability: float | None = None  # of pneumonia
     label: str | None = None
     threshold: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Classified images only: whether the image is one the model was made for (see
+    # inference/scope.py), and why not, one line per reason.
+    in_scope: bool | None = None
+    scope_reasons: list[str] = field(default_factory=list)
     # For the report only (not serialised): the X-ray and its CAM overlay side by side,
-    # JPEG (overlay.render_picture).
-    picture: bytes | None = None
+    # JPEG (report.pictures.render_picture), or what gives its bytes when asked (a picture
+    # kept in the state ledger).
+    picture: bytes | SupportsBytes | None = None
     seconds: float | None = None
     from_ledger: bool = False  # taken from the state ledger, not computed in this run
 
@@ -80,6 +100,8 @@ class FileResult:
             "probability": self.probability,
             "label": self.label,
             "threshold": self.threshold,
+            "in_scope": self.in_scope,
+            "scope_reasons": self.scope_reasons,
             "metadata": self.metadata,
         }
 

@@ -44,9 +44,11 @@ CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(pneumoscan.__file__).parents[1])
 CLI_CWD = Path(__file__).resolve().parent
 
 
-def run_pneumoscan(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(pneumoscan_command(*args), env=CLI_ENV, cwd=CLI_CWD, capture_output=True,
-                          text=True, timeout=timeout)
+def run_pneumoscan(*args, timeout: float = 300,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`pneumoscan ARGS` in a subprocess; `env`: variables to add to CLI_ENV."""
+    return subprocess.run(pneumoscan_command(*args), env={**CLI_ENV, **(env or {})}, cwd=CLI_CWD,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def invoke_cli(*args):

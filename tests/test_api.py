@@ -3,8 +3,10 @@ the same outputs, state and run log as the command line, errors as RunError."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -57,16 +59,56 @@ def test_run_errors_carry_their_exit_code_and_are_logged(small_onnx, tmp_path):
         api.run(api.RunOptions(SAMPLES))
     assert usage.value.exit_code == api.EXIT_USAGE
 
-    options = api.RunOptions(SAMPLES / "study-normal-1", json=tmp_path / "r.json",
-                             model=tmp_path / "missing.onnx")
+    missing_model = api.RunOptions(SAMPLES / "study-normal-1", json=tmp_path / "r.json",
+                                   model=tmp_path / "missing.onnx")
     with pytest.raises(api.RunError, match="model file not found") as missing:
-        api.run(options)
+        api.run(missing_model)
     assert missing.value.exit_code == api.EXIT_FATAL
-    assert log_events(options.log_path) == ["failed"]
+    assert not list(tmp_path.iterdir())  # a run that cannot start creates nothing
 
+    options = dataclasses.replace(missing_model, model=small_onnx)
     with open(options.state_path, "a") as holder:  # another run holds the state
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(api.RunError) as locked:
             api.run(options)
     assert locked.value.exit_code == api.EXIT_LOCKED
-    assert log_events(options.log_path) == ["failed", "locked"]
+    assert log_events(options.log_path) == ["locked"]
+
+    with pytest.raises(api.RunError):  # a log that is there is told why a run failed
+        api.run(missing_model)
+    assert log_events(options.log_path) == ["locked", "failed"]
+
+
+def test_every_output_location_is_checked_before_any_work(small_onnx, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for where, options in (
+            ("report", {"report": tmp_path / "file" / "r.pdf"}),
+            ("json", {"json": tmp_path / "file" / "deeper" / "r.json"}),
+            ("per-study", {"json": tmp_path / "r.json", "per_study": tmp_path / "file"}),
+            ("state", {"json": tmp_path / "r.json", "state": tmp_path / "file" / "s.sqlite"}),
+            ("log", {"json": tmp_path / "r.json", "log": tmp_path})):
+        events = Recorded()
+        with pytest.raises(api.RunError, match=f"cannot write the {where} ") as failed:
+            api.run(api.RunOptions(SAMPLES, model=small_onnx, **options), events)
+        given = options.get(where.replace("-", "_")) or options["report"]
+        assert str(given) in str(failed.value)  # the path as the user gave it
+        assert events.told == [] and sorted(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_an_interrupted_run_is_logged_and_keeps_what_it_computed(small_onnx, tmp_path):
+    class StopAfterTwo(Recorded):
+        def result(self, result):
+            super().result(result)
+            if len(self.told) == 3:
+                raise api.Interrupted(signal.SIGTERM)
+
+    options = api.RunOptions(SAMPLES / "study-normal-1", json=tmp_path / "r.json",
+                             model=small_onnx)
+    with pytest.raises(api.Interrupted) as stopped:
+        api.run(options, StopAfterTwo())
+    assert stopped.value.exit_code == 143
+    lines = [json.loads(line) for line in options.log_path.read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["start", "file", "file", "interrupted"]
+    assert lines[-1]["signal"] == "SIGTERM" and lines[-1]["exit_code"] == 143
+    assert not (tmp_path / "r.json").exists()
+    assert api.run(options).scan.from_ledger == 2  # the next run goes on from there

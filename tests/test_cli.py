@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLES
+from conftest import CLI_CWD, CLI_ENV, SAMPLES, pneumoscan_command, run_pneumoscan
 from conftest import invoke_cli as invoke
 
 from pneumoscan import __version__
@@ -103,6 +106,87 @@ def test_device_cuda_fails_clearly_without_cuda(small_onnx, tmp_path):
                     "--json", tmp_path / "r.json")
     assert result.exit_code == 1
     assert "CUDA execution provider could not be loaded" in result.output
+    assert not list(tmp_path.iterdir())  # no state, no log: the run never started
+
+
+def test_failed_starts_create_nothing_and_usage_errors_exit_2(small_onnx, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    torch_alone = invoke("run", SAMPLES, "--cam-backend", "torch", "--json", tmp_path / "r.json")
+    assert torch_alone.exit_code == 2 and "--checkpoint" in torch_alone.stderr
+    unwritable = invoke("run", SAMPLES, "--model", small_onnx, "--out",
+                        tmp_path / "file" / "r.pdf")
+    assert unwritable.exit_code == 1
+    assert unwritable.stderr == (f"pneumoscan: error: cannot write the report "
+                                 f"{tmp_path / 'file' / 'r.pdf'}: {tmp_path / 'file'} is not a "
+                                 "folder\n")  # before any work: not even the model line
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_stdout_names_every_output_and_stderr_tells_the_rest(small_onnx, tmp_path):
+    outputs = {"report": tmp_path / "r.html", "json": tmp_path / "r.json",
+               "per-study": tmp_path / "studies"}
+    result = invoke("run", SAMPLES / "study-normal-1", "--model", small_onnx,
+                    "--out", outputs["report"], "--json", outputs["json"],
+                    "--per-study", outputs["per-study"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"{what}: {path}" for what, path in (
+        *outputs.items(), ("state", tmp_path / "r.pneumoscan.sqlite"),
+        ("log", tmp_path / "r.pneumoscan.log.jsonl"))]
+    for what, path in outputs.items():
+        assert path.exists(), what
+    assert "4 files (0 unchanged since the last run)" in result.stderr
+
+
+def test_dash_v_logs_pneumoscan_and_dash_vv_the_libraries_too(small_onnx, tmp_path):
+    def stderr(*verbose: str) -> str:  # in a process of its own: logging as a user sees it
+        out = tmp_path / f"r{''.join(verbose)}.pdf"
+        done = run_pneumoscan("run", SAMPLES / "study-normal-1", "--model", small_onnx,
+                              "--out", out, *verbose)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "INFO" not in stderr()
+    once = stderr("-v")
+    assert "INFO pneumoscan: writing the report" in once and "NORMAL2-IM-1427" in once
+    assert "weasyprint" not in once.lower()
+    assert "INFO weasyprint.progress: Step 5 - Creating layout" in stderr("-vv")
+
+
+def test_files_of_unknown_type_count_as_unchanged_on_the_next_run(small_onnx, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(next(SAMPLES.glob("study-normal-1/*.jpeg")), scans)
+    shutil.copy(SAMPLES / "README.md", scans)
+    args = ("run", scans, "--model", small_onnx, "--json", tmp_path / "r.json")
+    assert "2 files (0 unchanged" in invoke(*args).stderr
+    assert "2 files (2 unchanged" in invoke(*args).stderr
+    log = [json.loads(line) for line in (tmp_path / "r.pneumoscan.log.jsonl").open()]
+    assert [line["path"] for line in log if line["event"] == "file"] == sorted(
+        str(p) for p in scans.iterdir())  # each file logged once, by the first run
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_run_with_its_exit_code_and_a_log_record(small_onnx, tmp_path,
+                                                                     signum, code):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    image = next(SAMPLES.glob("study-normal-1/*.jpeg"))
+    for n in range(300):
+        (scans / f"{n:03d}.jpeg").symlink_to(image)
+    log = tmp_path / "r.pneumoscan.log.jsonl"
+    process = subprocess.Popen(pneumoscan_command(
+        "run", scans, "--model", small_onnx, "--json", tmp_path / "r.json", "-v"),
+        env=CLI_ENV, cwd=CLI_CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # classifying has begun
+        if ": ok " in line:
+            break
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr and stdout == ""
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert (last["event"], last["signal"], last["exit_code"]) == (
+        "interrupted", signal.Signals(signum).name, code)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -139,6 +223,17 @@ def test_info_shows_model_metadata(small_onnx):
     result = invoke("info", "--model", small_onnx)
     assert result.exit_code == 0
     assert "efficientnet_lite0" in result.output and "threshold" in result.output
+    assert "Preprocessing(" not in result.output  # readable, not a repr
+    assert not re.search(r"\d\.\d{6,}", result.output)  # no 16-digit floats
+    assert re.search(r"^input: +128 x 128, 3 channels", result.output, re.MULTILINE)
+    described = json.loads(invoke("info", "--model", small_onnx, "--json").output)
+    assert described["sha256"] in result.output and described["preprocessing"]["height"] == 128
+    assert "at_threshold" in described["validation_metrics"]
+
+
+def test_help_names_every_input_type():
+    for command in ((), ("run",)):
+        assert "TIFF" in invoke(*command, "--help").output
 
 
 def test_scores_do_not_depend_on_rendering_a_report(small_onnx, tmp_path):

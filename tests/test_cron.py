@@ -18,6 +18,7 @@ import pytest
 from conftest import CLI_CWD, CLI_ENV, pneumoscan_command, run_pneumoscan
 
 from pneumoscan.api import EXIT_LOCKED, EXIT_OK
+from pneumoscan.results.ledger import Ledger
 
 STUDIES, PER_STUDY = 6, 50
 
@@ -121,12 +122,15 @@ def test_a_run_finds_the_state_locked_and_exits_or_waits(scans, small_onnx, tmp_
     out, state = tmp_path / "results.json", tmp_path / "state.sqlite"
     log = tmp_path / "log.jsonl"
     args = [few, "--json", out, "--state", state, "--log", log, "--model", small_onnx]
+    Ledger.open(state).close()
     with open(state, "a") as holder:  # stands for a run in progress
         fcntl.flock(holder, fcntl.LOCK_EX)
         locked = run_pneumoscan("run", *args)
         assert locked.returncode == EXIT_LOCKED
         assert "in use by another pneumoscan run" in locked.stderr
-        assert "model" not in locked.stderr  # gave up before loading anything
+        # The model is opened before the state is locked (a run that cannot start creates
+        # no state); the locked run then gives up having written nothing.
+        assert not out.exists()
         assert [e["event"] for e in log_events(log)] == ["locked"]
 
         waiting = start_run(*args, "--wait")

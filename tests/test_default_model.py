@@ -52,7 +52,7 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     import numpy as np
 
     from pneumoscan.inference.preprocess import model_input, prepare_pixels
-    from pneumoscan.inputs.raster import load_raster
+    from conftest import load_file
 
     prep = shipped.info.preprocessing
     assert prep.jpeg_quality == 75
@@ -60,8 +60,8 @@ def test_original_scans_reach_the_model_as_the_training_copies_did(shipped, shar
     run_path, training = [], []
     for path in originals:
         copy = shared_data / "kermany224" / "train" / path.parent.name / path.name
-        run_path.append(load_raster(path, prep.decode_size).pixels)
-        training.append(load_raster(copy).pixels)
+        run_path.append(load_file(path, prep.decode_size).pixels)
+        training.append(load_file(copy).pixels)
     pixel_gap = np.mean([np.abs(prepare_pixels(a, prep).astype(float) - b).mean()
                          for a, b in zip(run_path, training)])
     assert pixel_gap < 3.0  # grey levels; JPEG noise between two encodings

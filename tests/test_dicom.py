@@ -208,7 +208,7 @@ def test_text_file_named_dcm_is_an_unknown_type(tmp_path):
     ({"ViewPosition": "LATERAL"}, "view position LATERAL"),
     ({"ViewPosition": None, "SeriesDescription": "Chest lat"}, "names a lateral"),
     ({"BodyPartExamined": "KNEE"}, "body part examined is KNEE"),
-    ({"BodyPartExamined": None, "StudyDescription": "Knee AP"}, "StudyDescription 'Knee AP'"),
+    ({"BodyPartExamined": None, "StudyDescription": "Knee AP"}, "StudyDescription names KNEE"),
     ({"NumberOfFrames": 2}, "multi-frame object (2 frames)"),
     ({"PhotometricInterpretation": "RGB"}, "colour image (RGB)"),
 ])

@@ -241,7 +241,7 @@ def test_hostile_dicom_text_stays_text_and_fetches_nothing(tmp_path, small_onnx,
     with warnings.catch_warnings():  # pydicom warns that these are not valid values
         warnings.simplefilter("ignore")
         save(cr_dataset(RAMP_12_BIT, PatientName=SCRIPT, PatientID=IMG_TAG,
-                        AccessionNumber=REMOTE_IMG, StudyInstanceUID="../../../../escape"),
+                        SOPInstanceUID=REMOTE_IMG, StudyInstanceUID="../../../../escape"),
              root / "hostile.dcm")
     result = invoke_cli("run", root, "--model", small_onnx, "--per-study", reports,
                         "--state", tmp_path / "state.sqlite", "--log", tmp_path / "log.jsonl")

@@ -123,7 +123,7 @@ def test_a_bug_in_a_loader_is_not_passed_off_as_a_bad_file(monkeypatch, caplog):
     reason says so and its traceback is logged (shown by `run -v`), and the run goes on."""
     from pneumoscan.inputs import loading
 
-    def broken_loader(path, min_size=None):
+    def broken_loader(fh, path, min_size=None):
         raise TypeError("unsupported operand")
 
     monkeypatch.setattr(loading, "load_raster", broken_loader)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pikepdf
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES
@@ -26,6 +27,7 @@ from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, LoadedImage, RunInfo
 from pneumoscan.report import html as report
+from pneumoscan.report.headings import age, person_name, study_date, study_heading
 from pneumoscan.report.html import (
     DISCLAIMER,
     render_html,
@@ -106,7 +108,9 @@ def results() -> list[FileResult]:
     for name, status, reason in (("study-pneumonia-1/notes.txt", "skipped", "unknown file type"),
                                  ("study-normal-2/cut.dcm", "error", "truncated JPEG data")):
         path = SAMPLES / name
-        out.append(FileResult(path, str(path.parent), status, reason))
+        # notes.txt is not an image: it belongs to no study.
+        study = str(path.parent) if path.suffix == ".dcm" else None
+        out.append(FileResult(path, study, status, reason))
     return out
 
 
@@ -193,7 +197,7 @@ def test_a_study_is_positive_if_any_image_is_and_positive_studies_come_first():
         ("c", "PNEUMONIA"), ("b", "PNEUMONIA"), ("a", "NORMAL"), ("d", "NOT CLASSIFIED")]
     assert studies[1].highest_probability == 0.7 and studies[3].highest_probability is None
     assert Counts.of(results) == Counts(files=6, classified=4, pneumonia=2, normal=2,
-                                        skipped=1, errors=1)
+                                        skipped=1, errors=1, out_of_scope=0)
 
 
 def test_study_metadata_shows_shared_fields_once_and_the_others_per_image():
@@ -218,18 +222,59 @@ def test_html_lists_every_file_and_the_run(results, html):
 
 
 def test_a_study_with_nothing_classified_is_listed_on_page_one_only(results, html):
-    assert html.count('<section class="study">') == len(STUDIES)
-    skipped_only = render_html(RUN, [FileResult(Path("/s/notes.txt"), "/s", "skipped", "no image")])
-    assert '<section class="study">' not in skipped_only
-    assert "notes.txt" in skipped_only and "no image" in skipped_only
+    assert html.count('<section class="study"') == len(STUDIES)
+    skipped_only = render_html(RUN, [FileResult(Path("/s/a.dcm"), "/s", "skipped", "lateral")])
+    assert '<section class="study"' not in skipped_only
+    assert "a.dcm" in skipped_only and "lateral" in skipped_only
+
+
+def test_a_file_that_is_not_an_image_is_listed_once_and_makes_no_study(results, html, tmp_path):
+    summary = html[:html.index('<section class="study"')]
+    assert summary.count("notes.txt") == 1 and html.count("notes.txt") == 1
+    assert "Studies (4)" in summary
+    not_image = [FileResult(SAMPLES / "README.md", None, "skipped", "unknown file type")]
+    assert write_per_study(tmp_path, RUN, not_image) == [] and not list(tmp_path.iterdir())
+    alone = render_html(RUN, not_image)
+    assert "Studies (0)" in alone and "README.md" in alone and '<section class="study"' not in alone
 
 
 def test_html_summary_lists_positive_studies_first(html):
     summary = html[html.index('<table class="studies">'):]
     summary = summary[:summary.index("</table>")]
-    order = [Path(key).name for key in re.findall(r"<tr><td>([^<]+)</td>", summary)]
+    anchors = {study_file_stem(str(SAMPLES / study)): study for study in STUDIES}
+    order = [anchors[anchor] for anchor in re.findall(r'<tr id="row-[^"]+"><td><a href="#([^"]+)">',
+                                                       summary)]
     assert sorted(order) == list(STUDIES)
     assert order[:2] == ["study-pneumonia-2", "study-pneumonia-1"]  # most probable first
+
+
+def test_html_is_a_worklist_each_study_one_click_from_the_summary_and_back(html):
+    rows = re.findall(r'<tr id="(row-[^"]+)"><td><a href="#([^"]+)">', html)
+    assert len(rows) == len(STUDIES)
+    for row, section in rows:
+        body = html[html.index(f'<section class="study" id="{section}"'):]
+        body = body[:body.index("</section>")]
+        assert f'<a href="#{row}">' in body  # back to its own row of the summary
+    assert len(set(re.findall(r'\sid="([^"]+)"', html))) == len(re.findall(r'\sid="', html))
+
+
+def test_out_of_scope_images_are_marked_and_counted_apart(results):
+    """A study whose images are all out of scope reads 'review', never NORMAL; each such
+    image says why above its picture; the summary counts them apart."""
+    from dataclasses import replace
+
+    reason = "patient aged 64 years: the model is made for children aged 1-5"
+    flagged = [replace(r, in_scope=False, scope_reasons=[reason])
+               if r.status == "ok" and r.study.endswith("study-normal-1") else r
+               for r in results]
+    html = render_html(RUN, flagged)
+    summary = html[html.index('<table class="studies">'):]
+    row = summary[summary.index(f'id="row-{study_file_stem(str(SAMPLES / "study-normal-1"))}"'):]
+    assert re.search(r"^[^\n]*<td class=\"decision review\">review: outside the "
+                     r"model&#39;s intended use</td>", row)
+    assert html.count(f'<p class="scope">OUT OF SCOPE: {reason}</p>') == 4
+    counts = html[html.index('<table class="counts">'):]
+    assert '<td class="review">4</td>' in counts[:counts.index("</table>")]
 
 
 def test_html_escapes_hostile_metadata(html):
@@ -249,12 +294,83 @@ def test_html_is_self_contained(html):
 def test_pdf_text_has_disclaimer_studies_and_literal_script(pdf, tmp_path):
     assert pdf.startswith(b"%PDF-")
     text = pdf_text(pdf, tmp_path)
-    assert text.count(DISCLAIMER) >= text.count("\f") > 4  # on every page
-    for study in STUDIES:
-        assert str(SAMPLES / study) in text
+    assert text.count(DISCLAIMER) >= text.count("\f") >= 5  # on every page
     words = " ".join(text.split())  # undo line wrapping
+    for study in STUDIES:
+        assert f"Folder {SAMPLES / study}" in words
     assert SCRIPT in words and IMG_TAG in words
     assert SHA256[:12] in words
+
+
+def test_pdf_is_tagged_pdf_a_with_its_metadata_in_xmp(pdf):
+    """Checked with qpdf's library (pikepdf), independently of WeasyPrint. veraPDF, the
+    reference PDF/A validator, is a Java program on neither PyPI nor Debian."""
+    document = pikepdf.open(io.BytesIO(pdf))
+    assert document.check_pdf_syntax() == []
+    xmp = document.open_metadata()
+    assert (xmp["pdfaid:part"], xmp["pdfaid:conformance"]) == ("3", "B")
+    assert xmp["dc:title"] == report.DEFAULT_TITLE
+    assert f"model {RUN.model_name} {RUN.model_version}" in xmp["dc:description"]
+    assert "4 studies" in xmp["dc:description"] and SHA256 in xmp["dc:description"]
+    assert xmp["xmp:CreateDate"] == RUN.finished
+    assert xmp["xmp:CreatorTool"] == "pneumoscan 0.1.0"
+    assert str(document.docinfo["/Title"]) == report.DEFAULT_TITLE  # the same as the XMP
+    [intent] = document.Root.OutputIntents
+    assert intent.S == "/GTS_PDFA1" and "/DestOutputProfile" in intent
+    assert document.Root.MarkInfo.Marked and "/StructTreeRoot" in document.Root  # tagged
+    for page in document.pages:
+        for font in page.Resources.get("/Font", {}).values():
+            descendant = font.DescendantFonts[0] if "/DescendantFonts" in font else font
+            assert {"/FontFile", "/FontFile2", "/FontFile3"} & set(descendant.FontDescriptor.keys())
+
+
+def test_per_study_pdf_names_its_study_in_its_metadata(tmp_path):
+    loaded = load_path(SAMPLES / "dicom" / "RG1_UNCR.dcm")
+    result = FileResult(loaded.path, loaded.study, "ok", probability=0.7, label="PNEUMONIA",
+                        threshold=0.5, metadata=loaded.metadata)
+    written = write_per_study(tmp_path, RUN, [result])
+    xmp = pikepdf.open(next(p for p in written if p.suffix == ".pdf")).open_metadata()
+    assert xmp["dc:title"] == "Study RG1 CompressedSamples · 26 Aug 2004 18:50"
+    assert "study RG1 CompressedSamples · 26 Aug 2004 18:50; model" in xmp["dc:description"]
+
+
+def test_a_study_runs_four_images_to_a_page_each_headed_and_footed_with_its_label(results, tmp_path):
+    images = [dataclasses.replace(r, study="/scans/ward-7", metadata={})
+              for r in results if r.status == "ok"]
+    assert len(images) == 16
+    pages = pdf_text(render_pdf(render_html(RUN, images)), tmp_path).split("\f")[:-1]
+    assert len(pages) == 1 + 4  # the summary, then four pages of four images
+    for number, page in enumerate(pages[1:]):
+        assert page.count("P(pneumonia)") == 4
+        lines = [line.strip() for line in page.splitlines() if line.strip()]
+        heading = "ward-7 · PNEUMONIA" + (" … continued" if number else "")
+        assert lines[0] == heading
+        assert f"ward-7\nPage {number + 2} of 5\n{DISCLAIMER}" in "\n".join(lines)  # footer
+
+
+def test_a_dicom_study_is_titled_by_what_people_read():
+    loaded = load_path(SAMPLES / "dicom" / "RG1_UNCR.dcm")
+    result = FileResult(loaded.path, loaded.study, "ok", metadata=loaded.metadata)
+    heading = study_heading(group_studies([result])[0])
+    assert heading.title == "RG1 CompressedSamples" and heading.when == "26 Aug 2004 18:50"
+    assert heading.details == ("Patient ID 9RG1", "Accession exam Number", "THORAX", "CR PA",
+                               "female, 64 y")
+    assert heading.small_print[0] == f"Study UID {loaded.study}"
+    assert "Birth date: 5 Mar 1940" in heading.small_print
+
+
+@pytest.mark.parametrize("dicom, text", [("Doe^Jane^Q^Dr^MD", "Dr Jane Q Doe MD"),
+                                         ("SMITH", "SMITH"), ("", ""),
+                                         ("Yamada^Tarou=山田^太郎", "Tarou Yamada")])
+def test_person_names_read_given_family(dicom, text):
+    assert person_name(dicom) == text
+
+
+def test_dates_and_ages_read_as_such():
+    assert study_date("20040826", "0905") == "26 Aug 2004 09:05"
+    assert study_date("20041332") == "20041332"  # not a date: shown as it is
+    assert age("045Y", "", "") == "45 y" and age("", "19400305", "20040826") == "64 y"
+    assert age("", "19400305", "20040304") == "63 y" and age("", "2000", "20040826") is None
 
 
 def test_a_source_checkout_renders_with_its_own_templates(tmp_path):
@@ -318,7 +434,7 @@ def fetched(monkeypatch) -> list[tuple[str, str]]:
 
 def test_a_remote_url_in_metadata_is_only_text(results, fetched):
     html = render_html(RUN, results[:1])
-    assert f"Study date: {REMOTE}" in html
+    assert f"· {REMOTE} ·" in html  # the study date, as text: it is no date
     render_pdf(html)
     assert fetched and all(url.startswith("data:") for url, _ in fetched)
 
@@ -411,7 +527,7 @@ def test_a_study_with_nothing_classified_still_gets_a_report_listing_its_files(r
 def test_per_study_reports_from_worker_processes_are_those_made_in_one(results, tmp_path):
     """Enough studies are rendered in worker processes; the files are the same."""
     many = [dataclasses.replace(r, study=f"{r.study}-{copy}") for copy in range(3)
-            for r in results]
+            for r in results if r.study]
     scan = api.Scan(run=RUN, results=many)
     serial = api.write_per_study(tmp_path / "one", scan, processes=1)
     parallel = api.write_per_study(tmp_path / "two", scan, processes=2)

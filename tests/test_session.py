@@ -44,7 +44,7 @@ def test_io_binding_gives_the_same_outputs_as_run(small_onnx):
     """The CUDA path's IO binding, exercised here on the CPU provider."""
     model = OnnxCamModel(small_onnx, "cpu")
     batch = np.random.default_rng(1).normal(size=(4, 3, 128, 128)).astype(np.float32)
-    logits, cams = model.run_bound(batch, "cpu")
+    logits, cams, *scope_score = model.run_bound(batch, "cpu")
     plain = model.predict(batch)
     np.testing.assert_allclose(cams, plain.cams, atol=1e-6)
     assert logits.shape == (4, 2)

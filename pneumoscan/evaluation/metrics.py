@@ -83,3 +83,23 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, min_sensitivity: fl
     # Keeping the k highest-scoring positives above the threshold gives sensitivity k/n.
     k = int(np.ceil(min_sensitivity * len(positives)))
     return float(positives[max(k, 1) - 1])
+
+
+def format_validation(metrics: dict) -> str:
+    """A model's recorded validation metrics (ModelInfo.validation_metrics) in one line:
+    at its threshold, with the 95% intervals where recorded."""
+    at = metrics.get("at_threshold") or {}
+    if not at:
+        return "no validation metrics recorded"
+    intervals = metrics.get("ci95") or {}
+
+    def shown(name: str, label: str) -> str:
+        low_high = intervals.get(name)
+        interval = f" ({low_high[0]:.3f}-{low_high[1]:.3f})" if low_high else ""
+        return f"{label} {at[name]:.3f}{interval}"
+
+    figures = [shown(name, label) for name, label in (
+        ("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+        ("accuracy", "accuracy"), ("f1", "F1")) if name in at]
+    count = f"{metrics['n_val']} images, " if "n_val" in metrics else ""
+    return f"{count}at the model's threshold: " + ", ".join(figures)

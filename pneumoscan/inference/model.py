@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -43,6 +43,31 @@ class ModelInfo:
     threshold: float
     preprocessing: Preprocessing
     extra: dict = field(default_factory=dict)
+
+
+    @property
+    def validation_metrics(self) -> dict:
+        """What export-onnx recorded of the validation split: `at_threshold` and `at_0.5`
+        (accuracy, sensitivity, specificity, precision, f1, auc), `ci95`, `n_val`; empty
+        when the model carries none."""
+        return _parsed(self.extra.get("validation_metrics", "{}")) or {}
+
+    def to_json(self) -> dict:
+        """Everything the model file says of itself, as plain JSON values."""
+        return {"name": self.name, "version": self.version, "arch": self.arch,
+                "path": str(self.path), "sha256": self.sha256,
+                "class_names": list(self.class_names),
+                "positive_class": self.class_names[self.positive_class],
+                "threshold": self.threshold, "preprocessing": asdict(self.preprocessing),
+                **{key: _parsed(value) for key, value in sorted(self.extra.items())}}
+
+
+def _parsed(text: str):
+    """A metadata value: JSON when it is (metrics, lists), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def default_model_path() -> Path:
@@ -114,7 +139,6 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None,
     failing is shown with -v). CPU sessions reuse the graph ORT optimised for this machine
     the first time, kept in the user's cache folder (`cache=False`: neither read nor
     written)."""
-    import onnxruntime as ort
 
     if device not in DEVICES:
         raise ModelError(f"unknown device {device!r}")

@@ -1,12 +1,17 @@
 """Batched classification + CAM over a stream of files (the middle stages of the pipeline).
 
 The stages are plain functions, shared by both engines: `prepare` (load + preprocess one
-file), `score` (one batch through the model, with its CAMs) and `finish` (the file's
-result, with the report's picture). `classify` is the local engine: worker threads prepare
-files ahead of the model (a bounded window, so memory stays flat however many files there
-are) while the calling thread runs batches through the model; the pictures are rendered
-back in the workers. `ray_engine` runs the same stages on a Ray cluster. Results come out
-in input order, one per input file, whatever happened to it.
+file), `score` (one batch through the model: probability, decision, CAM and scope) and
+`finish` (the file's result, with the report's picture). `classify` is the local engine:
+worker threads prepare files ahead of the model (a bounded window, so memory stays flat
+however many files there are) while the calling thread runs batches through the model; the
+pictures are rendered back in the workers. `ray_engine` runs the same stages on a Ray
+cluster. Results come out in input order, one per input file, whatever happened to it.
+
+A watchdog bounds the time one file may take in the local engine: a file whose reading and
+decoding has not ended FILE_TIMEOUT_S after it started is abandoned (an error, with the
+reason) and the run goes on without waiting for it; `stuck()` then tells the caller that a
+worker thread may never end, so that the process must not wait for it when it exits.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,11 +29,27 @@ import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
 from pneumoscan.inference.preprocess import Preprocessing, normalise, prepare_pixels
+from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.report.pictures import render_picture
 
 DEFAULT_BATCH_SIZE = 32
+# The longest one file may take to be read, decoded and preprocessed: a 100-megapixel
+# image takes seconds; anything far beyond is a decoder stuck on crafted data.
+FILE_TIMEOUT_S = 120.0
+# How often the watchdog looks whether a queued file has started.
+_POLL_S = 1.0
+
+# Work abandoned by the watchdog that had not ended when last looked at.
+_abandoned: list[Future] = []
+
+
+def stuck() -> bool:
+    """Whether a file abandoned by the watchdog is still being worked on by a thread that
+    may never end: the process should then exit without waiting for its threads."""
+    _abandoned[:] = [future for future in _abandoned if not future.done()]
+    return bool(_abandoned)
 
 
 @dataclass
@@ -50,6 +71,8 @@ class Scored:
     label: str
     cam: np.ndarray  # of the decided class, (h, w) in [0, 1]
     seconds: float
+    in_scope: bool
+    scope_reasons: list[str]
 
 
 def read_model_pixels(path: Path, prep: Preprocessing) -> np.ndarray | FileResult:
@@ -89,6 +112,14 @@ class LocalEngine:
         return model.provider
 
 
+@dataclass
+class Job:
+    """A file handed to a worker; `started` (monotonic) is set when a worker takes it."""
+    item: InputFile
+    started: float | None = None
+    future: Future = field(init=False)
+
+
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -115,8 +146,19 @@ def score(loaded: list[Prepared], model: CamModel, threshold: float) -> list[Sco
     negative = 1 - info.positive_class  # binary models: the other class
     decided = np.where(probabilities >= threshold, info.positive_class, negative)
     cams = normalised_cams(predictions.cams, decided)
-    return [Scored(float(prob), info.class_names[cls], cam, share)
-            for prob, cls, cam in zip(probabilities, decided, cams)]
+    scope_scores = predictions.scope_scores
+    if scope_scores is None:  # a model without a scope guard: metadata rules only
+        scope_scores = [None] * len(loaded)
+    guard_threshold = scope_threshold(info)
+    scored = []
+    for p, prob, cls, cam, scope_score in zip(loaded, probabilities, decided, cams,
+                                              scope_scores):
+        in_scope, reasons = assess(p.outcome.metadata,
+                                   None if scope_score is None else float(scope_score),
+                                   guard_threshold)
+        scored.append(Scored(float(prob), info.class_names[cls], cam, share, in_scope,
+                             reasons))
+    return scored
 
 
 def finish(prepared: Prepared, scored: Scored | None, threshold: float,
@@ -130,20 +172,48 @@ def finish(prepared: Prepared, scored: Scored | None, threshold: float,
     img: LoadedImage = prepared.outcome
     return FileResult(path=img.path, study=img.study, status="ok",
                       probability=scored.probability, label=scored.label,
-                      threshold=float(threshold), metadata=img.metadata, picture=picture,
+                      threshold=float(threshold), metadata=img.metadata,
+                      in_scope=scored.in_scope, scope_reasons=scored.scope_reasons,
+                      picture=picture,
                       seconds=prepared.seconds + scored.seconds)
+
+
+def _prepare_job(job: Job, prep: Preprocessing) -> Prepared:
+    job.started = time.monotonic()
+    return prepare(job.item, prep)
+
+
+def await_job(job: Job, timeout: float) -> Prepared:
+    """The job's outcome, or an error result when it ran over `timeout` seconds (counted
+    from when a worker took it, not from when it was queued)."""
+    while True:
+        started = job.started
+        wait = _POLL_S if started is None else started + timeout - time.monotonic()
+        try:
+            return job.future.result(timeout=max(wait, 0.0))
+        except TimeoutError:
+            if started is None:
+                continue
+        _abandoned.append(job.future)
+        item = job.item
+        reason = (f"abandoned: reading and decoding took longer than {timeout:g} s "
+                  "(a stuck decoder, or a file that never ends)")
+        return Prepared(item, FileResult(item.path, str(item.path.parent), "error", reason),
+                        None, timeout)
 
 
 def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
              workers: int | None = None, threshold: float | None = None,
-             render: bool = True,
+             render: bool = True, file_timeout: float = FILE_TIMEOUT_S,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
     """One FileResult per item, in order. `render` adds the report's pictures (the X-ray
-    beside its CAM overlay); without it the run is classification only."""
+    beside its CAM overlay); without it the run is classification only. A file that takes
+    more than `file_timeout` seconds is abandoned (an error result)."""
     threshold = model.info.threshold if threshold is None else threshold
     prep = model.info.preprocessing
-    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan") as pool:
-        for chunk in _read_ahead(pool, iter(items), prep, batch_size):
+    pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan")
+    try:
+        for chunk in _read_ahead(pool, iter(items), prep, batch_size, file_timeout):
             loaded = [p for p in chunk if p.model_pixels is not None]
             scores = dict(zip(map(id, loaded), score(loaded, model, threshold))) if loaded else {}
             pictures = {id(p): pool.submit(render_picture, p.outcome.pixels, scores[id(p)].cam)
@@ -155,29 +225,35 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
                 if on_result:
                     on_result(result)
                 yield result
+    finally:
+        # Never wait for an abandoned file's thread: it may never end.
+        pool.shutdown(wait=not stuck(), cancel_futures=True)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, iterator: Iterator[InputFile], prep: Preprocessing,
-                batch_size: int) -> Iterator[list[Prepared]]:
+                batch_size: int, file_timeout: float) -> Iterator[list[Prepared]]:
     """Chunks of prepared files in input order, each with up to `batch_size` loaded ones,
     while up to three batches more are prepared in the pool."""
-    window: deque[Future[Prepared]] = deque()
+    window: deque[Job] = deque()
     exhausted = False
 
     def refill() -> None:
         nonlocal exhausted
         while not exhausted and len(window) < batch_size * 3:
             try:
-                window.append(pool.submit(prepare, next(iterator), prep))
+                job = Job(next(iterator))
             except StopIteration:
                 exhausted = True
+                break
+            job.future = pool.submit(_prepare_job, job, prep)
+            window.append(job)
 
     refill()
     while window:
         chunk: list[Prepared] = []
         ready = 0
         while window and ready < batch_size:
-            prepared = window.popleft().result()
+            prepared = await_job(window.popleft(), file_timeout)
             chunk.append(prepared)
             ready += prepared.model_pixels is not None
             refill()

@@ -9,14 +9,17 @@ VOI LUT or window, MONOCHROME1 inversion, then uint8 with 0 = black.
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import openjpeg
 import pydicom
 from PIL import Image, Jpeg2KImagePlugin
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -39,7 +42,7 @@ from pneumoscan.inputs.problems import (
 )
 from pneumoscan.inputs.raster import shrink_to_cover
 from pneumoscan.records import DICOM_FIELDS, LoadedImage
-from pneumoscan.text import one_line
+from pneumoscan.text import defined_term, dicom_value, one_line
 
 # Elements larger than this (the pixel data) are read only when used, so files skipped by
 # their metadata cost one small read.
@@ -61,19 +64,39 @@ OTHER_BODY_PART_WORDS = {
 # Decubitus views (LLD, RLD) are frontal projections and stay.
 NOT_FRONTAL_VIEW_WORDS = {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "OBL",
                           "OBLIQUE"}
+# Defined terms that a reason may quote (PS3.3 C.7.3.1.1.1, C.7.6.3.1.2; PS3.16 CID 4031
+# for body parts, of which those the checks above know).
+MODALITIES = {"CR", "DX", "CT", "MR", "US", "NM", "PT", "XA", "RF", "MG", "IO", "PX", "OT",
+              "SC", "DOC", "SR", "KO", "PR", "SEG", "REG", "RTIMAGE", "RTSTRUCT", "RTPLAN",
+              "RTDOSE", "ES", "XC", "OP", "OPT", "OCT", "SM", "ECG", "HD", "AU", "BI", "DG",
+              "GM", "LS", "RG", "TG", "IVUS", "IVOCT", "BMD", "PLAN", "FID"}
+BODY_PARTS = CHEST_BODY_PARTS | OTHER_BODY_PART_WORDS | {"WHOLEBODY", "ABDOMENPELVIS",
+                                                         "CHESTABDOMEN", "SHOULDERS", "HEART"}
+VIEW_POSITIONS = {"AP", "PA", "LLD", "RLD"} | NOT_FRONTAL_VIEW_WORDS
+PHOTOMETRIC_INTERPRETATIONS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
+                               "YBR_ICT", "YBR_RCT", "PALETTE COLOR", "HSV", "ARGB", "CMYK"}
 DESCRIPTION_KEYWORDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+# The most of a text or number value read: four values of the longest VR shown (PN, 194
+# characters), at up to 4 bytes a character.
+MAX_VALUE_BYTES = 4 * 194 * 4
+READ_KEYWORDS = (*DICOM_FIELDS, *DESCRIPTION_KEYWORDS, "NumberOfFrames",
+                 "PhotometricInterpretation", "VOILUTFunction", "RescaleSlope",
+                 "RescaleIntercept", "WindowCenter", "WindowWidth")
 PIXEL_MODULE_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
                          "BitsAllocated", "BitsStored", "PixelRepresentation")
 
 
-def load_dicom(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage:
-    """A frontal chest radiograph as greyscale uint8 (0 = black) with its metadata; raises
-    `SkipImage` for other DICOM objects and `UnreadableImage` when pixels cannot be had.
-    `min_size` (width, height) lets JPEG 2000 pixel data be decoded at a reduced resolution
-    that still covers it."""
-    ds = _read(path)
-    study = str(ds.get("StudyInstanceUID") or path.parent)
+def load_dicom(fh: BinaryIO, path: Path,
+               min_size: tuple[int, int] | None = None) -> LoadedImage:
+    """A frontal chest radiograph, from the open file `fh` (found at `path`), as greyscale
+    uint8 (0 = black) with its metadata; raises `SkipImage` for other DICOM objects and
+    `UnreadableImage` when pixels cannot be had. `min_size` (width, height) lets JPEG 2000
+    pixel data be decoded at a reduced resolution that still covers it. Text read from the
+    file is shown bounded and printable (`text.dicom_value`), and reasons never quote its
+    free text: they name only the standard's defined terms and our own words."""
+    ds = _read(fh)
     metadata = _metadata(ds)
+    study = metadata.get("StudyInstanceUID") or str(path.parent)
     try:
         _require_frontal_chest_radiograph(ds)
         pixels = _render(ds, min_size)
@@ -83,15 +106,32 @@ def load_dicom(path: Path, min_size: tuple[int, int] | None = None) -> LoadedIma
     return LoadedImage(path=path, study=study, pixels=pixels, metadata=metadata)
 
 
-def _read(path: Path) -> Dataset:
+def _read(fh: BinaryIO) -> Dataset:
     try:
         # force: old files have neither the 128-byte preamble nor a file meta header.
-        ds = pydicom.dcmread(path, force=True, defer_size=DEFER_ELEMENTS_OVER)
+        ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_ELEMENTS_OVER)
     except InvalidDicomError as exc:
         raise UnreadableImage(f"not a DICOM file: {one_line(exc)}") from exc
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = _syntax_as_read(ds)
+    _cut_read_values(ds, fh)
     return ds
+
+
+def _cut_read_values(ds: Dataset, fh: BinaryIO) -> None:
+    """Cut each value this module reads to MAX_VALUE_BYTES before pydicom decodes it: a
+    crafted file may hold hundreds of KB there (thousands of values, escape sequences),
+    which would take seconds to decode, and no more than the start is ever shown."""
+    for keyword in READ_KEYWORDS:
+        raw = ds.get_item(keyword, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.length <= MAX_VALUE_BYTES:
+            continue
+        value = raw.value
+        if value is None:  # deferred (large): read only its start
+            fh.seek(raw.value_tell)
+            value = fh.read(MAX_VALUE_BYTES)
+        ds[keyword] = raw._replace(value=value[:MAX_VALUE_BYTES],
+                                   length=len(value[:MAX_VALUE_BYTES]))
 
 
 def _syntax_as_read(ds: Dataset) -> str:
@@ -106,13 +146,13 @@ def _syntax_as_read(ds: Dataset) -> str:
 
 
 def _metadata(ds: Dataset) -> dict[str, str]:
-    """The DICOM_FIELDS present with a value, as text (multiple values joined by `\\`)."""
+    """The DICOM_FIELDS present with a value, as text (multiple values joined by `\\`),
+    each value printable and within its VR's length."""
     out = {}
     for keyword in DICOM_FIELDS:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            continue
-        out[keyword] = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+        value = _text(ds, keyword, separator="\\")
+        if value:
+            out[keyword] = value
     return out
 
 
@@ -120,53 +160,65 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[A-Z]+", text.upper()))
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if isinstance(value, MultiValue):
-        return " ".join(map(str, value))
-    return str(value or "").strip()
+def _text(ds: Dataset, keyword: str, separator: str = " ") -> str:
+    """An attribute's value as printable text no longer than its VR allows ("" if absent)."""
+    if keyword not in ds:
+        return ""
+    element = ds[keyword]
+    value = element.value
+    if value is None or value == "":
+        return ""
+    values = [str(v) for v in value] if isinstance(value, MultiValue) else [str(value)]
+    return dicom_value(values, element.VR).replace("\\", separator).strip()
 
 
 def _require_frontal_chest_radiograph(ds: Dataset) -> None:
     """Raise SkipImage unless the attributes describe one frontal chest radiograph."""
     modality = _text(ds, "Modality").upper()
     if modality not in RADIOGRAPH_MODALITIES:
-        raise SkipImage(f"modality {modality or 'not given'}: not a radiograph (CR or DX)")
+        raise SkipImage(f"modality {defined_term(modality, MODALITIES) if modality else 'not given'}: "
+                        "not a radiograph (CR or DX)")
     _require_chest(ds)
     _require_frontal_view(ds)
     frames = _text(ds, "NumberOfFrames") or "1"
     if not frames.isdigit() or int(frames) > 1:
-        raise SkipImage(f"multi-frame object ({frames} frames), not a single radiograph")
+        count = frames if frames.isdigit() else "an unlisted number of"
+        raise SkipImage(f"multi-frame object ({count} frames), not a single radiograph")
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if photometric and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # CR and DX are greyscale by definition: colour here is a screenshot or a photo.
-        raise SkipImage(f"colour image ({photometric}), not a greyscale radiograph")
+        raise SkipImage(f"colour image ({defined_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}), "
+                        "not a greyscale radiograph")
 
 
 def _require_chest(ds: Dataset) -> None:
     body_part = _text(ds, "BodyPartExamined").upper()
     if body_part:
         if body_part not in CHEST_BODY_PARTS:
-            raise SkipImage(f"body part examined is {body_part}, not the chest")
+            raise SkipImage(f"body part examined is {defined_term(body_part, BODY_PARTS)}, "
+                            "not the chest")
         return
     for keyword in DESCRIPTION_KEYWORDS:
         words = _words(_text(ds, keyword))
         other = sorted(words & OTHER_BODY_PART_WORDS)
         if other and not words & CHEST_WORDS:
-            raise SkipImage(f"no body part examined, and {keyword} "
-                            f"'{_text(ds, keyword)}' names {other[0]}, not the chest")
+            raise SkipImage(f"no body part examined, and {keyword} names {other[0]}, "
+                            "not the chest")
 
 
 def _require_frontal_view(ds: Dataset) -> None:
     view = _text(ds, "ViewPosition")
     if view:
-        if _words(view) & NOT_FRONTAL_VIEW_WORDS:
-            raise SkipImage(f"view position {view}: lateral or oblique, not a frontal view")
+        lateral = sorted(_words(view) & NOT_FRONTAL_VIEW_WORDS)
+        if lateral:
+            shown = view if view.upper() in NOT_FRONTAL_VIEW_WORDS else f"naming {lateral[0]}"
+            raise SkipImage(f"view position {shown}: lateral or oblique, not a frontal view")
         return
     for keyword in DESCRIPTION_KEYWORDS:
-        if _words(_text(ds, keyword)) & NOT_FRONTAL_VIEW_WORDS:
-            raise SkipImage(f"no view position, and {keyword} '{_text(ds, keyword)}' "
-                            "names a lateral or oblique view")
+        lateral = sorted(_words(_text(ds, keyword)) & NOT_FRONTAL_VIEW_WORDS)
+        if lateral:
+            raise SkipImage(f"no view position, and {keyword} names a lateral or oblique "
+                            f"view ({lateral[0]})")
 
 
 def _render(ds: Dataset, min_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -191,7 +243,11 @@ def _render(ds: Dataset, min_size: tuple[int, int] | None = None) -> np.ndarray:
     if cover is not None:
         stored = _shrink_to_cover(stored, cover)
     values = _modality_values(stored, ds)
+    varied = float(values.min()) != float(values.max())
     display = _voi_values(values, ds)
+    if varied and float(display.min()) == float(display.max()):
+        raise UnreadableImage("the VOI window or LUT maps every pixel to one grey level: "
+                              "its parameters are unusable")
     if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":  # minimum value is white
         np.subtract(1.0, display, out=display)
     display *= 255.0
@@ -317,17 +373,43 @@ def _keep_stored_bits(pixels: np.ndarray, bits_stored: int) -> np.ndarray:
 
 
 def _modality_values(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored values -> modality values, float32 (pydicom's rescale would use float64)."""
+    """Stored values -> modality values, float32 (pydicom's rescale would use float64).
+    Raises UnreadableImage for parameters that give no usable values (not finite, a zero
+    slope, out of float32's range): such files would otherwise decode to a blank image."""
     if ds.get("ModalityLUTSequence"):
-        return apply_modality_lut(pixels, ds).astype(np.float32)
-    values = pixels.astype(np.float32)
-    slope = float(ds.get("RescaleSlope") or 1.0)
-    intercept = float(ds.get("RescaleIntercept") or 0.0)
-    if slope != 1.0:
-        values *= slope
-    if intercept:
-        values += intercept
+        values = apply_modality_lut(pixels, ds).astype(np.float32)
+    else:
+        values = pixels.astype(np.float32)
+        slope = _number(ds, "RescaleSlope", 1.0)
+        intercept = _number(ds, "RescaleIntercept", 0.0)
+        if slope == 0.0:
+            raise UnreadableImage("RescaleSlope is 0: every pixel would have one value")
+        with np.errstate(over="ignore", invalid="ignore"):
+            if slope != 1.0:
+                values *= np.float32(slope)
+            if intercept:
+                values += np.float32(intercept)
+    if not np.isfinite(values).all():
+        raise UnreadableImage("the modality LUT (RescaleSlope, RescaleIntercept or "
+                              "ModalityLUTSequence) gives values out of range")
     return values
+
+
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    """A numeric attribute's (first) value; `default` when absent. Raises UnreadableImage
+    for values that are not finite numbers."""
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UnreadableImage(f"{keyword} is not a number") from None
+    if not math.isfinite(number):
+        raise UnreadableImage(f"{keyword} is {number}: not a finite number")
+    return number
 
 
 def _voi_values(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -340,33 +422,37 @@ def _voi_values(values: np.ndarray, ds: Dataset) -> np.ndarray:
         return _min_max_values(values)
     center, width = window
     function = _text(ds, "VOILUTFunction").upper()
-    if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
-        values -= center
-        values *= -4.0 / width
-        with np.errstate(over="ignore"):
+    # Computed in float64: a centre or width far beyond float32's range must still give
+    # the clipped result the standard's formula does, not infinities.
+    values = values.astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
+            values -= center
+            values *= -4.0 / width
             np.exp(values, out=values)
-        values += 1.0
-        return np.reciprocal(values, out=values)
-    if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
-        values -= center
-        values /= width
-    else:  # LINEAR, PS3.3 C.11.2.1.2.1
-        values -= center - 0.5
-        values /= max(width - 1.0, 1e-3)
-    values += 0.5
-    return np.clip(values, 0.0, 1.0, out=values)
+            values += 1.0
+            display = np.reciprocal(values, out=values)
+        else:
+            if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
+                values -= center
+                values /= width
+            else:  # LINEAR, PS3.3 C.11.2.1.2.1
+                values -= center - 0.5
+                values /= max(width - 1.0, 1e-3)
+            values += 0.5
+            display = np.clip(values, 0.0, 1.0, out=values)
+    return display.astype(np.float32)
 
 
 def _first_window(ds: Dataset) -> tuple[float, float] | None:
-    """The first (centre, width) pair, or None when absent or unusable (width <= 0)."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center in (None, "") or width in (None, ""):
+    """The first (centre, width) pair, or None when absent. Raises UnreadableImage when it
+    is unusable: not finite numbers, or a width that is not positive."""
+    if ds.get("WindowCenter") in (None, "") or ds.get("WindowWidth") in (None, ""):
         return None
-    if isinstance(center, MultiValue):
-        center = center[0]
-    if isinstance(width, MultiValue):
-        width = width[0]
-    return (float(center), float(width)) if float(width) > 0 else None
+    center, width = _number(ds, "WindowCenter", 0.0), _number(ds, "WindowWidth", 0.0)
+    if width <= 0:
+        raise UnreadableImage(f"WindowWidth is {width:g}: a window must be wider than 0")
+    return center, width
 
 
 def _voi_lut_values(values: np.ndarray, ds: Dataset) -> np.ndarray:

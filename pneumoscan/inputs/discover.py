@@ -14,9 +14,13 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+from pneumoscan.inputs.reading import InputChanged, read_head
 from pneumoscan.records import FileKind, InputFile
 
 HEAD_BYTES = 512
+# Folders deeper than this under the scanned one are not entered (real exports nest a few
+# levels; thousands are an accident or an attack).
+MAX_DEPTH = 64
 
 # Value representations of explicit-VR DICOM; the ones in _LONG_VRS have a 32-bit length.
 _DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
@@ -76,30 +80,28 @@ def _looks_like_headerless_dicom(head: bytes) -> bool:
     return elements >= 2
 
 
-def _read_head(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read(HEAD_BYTES)
-
-
 def identify_file(path: Path) -> InputFile:
     """Decide whether and how one file will be read. Symbolic links to files are followed;
     links to folders are not (they could loop or leave the scanned tree)."""
     if path.name.startswith("."):
         return InputFile(path, None, "hidden file")
     try:
+        link = path.is_symlink()
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
             return InputFile(path, None, "symbolic link to a folder, not followed"
-                             if path.is_symlink() else "a folder, not a file")
+                             if link else "a folder, not a file")
         if not stat.S_ISREG(info.st_mode):
             return InputFile(path, None, "not a regular file (device, pipe or socket)")
         if info.st_size == 0:
             return InputFile(path, None, "empty file (0 bytes)")
-        head = _read_head(path)
+        head = read_head(path, HEAD_BYTES, follow_link=link)
     except FileNotFoundError:
         if path.is_symlink():
             return InputFile(path, None, "broken symbolic link (its target does not exist)")
         return InputFile(path, None, "file disappeared during discovery", unreadable=True)
+    except InputChanged as exc:
+        return InputFile(path, None, f"changed during discovery: {exc}", unreadable=True)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return InputFile(path, None, "symbolic link loop")
@@ -107,32 +109,43 @@ def identify_file(path: Path) -> InputFile:
     kind = detect_kind(head)
     if kind is None:
         return InputFile(path, None, "unknown file type (not DICOM, PNG, JPEG or TIFF)")
-    return InputFile(path, kind)
+    return InputFile(path, kind, link=link)
 
 
 def discover(root: Path) -> Iterator[InputFile]:
-    """Every entry under `root` (or `root` itself when it is a file), recursively, in a
-    stable sorted order. Hidden and symbolically linked folders are reported, not entered."""
+    """Every entry under `root` (or `root` itself when it is a file), depth first in a
+    stable sorted order. Hidden and symbolically linked folders are reported, not entered,
+    as are folders nested more than MAX_DEPTH deep."""
     root = Path(root)
-    if root.is_dir():
-        yield from _walk(root)
-    else:
+    if not root.is_dir():
         yield identify_file(root)
+        return
+    # A stack of sorted listings rather than recursion: a folder tree may be deeper than
+    # Python's call stack.
+    stack = [iter(_listing(root))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif isinstance(entry, InputFile):
+            yield entry
+        elif not entry.is_dir(follow_symlinks=False):
+            yield identify_file(Path(entry.path))
+        elif entry.name.startswith("."):
+            yield InputFile(Path(entry.path), None, "hidden folder, not entered")
+        elif len(stack) > MAX_DEPTH:
+            yield InputFile(Path(entry.path), None,
+                            f"folder nested more than {MAX_DEPTH} deep, not entered")
+        else:
+            stack.append(iter(_listing(Path(entry.path))))
 
 
-def _walk(folder: Path) -> Iterator[InputFile]:
+def _listing(folder: Path) -> list[os.DirEntry | InputFile]:
+    """The entries of `folder` sorted by name, or the folder itself as an unreadable entry
+    when it cannot be listed."""
     try:
         with os.scandir(folder) as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
+            return sorted(listing, key=lambda entry: entry.name)
     except OSError as exc:
-        yield InputFile(folder, None, f"cannot list folder: {exc.strerror or exc}",
-                        unreadable=True)
-        return
-    for entry in entries:
-        path = Path(entry.path)
-        if not entry.is_dir(follow_symlinks=False):
-            yield identify_file(path)
-        elif entry.name.startswith("."):
-            yield InputFile(path, None, "hidden folder, not entered")
-        else:
-            yield from _walk(path)
+        return [InputFile(folder, None, f"cannot list folder: {exc.strerror or exc}",
+                          unreadable=True)]

@@ -16,8 +16,9 @@ from pneumoscan.inputs.dicom import load_dicom
 from pneumoscan.inputs.discover import identify_file
 from pneumoscan.inputs.problems import DECODER_ERRORS, ImageProblem, SkipImage
 from pneumoscan.inputs.raster import load_raster
+from pneumoscan.inputs.reading import InputChanged, open_input
 from pneumoscan.records import FileResult, InputFile, LoadedImage
-from pneumoscan.text import one_line
+from pneumoscan.text import one_line, reason
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,22 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
     """Read one discovered file. `min_size` (width, height) lets decoders that can scale
     while decoding (JPEG, JPEG 2000) produce a smaller image that is still at least that
     large."""
-    study = str(item.path.parent)
     if item.kind is None:
-        return FileResult(item.path, study, "error" if item.unreadable else "skipped",
-                          item.skip_reason or "not an image")
+        return FileResult(item.path, None, "error" if item.unreadable else "skipped",
+                          reason(item.skip_reason or "not an image"))
+    study = str(item.path.parent)
     try:
-        if item.kind == "dicom":
-            return load_dicom(item.path, min_size)
-        return load_raster(item.path, min_size)
+        with open_input(item.path, follow_link=item.link) as fh:
+            if item.kind == "dicom":
+                loaded = load_dicom(fh, item.path, min_size)
+            else:
+                loaded = load_raster(fh, item.path, min_size)
     except ImageProblem as exc:
         status = "skipped" if isinstance(exc, SkipImage) else "error"
-        return FileResult(item.path, exc.study or study, status, str(exc),
+        return FileResult(item.path, exc.study or study, status, reason(str(exc)),
                           metadata=exc.metadata or {})
+    except InputChanged as exc:
+        return FileResult(item.path, study, "error", reason(f"changed since it was found: {exc}"))
     except FileNotFoundError:
         return FileResult(item.path, study, "error", "file disappeared before it could be read")
     except PermissionError:
@@ -50,9 +55,21 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
         log.info("unexpected error reading %s", item.path, exc_info=True)
         return FileResult(item.path, study, "error", f"unexpected error, a pneumoscan bug "
                           f"(run with -v for the traceback): {one_line(exc)}")
+    return _unless_blank(loaded)
 
 
 def load_path(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage | FileResult:
     """The file at `path` read as `pneumoscan run` reads it: its kind told by its content,
     then `load`."""
     return load(identify_file(path), min_size)
+
+
+def _unless_blank(image: LoadedImage) -> LoadedImage | FileResult:
+    """A blank image (every pixel the same) says nothing about the lungs, yet a model would
+    still give it a score: it is never classified."""
+    low, high = int(image.pixels.min()), int(image.pixels.max())
+    if low != high:
+        return image
+    return FileResult(image.path, image.study, "error",
+                      f"blank image: every pixel is {low} after decoding; not classified",
+                      metadata=image.metadata)

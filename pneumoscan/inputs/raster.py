@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -12,12 +13,14 @@ from pneumoscan.inputs.problems import MAX_PIXELS, SkipImage, UnreadableImage
 from pneumoscan.records import LoadedImage
 
 
-def load_raster(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImage:
-    """PNG / JPEG / TIFF -> greyscale uint8, plain images grouped by their folder."""
+def load_raster(fh: BinaryIO, path: Path,
+                min_size: tuple[int, int] | None = None) -> LoadedImage:
+    """PNG / JPEG / TIFF from the open file `fh` (found at `path`) -> greyscale uint8,
+    plain images grouped by their folder."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            img = Image.open(fh)
         except Image.DecompressionBombError as exc:
             raise UnreadableImage(f"refused: decompression bomb ({exc})") from exc
         except Image.UnidentifiedImageError as exc:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pneumoscan.inference.model import ModelError, ModelInfo, metadata_strings, model_info
+from pneumoscan.inference.model import (
+    ModelError,
+    ModelInfo,
+    metadata_strings,
+    model_info,
+)
+from pneumoscan.text import one_line
 
 
 def checkpoint_globals() -> list:
@@ -31,10 +37,12 @@ def read_checkpoint(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(checkpoint_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # what weights_only raises for a foreign global
+    except pickle.UnpicklingError as exc:  # a foreign global, or not a pickle at all
         named = [line for line in str(exc).splitlines() if "GLOBAL" in line]
+        if not named:
+            raise ModelError(f"cannot read checkpoint {path}: {one_line(exc)}") from exc
         raise ModelError(f"refused checkpoint {path}: it holds more than weights and plain "
-                         f"values{': ' + named[0] if named else ''}") from exc
+                         f"values: {named[0]}") from exc
     except (OSError, RuntimeError, EOFError, ValueError) as exc:  # missing, not a torch file
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != "pneumoscan-checkpoint-1":

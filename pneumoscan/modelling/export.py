@@ -10,7 +10,7 @@ which keeps export inside tests and CI affordable on a 2-core CPU.
 
 from __future__ import annotations
 
-import json
+import math
 import tempfile
 import warnings
 from datetime import datetime, timezone
@@ -27,6 +27,9 @@ OUTPUTS = ("logits", "features", "cams")
 # are shown (min-max normalised) to 1e-3. The raw feature maps (ReLU6 activations up to 6)
 # are reported too; their absolute error grows with their scale, so they are not gated.
 PARITY_LIMITS = {"logits": 1e-4, "probabilities": 1e-4, "normalised_cams": 1e-3}
+# An export whose validation AUC is more than this below the default model's is refused
+# unless forced: a model that bad is a failed training run, not an alternative.
+FAR_BELOW_AUC = 0.05
 
 
 class ExportError(RuntimeError):
@@ -53,6 +56,25 @@ def export_module(network):
     return CamExport(network).eval()
 
 
+def export_name(checkpoint: Path, payload: dict) -> str:
+    """An export's default name: after its architecture and its training run (the
+    checkpoint's folder), so that it never takes the shipped model's name unasked."""
+    return f"pneumoscan-{payload['arch']}-{Path(checkpoint).resolve().parent.name}"
+
+
+def shortfall(metrics: dict, reference: dict) -> str | None:
+    """Why validation `metrics` (a checkpoint's) make a model not worth exporting next to
+    `reference` (the default model's ModelInfo.validation_metrics), or None."""
+    auc = (metrics.get("at_threshold") or {}).get("auc")
+    if auc is None or math.isnan(auc):  # NaN: a validation split of one class
+        return "the checkpoint records no validation AUC"
+    best = (reference.get("at_threshold") or {}).get("auc")
+    if best is not None and auc < best - FAR_BELOW_AUC:
+        return (f"its validation AUC {auc:.3f} is far below the default model's {best:.3f} "
+                f"(more than {FAR_BELOW_AUC} lower)")
+    return None
+
+
 def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> None:
     import onnx
     import torch
@@ -76,6 +98,13 @@ def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> No
     for key, value in metadata_props(metadata).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    save_checked(model, out)
+
+
+def save_checked(model, out: Path) -> None:
+    """Check the graph, then replace `out` atomically."""
+    import onnx
+
     onnx.checker.check_model(model)
     with atomic_path(out, mode=0o644) as partial:
         onnx.save(model, str(partial))
@@ -164,10 +193,12 @@ def check_parity(module, onnx_path: Path, batch: np.ndarray) -> dict[str, float]
 def split_images(checkpoint: Path, payload: dict, part: str) -> list[Path]:
     """The checkpoint's own `part` ("train" or "val") images, those still there: from the
     split.json that training wrote beside it (or in its configured output folder)."""
+    from pneumoscan.modelling.scope_guard import read_split
+
     for folder in (Path(checkpoint).parent, Path(payload["config"]["out"])):
         split = folder / "split.json"
         if split.exists():
-            return [p for p in map(Path, json.loads(split.read_text())[part]) if p.exists()]
+            return read_split(split)[part == "val"]
     return []
 
 
@@ -196,8 +227,12 @@ def parity_images(checkpoint: Path, payload: dict, check_images: Path | None,
 
 def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = None,
                       version: str | None = None, name: str | None = None,
-                      log=print) -> dict[str, float]:
-    """Export, then verify on real images; raises ExportError past PARITY_LIMITS."""
+                      log=print, scope_split: Path | None = None,
+                      scope_guard: bool = True,
+                      scope_train_images: int | None = None) -> dict[str, float]:
+    """Export, then verify on real images; raises ExportError past PARITY_LIMITS. Then
+    fit the scope guard on the checkpoint's training images and set its threshold on its
+    validation images (the split.json beside it, or `scope_split`)."""
     import torch
 
     from pneumoscan.inference.pipeline import read_model_input
@@ -215,6 +250,7 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
         raise ExportError("none of the parity-check images could be read")
     batch = np.stack(images)
     version = version or datetime.now(timezone.utc).strftime("%Y.%m.%d")
+    name = name or export_name(checkpoint, payload)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**model_metadata(payload, version, name),
                 "exported": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -228,4 +264,26 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
         out.unlink()
         raise ExportError(f"ONNX Runtime differs from PyTorch: {', '.join(failed)}; "
                           "model not written")
+    if scope_guard:
+        fit_checkpoint_scope_guard(checkpoint, payload, out, scope_split, scope_train_images,
+                                   log)
     return diffs
+
+
+def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
+                               scope_split: Path | None, max_train: int | None, log) -> None:
+    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+
+    try:
+        if scope_split is not None:
+            train, val = read_split(scope_split)
+        else:
+            train, val = (split_images(checkpoint, payload, part) for part in ("train", "val"))
+        if not train or not val:
+            raise ScopeFitError("the checkpoint's training and validation images are not "
+                                "there (split.json): pass --scope-split FILE, or "
+                                "--no-scope-guard")
+        fit_scope_guard(out, train, val, log=log, max_train=max_train)
+    except ScopeFitError as exc:
+        out.unlink()
+        raise ExportError(f"scope guard: {exc}; model not written") from exc

@@ -167,11 +167,14 @@ def separate_read_outputs(model):
 
 
 def head_nodes(model) -> list[str]:
-    """The nodes downstream of the `features` output: pooling, classifier, CAM conv."""
+    """The nodes downstream of the `features` output (pooling, classifier, CAM conv) and
+    the scope guard's (its score is a distance fitted in float)."""
+    from pneumoscan.modelling.scope_guard import is_guard_node
+
     graph = model.graph
     reached, names = {"features"}, []
     for node in graph.node:  # ONNX nodes are topologically sorted
-        if any(name in reached for name in node.input):
+        if any(name in reached for name in node.input) or is_guard_node(node):
             reached.update(node.output)
             names.append(node.name)
     return names

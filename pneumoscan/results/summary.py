@@ -7,11 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from pneumoscan.records import DICOM_FIELDS, FileResult
+from pneumoscan.records import DICOM_FIELDS, NOT_SHOWN, FileResult
 
 POSITIVE = "PNEUMONIA"
 NEGATIVE = "NORMAL"
 UNCLASSIFIED = "NOT CLASSIFIED"  # a study none of whose files could be classified
+# A study all of whose classified images are out of the model's scope: never NORMAL.
+OUT_OF_SCOPE = "review: outside the model's intended use"
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,11 @@ class Counts:
     normal: int
     skipped: int
     errors: int
+    out_of_scope: int  # classified (and counted above), but not what the model is made for
 
     @classmethod
     def of(cls, results: Iterable[FileResult]) -> Counts:
+        results = list(results)
         statuses = [(r.status, r.label) for r in results]
         return cls(
             files=len(statuses),
@@ -33,6 +37,7 @@ class Counts:
             normal=sum(status == "ok" and label == NEGATIVE for status, label in statuses),
             skipped=sum(status == "skipped" for status, _ in statuses),
             errors=sum(status == "error" for status, _ in statuses),
+            out_of_scope=sum(r.status == "ok" and r.in_scope is False for r in results),
         )
 
 
@@ -51,8 +56,16 @@ class Study:
         return [r for r in self.files if r.status != "ok"]
 
     @property
+    def out_of_scope(self) -> bool:
+        """Images were classified, and none of them is one the model is made for."""
+        return bool(self.classified) and all(r.in_scope is False for r in self.classified)
+
+    @property
     def decision(self) -> str:
-        """PNEUMONIA if any image is, NORMAL if images were classified and none is."""
+        """OUT_OF_SCOPE if every classified image is out of scope; else PNEUMONIA if any
+        image is, NORMAL if images were classified and none is."""
+        if self.out_of_scope:
+            return OUT_OF_SCOPE
         labels = {r.label for r in self.classified}
         if POSITIVE in labels:
             return POSITIVE
@@ -69,6 +82,11 @@ class Study:
         them): DICOM fields in their usual order, then any other keyword."""
         return [(label, values[0]) for _, label, values in self._fields if len(values) == 1]
 
+    @property
+    def shared_fields(self) -> dict[str, str]:
+        """keyword -> value of the fields all the study's files agree on."""
+        return {keyword: values[0] for keyword, _, values in self._fields if len(values) == 1}
+
     def image_metadata(self, result: FileResult) -> list[tuple[str, str]]:
         """(label, value) of `result`'s fields that differ between the study's files, such
         as each image's SOP instance UID."""
@@ -77,26 +95,28 @@ class Study:
 
     @cached_property
     def _fields(self) -> list[tuple[str, str, list[str]]]:
-        """(keyword, label, distinct non-empty values) of every field, in display order."""
+        """(keyword, label, distinct non-empty values) of every field shown, in display
+        order."""
         values: dict[str, dict[str, None]] = {}
         for result in self.files:
             for keyword, value in result.metadata.items():
-                if value:
+                if value and keyword not in NOT_SHOWN:
                     values.setdefault(keyword, {})[value] = None
         others = sorted(values.keys() - DICOM_FIELDS.keys())
         order = [k for k in DICOM_FIELDS if k in values] + others
         return [(k, DICOM_FIELDS.get(k, k), list(values[k])) for k in order]
 
 
-_DECISION_RANK = {POSITIVE: 0, NEGATIVE: 1, UNCLASSIFIED: 2}
+_DECISION_RANK = {POSITIVE: 0, OUT_OF_SCOPE: 1, NEGATIVE: 2, UNCLASSIFIED: 3}
 
 
 def group_studies(results: Iterable[FileResult]) -> list[Study]:
-    """Studies in reading order: positive first, then the most probable pneumonia first,
+    """The studies of the images among `results`, in reading order: positive first, then the most probable pneumonia first,
     then by key so that the order is stable."""
     files: dict[str, list[FileResult]] = {}
     for result in results:
-        files.setdefault(result.study, []).append(result)
+        if result.study is not None:  # None: not an image, so part of no study
+            files.setdefault(result.study, []).append(result)
     studies = [Study(key, tuple(group)) for key, group in files.items()]
 
     def reading_order(study: Study) -> tuple:

@@ -14,6 +14,7 @@ from pneumoscan.inference.model import ModelInfo
 class Predictions:
     probabilities: np.ndarray  # (N, K) softmax over the model's classes
     cams: np.ndarray  # (N, K, h, w): CAM_k = sum_c w_kc A_c + b_k on the last conv maps
+    scope_scores: np.ndarray | None = None  # (N,) out-of-distribution score, when the model has one
 
 
 class CamModel(ABC):

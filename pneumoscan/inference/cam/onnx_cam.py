@@ -11,6 +11,7 @@ from pneumoscan.inference.cam.base import CamModel, Predictions
 from pneumoscan.inference.model import open_session, read_model_info
 
 OUTPUTS = ["logits", "cams"]  # `features` is not needed on the run path
+SCOPE_OUTPUT = "scope_score"  # models with a scope guard (modelling/scope_guard.py)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -24,21 +25,24 @@ class OnnxCamModel(CamModel):
         self.session, self.provider = open_session(path, device, threads)
         self.info = read_model_info(Path(path), self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
+        has_scope = any(o.name == SCOPE_OUTPUT for o in self.session.get_outputs())
+        self.outputs = OUTPUTS + [SCOPE_OUTPUT] * has_scope
 
     def predict(self, batch: np.ndarray) -> Predictions:
         if self.provider == "CUDAExecutionProvider":
-            logits, cams = self.run_bound(batch, "cuda")
+            logits, cams, *scope = self.run_bound(batch, "cuda")
         else:
-            logits, cams = self.session.run(OUTPUTS, {self.input_name: batch})
-        return Predictions(softmax(logits), cams)
+            logits, cams, *scope = self.session.run(self.outputs, {self.input_name: batch})
+        return Predictions(softmax(logits), cams, scope[0] if scope else None)
 
     def run_bound(self, batch: np.ndarray, device: str) -> list[np.ndarray]:
         """One run through ORT's IO binding: the batch is copied to the session's device
         once, the network and its CAMs are computed there into outputs bound on `device`,
-        and only `logits` and `cams` are copied back (the large `features` maps never are)."""
+        and only `logits`, `cams` (and `scope_score`) are copied back (the large `features`
+        maps never are)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
-        for name in OUTPUTS:
+        for name in self.outputs:
             binding.bind_output(name, device)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()

@@ -1,0 +1,34 @@
+"""Worker processes that never outlive the run that started them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# How often a worker without prctl looks whether its parent is still there.
+_PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent: int) -> None:
+    """Initializer of a worker process started by process `parent`: the worker is killed
+    when its parent dies, even by SIGKILL, rather than living on re-parented to init (on
+    Linux through PR_SET_PDEATHSIG; elsewhere a thread watches the parent)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)

@@ -1,0 +1,165 @@
+"""The scope guard: metadata rules, the model's own out-of-distribution score (fitted at
+export time), what the shipped model says of real in- and out-of-scope images, and how
+results, studies and the JSON schema carry it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from pneumoscan import api
+from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.inference.pipeline import read_model_input
+from pneumoscan.inference.scope import (assess, metadata_reasons, patient_age_years,
+                                        scope_threshold)
+from pneumoscan.modelling.scope_guard import (SCORE_OUTPUT, combined_scores, flag_threshold,
+                                              fit_layer, standardise, tapped_layers)
+from pneumoscan.records import FileResult
+from pneumoscan.results.summary import NEGATIVE, OUT_OF_SCOPE, POSITIVE, Counts, Study
+
+from conftest import REPO, SAMPLES, shared_path
+
+
+@pytest.mark.parametrize("metadata, years", [
+    ({"PatientAge": "004Y"}, 4.0),
+    ({"PatientAge": "018M"}, 1.5),
+    ({"PatientAge": "010W"}, 70 / 365.25),
+    ({"PatientAge": "100D"}, 100 / 365.25),
+    ({"PatientBirthDate": "20200301", "StudyDate": "20230301"}, 3.0),
+    ({"PatientAge": "", "PatientBirthDate": "19600101", "StudyDate": "20200101"}, 60.0),
+    ({"PatientAge": "4 years"}, None),
+    ({"PatientBirthDate": "2020-03-01", "StudyDate": "20230301"}, None),
+    ({"PatientBirthDate": "20230301", "StudyDate": "20200301"}, None),  # study before birth
+    ({}, None),
+])
+def test_patient_age_from_age_or_dates(metadata, years):
+    age = patient_age_years(metadata)
+    assert age == pytest.approx(years, abs=0.01) if years is not None else age is None
+
+
+@pytest.mark.parametrize("metadata, out_of_scope", [
+    ({"PatientAge": "003Y", "ViewPosition": "AP"}, False),
+    ({"PatientAge": "006Y", "ViewPosition": "PA"}, False),  # within the tolerance
+    ({"PatientAge": "007M"}, False),
+    ({"PatientAge": "005M"}, True),  # an infant
+    ({"PatientAge": "007Y"}, True),
+    ({"PatientAge": "064Y"}, True),
+    ({"ViewPosition": "LLD"}, True),  # decubitus: frontal, but not how the model was trained
+    ({"ViewPosition": ""}, False),
+    ({}, False),
+])
+def test_metadata_rules(metadata, out_of_scope):
+    reasons = metadata_reasons(metadata)
+    assert bool(reasons) == out_of_scope
+    assert all("\n" not in r and r for r in reasons)
+
+
+def test_reasons_say_what_and_why():
+    in_scope, reasons = assess({"PatientAge": "064Y", "ViewPosition": "LLD"}, 3.0, 1.0)
+    assert not in_scope
+    assert reasons == ["patient aged 64 years: the model is made for children aged 1-5",
+                       "view position LLD: the model is made for PA or AP views",
+                       "image unlike the model's training images (out-of-distribution "
+                       "score 3.00 > 1.00)"]
+    assert assess({"PatientAge": "004Y"}, 0.5, 1.0) == (True, [])
+    assert assess({}, None, None) == (True, [])  # a model without a guard: metadata only
+
+
+def test_threshold_flags_at_most_the_rate():
+    scores = np.arange(100.0)
+    threshold = flag_threshold(scores, 0.05)
+    assert (scores > threshold).sum() == 5
+    assert (scores[:19] > flag_threshold(scores[:19], 0.05)).sum() == 0  # 5% of 19 < 1
+
+
+def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_images):
+    """export-onnx fitted the guard on the checkpoint's split; ONNX Runtime's scope_score
+    is the numpy formula of the fit on the same statistics."""
+    from pneumoscan.modelling.scope_guard import layer_statistics, read_split
+
+    model = onnx.load(str(small_onnx))
+    assert SCORE_OUTPUT in [o.name for o in model.graph.output]
+    cam_model = OnnxCamModel(small_onnx, device="cpu")
+    threshold = scope_threshold(cam_model.info)
+    assert threshold is not None
+    train, val = read_split(small_checkpoint.parent / "split.json")
+    layers = json.loads(cam_model.info.extra["scope_guard"])["layers"]
+    assert layers == tapped_layers(model)
+    fits = [fit_layer(t, s) for t, s in
+            zip(layers, layer_statistics(small_onnx, layers, train, log=lambda m: None))]
+    for fit, stats in zip(fits, layer_statistics(small_onnx, layers, val, log=lambda m: None)):
+        standardise(fit, stats)
+    paths = sorted(val_images.rglob("*.jpeg"))
+    expected = combined_scores(fits, layer_statistics(small_onnx, layers, paths,
+                                                      log=lambda m: None))
+    prep = cam_model.info.preprocessing
+    batch = np.stack([read_model_input(p, prep) for p in paths])
+    got = cam_model.predict(batch).scope_scores
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = api.open_model(None, "cpu")
+    if scope_threshold(model.info) is None:
+        pytest.fail("the shipped model has no scope guard (pneumoscan scope-guard)")
+    return model
+
+
+def test_shipped_model_flags_an_adult_dicom_and_a_photo(shipped, tmp_path):
+    from skimage import data as images
+
+    rg1 = shared_path("dicom", "RG1_UNCR.dcm")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(rg1, scans / rg1.name)
+    Image.fromarray(images.astronaut()).save(scans / "photo.png")
+    results = {r.path.name: r for r in api.scan(scans, shipped, render=False).results}
+    adult, photo = results[rg1.name], results["photo.png"]
+    assert adult.status == "ok" and adult.in_scope is False
+    assert any(r.startswith("patient aged 6") for r in adult.scope_reasons)
+    assert any("unlike the model's training images" in r for r in adult.scope_reasons)
+    assert photo.status == "ok" and photo.in_scope is False
+    assert any("unlike the model's training images" in r for r in photo.scope_reasons)
+    # Still classified: the probability and decision are given.
+    assert all(r.probability is not None and r.label for r in (adult, photo))
+
+
+def test_shipped_model_keeps_the_official_val_images_in_scope(shipped):
+    results = api.scan(SAMPLES, shipped, render=False).results
+    kermany = [r for r in results if r.status == "ok" and r.path.suffix == ".jpeg"]
+    assert len(kermany) == 16
+    assert [r.path.name for r in kermany if not r.in_scope] == []
+
+
+def _result(label: str, in_scope: bool) -> FileResult:
+    return FileResult(REPO / f"{label}-{in_scope}.png", "study", "ok", probability=0.3,
+                      label=label, threshold=0.5, in_scope=in_scope,
+                      scope_reasons=[] if in_scope else ["image unlike ..."])
+
+
+def test_a_study_all_out_of_scope_is_never_normal():
+    assert Study("s", (_result(NEGATIVE, False), _result(NEGATIVE, False))).decision \
+        == OUT_OF_SCOPE == "review: outside the model's intended use"
+    assert Study("s", (_result(POSITIVE, False),)).decision == OUT_OF_SCOPE
+    # One image in scope: the study is decided as before, on all its images.
+    assert Study("s", (_result(NEGATIVE, False), _result(NEGATIVE, True))).decision == NEGATIVE
+    assert Study("s", (_result(POSITIVE, False), _result(NEGATIVE, True))).decision == POSITIVE
+    counts = Counts.of([_result(NEGATIVE, False), _result(POSITIVE, True)])
+    assert (counts.classified, counts.out_of_scope) == (2, 1)
+
+
+def test_json_schema_doc_shows_every_field():
+    doc = (REPO / "docs" / "RESULTS_JSON.md").read_text()
+    record = _result(NEGATIVE, False).to_json()
+    assert {"in_scope", "scope_reasons"} <= record.keys()
+    documented = set(re.findall(r'^\s*"(\w+)":', doc, re.MULTILINE))
+    assert record.keys() <= documented, record.keys() - documented
+    counts = doc[doc.index('"counts"'):doc.index('"results"')]
+    assert all(f'"{name}"' in counts for name in Counts.of([]).__dict__)
