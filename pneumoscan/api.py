@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
@@ -43,7 +43,8 @@ from pneumoscan import __version__
 from pneumoscan.files import remove_leftover_temporaries, write_atomic
 from pneumoscan.inference.cam import CamModel
 from pneumoscan.inference.model import ModelError, available_cores, default_model_path
-from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, classify
+from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, Engine, LocalEngine
+from pneumoscan.inference.ray_engine import EngineError, RayEngine, RayOptions
 from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
@@ -81,6 +82,7 @@ class Scan:
 
 
 REPORT_SUFFIXES = (".pdf", ".html", ".htm")
+ENGINES = ("local", "ray")  # this process's threads, or a Ray cluster (ray_engine)
 
 
 class RunError(Exception):
@@ -122,6 +124,8 @@ class RunOptions:
     force: bool = False  # compute every file again
     wait: bool = False  # wait for another run that holds the state, instead of EXIT_LOCKED
     anonymize: bool = False
+    engine: str = "local"
+    ray: RayOptions = RayOptions()  # for engine "ray"
     # DICOM outputs (pip install .[pacs]): SR, CAM Secondary Capture and Encapsulated PDF
     # report per study, into this folder, and/or sent to a PACS: "source" (the DICOMweb
     # server `scans` names), a DICOMweb URL, or dicom://AET@host:port (C-STORE).
@@ -162,6 +166,14 @@ class RunOptions:
         if self.report is not None and self.report.suffix.lower() not in REPORT_SUFFIXES:
             raise RunError(f"--out must end in .pdf or .html, not {self.report.name!r}",
                            EXIT_USAGE)
+        if self.engine not in ENGINES:
+            raise RunError(f"unknown engine {self.engine!r}", EXIT_USAGE)
+        if self.engine == "ray" and self.cam_backend != "onnx":
+            raise RunError("--engine ray runs the ONNX model only (no --cam-backend torch)",
+                           EXIT_USAGE)
+        if self.engine == "ray" and self.from_pacs:
+            raise RunError("--engine ray reads folders that every node sees; a DICOMweb "
+                           "source runs on the local engine", EXIT_USAGE)
         if self.cam_backend == "torch" and self.checkpoint is None:
             raise RunError("--cam-backend torch needs --checkpoint FILE", EXIT_USAGE)
 
@@ -255,9 +267,11 @@ def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
     try:
         options.check_outputs()
         try:
-            model = open_model(options.model, options.device, options.cam_backend,
-                               options.checkpoint)
-        except ModelError as exc:
+            # On Ray the actors open the model where they run; the driver reads its metadata.
+            device = "cpu" if options.engine == "ray" else options.device
+            model = open_model(options.model, device, options.cam_backend, options.checkpoint)
+            engine_context = open_engine(options.engine, options.ray, options.device)
+        except (EngineError, ModelError) as exc:
             raise RunError(str(exc)) from None
     except RunError as exc:
         RunLog.append_if_present(options.log_path, "failed", message=str(exc),
@@ -273,7 +287,7 @@ def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
         try:
             with _lock_state(options.state_path, options.wait, events) as ledger:
                 try:
-                    return _run_locked(options, model, ledger, runlog, events)
+                    return _run_locked(options, model, engine_context, ledger, runlog, events)
                 except StateError as exc:  # full disk, damaged pages: what is recorded stays
                     raise RunError(str(exc)) from None
         except RunError as exc:
@@ -303,8 +317,8 @@ def _lock_state(state_path: Path, wait: bool, events: RunEvents) -> Ledger:
         raise RunError(str(exc)) from None
 
 
-def _run_locked(options: RunOptions, model: CamModel, ledger: Ledger, runlog: RunLog,
-                events: RunEvents) -> RunSummary:
+def _run_locked(options: RunOptions, model: CamModel, engine_context, ledger: Ledger,
+                runlog: RunLog, events: RunEvents) -> RunSummary:
     destination = _push_destination(options)
     # With --anonymize, nothing told or logged names a patient, a path included.
     key = ledger.pseudonym_key if options.anonymize else None
@@ -335,7 +349,11 @@ def _run_locked(options: RunOptions, model: CamModel, ledger: Ledger, runlog: Ru
         except PacsError as exc:
             raise RunError(str(exc)) from None
     else:
-        scanned = scan(options.scans, model, **common)
+        try:
+            with engine_context as engine:
+                scanned = scan(options.scans, model, engine=engine, **common)
+        except EngineError as exc:
+            raise RunError(str(exc)) from None
     events.classified()
     if options.anonymize:
         scanned = anonymize(scanned, ledger)
@@ -470,6 +488,14 @@ def open_model(model_path: Path | None = None, device: str = "auto", cam_backend
     return OnnxCamModel(Path(path), device=device, threads=threads)
 
 
+def open_engine(name: str, ray: RayOptions = RayOptions(), device: str = "auto"):
+    """The engine `name` (ENGINES), as a context manager that holds what it runs on. Raises
+    EngineError when it cannot run here (Ray not installed)."""
+    if name == "ray":
+        return RayEngine(ray, device)
+    return contextlib.nullcontext(LocalEngine())
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -485,41 +511,46 @@ def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
          workers: int | None = None, threshold: float | None = None, render: bool = True,
          on_result: Callable[[FileResult], None] | None = None,
          on_discovered: Callable[[int], None] | None = None,
-         ledger: Ledger | None = None, force: bool = False) -> Scan:
+         ledger: Ledger | None = None, force: bool = False,
+         engine: Engine | None = None) -> Scan:
     """Classify every file under `root`; one result per file found. With a `ledger`, only
     files that are new or changed (or all, with `force`) are decoded and classified; the
-    others' results come from the ledger, and the ledger learns the new ones."""
+    others' results come from the ledger, and the ledger learns the new ones. `engine`
+    runs the stages (default: this process, LocalEngine; a RayEngine must be open)."""
     if not Path(root).exists():
         raise FileNotFoundError(f"no such file or folder: {root}")
     run = run_info(model, threshold)
     items = list(discover(Path(root)))
     if on_discovered:
         on_discovered(len(items))
-    options = dict(batch_size=batch_size, workers=workers, threshold=run.threshold,
-                   render=render)
+    engine = engine or LocalEngine()
+    classify = functools.partial(engine.classify, model=model, batch_size=batch_size,
+                                 workers=workers, threshold=run.threshold, render=render)
     if ledger is None:
-        results = list(classify(items, model, on_result=on_result, **options))
+        results = list(classify(items, on_result=on_result))
     else:
         basis = Basis(run.model_sha256, run.threshold, render)
-        results = _scan_incrementally(Path(root), items, model, ledger, basis, force,
-                                      on_result, options)
+        results = _scan_incrementally(Path(root), items, classify, ledger, basis, force,
+                                      on_result)
+    run.provider = engine.provider(model)
     run.finished = now_iso()
     return Scan(run, results)
 
 
-def _scan_incrementally(root: Path, items: list[InputFile], model: CamModel, ledger: Ledger,
-                        basis: Basis, force: bool,
-                        on_result: Callable[[FileResult], None] | None,
-                        options: dict) -> list[FileResult]:
+def _scan_incrementally(root: Path, items: list[InputFile],
+                        classify: Callable[[Iterable[InputFile]], Iterator[FileResult]],
+                        ledger: Ledger, basis: Basis, force: bool,
+                        on_result: Callable[[FileResult], None] | None) -> list[FileResult]:
     plans = ledger.plan(items, basis, force=force)
-    results = _merge_with_ledger(plans, model, ledger, basis, on_result, options)
+    results = _merge_with_ledger(plans, classify, ledger, basis, on_result)
     ledger.forget_missing(root, plans)
     return results
 
 
-def _merge_with_ledger(plans: list[Planned], model: CamModel, ledger: Ledger | None,
-                       basis: Basis, on_result: Callable[[FileResult], None] | None,
-                       options: dict,
+def _merge_with_ledger(plans: list[Planned],
+                       classify: Callable[[Iterable[InputFile]], Iterator[FileResult]],
+                       ledger: Ledger | None, basis: Basis,
+                       on_result: Callable[[FileResult], None] | None,
                        fetch: Callable[[Planned], InputFile] | None = None) -> list[FileResult]:
     """The results of `plans` in order: the ledger's, or computed (and then recorded). The
     pipeline sees only the files to compute, before any is decoded; `fetch` makes a
@@ -527,7 +558,7 @@ def _merge_with_ledger(plans: list[Planned], model: CamModel, ledger: Ledger | N
     it, a few batches ahead of the model."""
     to_compute = (fetch(plan) if fetch else plan.item for plan in plans if plan.cached is None)
     results = []
-    with contextlib.closing(classify(to_compute, model, **options)) as computed:
+    with contextlib.closing(classify(to_compute)) as computed:
         for plan in plans:
             result = plan.cached
             if result is None:
@@ -574,8 +605,8 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
     else:
         plans = ledger.plan_remote(items, [i.sop_uid for i in instances], basis, force=force)
     by_path = {item.path: instance for item, instance in zip(items, instances)}
-    options = dict(batch_size=batch_size, workers=workers, threshold=run.threshold,
-                   render=render)
+    classify = functools.partial(LocalEngine().classify, model=model, batch_size=batch_size,
+                                 workers=workers, threshold=run.threshold, render=render)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-dicomweb-") as cache:
 
         def fetch(plan: Planned) -> InputFile:
@@ -590,7 +621,7 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
             if on_result:
                 on_result(result)
 
-        results = _merge_with_ledger(plans, model, ledger, basis, on_instance, options, fetch)
+        results = _merge_with_ledger(plans, classify, ledger, basis, on_instance, fetch)
     for failure in results_by_study.values():
         if on_result:
             on_result(failure)

@@ -27,6 +27,7 @@ import click
 from pneumoscan import __version__, api
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
+from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
 from pneumoscan.text import printable
@@ -96,8 +97,9 @@ class Progress(api.RunEvents):
     per-study reports, each with the time left, and a line for the report; -v logs each
     file and output instead."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, engine: str = "local"):
         self.enabled = enabled
+        self.engine = engine
         self.bar: ProgressBar | None = None
         self.started = 0.0
 
@@ -105,8 +107,8 @@ class Progress(api.RunEvents):
         click.echo(f"waiting for the run that holds {state_path}", err=True)
 
     def model_opened(self, model) -> None:
-        click.echo(f"model {model.info.name} {model.info.version} on {model.provider}",
-                   err=True)
+        where = "Ray actors" if self.engine == "ray" else model.provider
+        click.echo(f"model {model.info.name} {model.info.version} on {where}", err=True)
 
     def discovered(self, total: int) -> None:
         log.info("found %d files", total)
@@ -246,11 +248,26 @@ class Source(click.ParamType):
                    "names (STOW-RS); or a DICOMweb URL; or dicom://AET@host:port (C-STORE)")
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
               help="a DICOMweb SCANS: only studies from this study date on")
+@click.option("--engine", type=click.Choice(api.ENGINES), default="local", show_default=True,
+              help="ray: decode and classify on a Ray cluster (pip install "
+                   "\"pneumoscan[ray]\"; docs/CLUSTER.md)")
+@click.option("--ray-address", help="--engine ray: the cluster (auto, HOST:6379, "
+                                    "ray://HOST:10001; default: a Ray started for this run)")
+@click.option("--ray-actors", type=click.IntRange(1),
+              help="--engine ray: inference actors (default: as many as keep up, from 1)")
+@click.option("--ray-actor-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
+              help="--engine ray: CPUs per inference actor (its ONNX Runtime threads)")
+@click.option("--ray-actor-gpus", type=click.FloatRange(0),
+              help="--engine ray: GPUs per inference actor (default: 1 on a cluster with "
+                   "GPUs, unless --device cpu)")
+@click.option("--ray-decode-cpus", type=click.FloatRange(0.01), default=1.0,
+              show_default=True, help="--engine ray: CPUs per decoding task")
 @click.option("-v", "--verbose", count=True,
-              help="log each file and output (-vv: debug, and the libraries' logs)")
+              help="log each file and output (-vv: debug, and the libraries' and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
         cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out, push,
-        since, verbose):
+        since, engine, ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus,
+        ray_decode_cpus, verbose):
     """Classify every image (PNG, JPEG, TIFF, DICOM) under SCANS and write a report and/or
     JSON.
 
@@ -274,12 +291,14 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                              checkpoint=checkpoint, state=state_path, log=log_path,
                              force=force, wait=wait, anonymize=anonymize,
                              dicom_out=dicom_out, push=push,
-                             since=since.date() if since else None)
+                             since=since.date() if since else None, engine=engine,
+                             ray=RayOptions(ray_address, ray_actors, ray_actor_cpus,
+                                            ray_actor_gpus, ray_decode_cpus, logs=verbose > 1))
     try:
         options.check()
     except api.RunError as exc:
         raise click.UsageError(str(exc)) from None
-    progress = Progress(sys.stderr.isatty() and verbose == 0)
+    progress = Progress(sys.stderr.isatty() and verbose == 0, engine)
     try:
         with _signals_interrupt():
             summary = api.run(options, progress)

@@ -1,14 +1,17 @@
 """Batched classification + CAM over a stream of files (the middle stages of the pipeline).
 
-Worker threads load and preprocess files ahead of the model (a bounded window, so memory
-stays flat however many files there are) while the calling thread runs batches through the
-model; the report's pictures are rendered back in the workers. Results come out in input
-order, one per input file, whatever happened to it.
+The stages are plain functions, shared by both engines: `prepare` (load + preprocess one
+file), `score` (one batch through the model: probability, decision, CAM and scope) and
+`finish` (the file's result, with the report's picture). `classify` is the local engine:
+worker threads prepare files ahead of the model (a bounded window, so memory stays flat
+however many files there are) while the calling thread runs batches through the model; the
+pictures are rendered back in the workers. `ray_engine` runs the same stages on a Ray
+cluster. Results come out in input order, one per input file, whatever happened to it.
 
-A watchdog bounds the time one file may take: a file whose reading and decoding has not
-ended FILE_TIMEOUT_S after it started is abandoned (an error, with the reason) and the run
-goes on without waiting for it; `stuck()` then tells the caller that a worker thread may
-never end, so that the process must not wait for it when it exits.
+A watchdog bounds the time one file may take in the local engine: a file whose reading and
+decoding has not ended FILE_TIMEOUT_S after it started is abandoned (an error, with the
+reason) and the run goes on without waiting for it; `stuck()` then tells the caller that a
+worker thread may never end, so that the process must not wait for it when it exits.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
-from pneumoscan.inference.preprocess import Preprocessing, model_input, normalise, prepare_pixels
+from pneumoscan.inference.preprocess import Preprocessing, normalise, prepare_pixels
 from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
@@ -50,10 +54,25 @@ def stuck() -> bool:
 
 @dataclass
 class Prepared:
+    """One file after load + preprocess. `model_pixels` is the model's input before
+    normalisation (uint8, the model's size: a fifth of the float tensor's bytes, which
+    matters where it travels between processes); None when the file was not loaded, and
+    `outcome` is then its result."""
     item: InputFile
     outcome: LoadedImage | FileResult
-    tensor: np.ndarray | None
+    model_pixels: np.ndarray | None
     seconds: float
+
+
+@dataclass
+class Scored:
+    """The model's verdict on one image; `seconds` is its share of the batch's time."""
+    probability: float
+    label: str
+    cam: np.ndarray  # of the decided class, (h, w) in [0, 1]
+    seconds: float
+    in_scope: bool
+    scope_reasons: list[str]
 
 
 def read_model_pixels(path: Path, prep: Preprocessing) -> np.ndarray | FileResult:
@@ -70,6 +89,29 @@ def read_model_input(path: Path, prep: Preprocessing) -> np.ndarray | FileResult
     return pixels if isinstance(pixels, FileResult) else normalise(pixels[None], prep)[0]
 
 
+class Engine(Protocol):
+    """What runs the stages: `classify` below (LocalEngine), or ray_engine.RayEngine."""
+
+    def classify(self, items: Iterable[InputFile], model: CamModel, *, batch_size: int,
+                 workers: int | None, threshold: float | None, render: bool,
+                 on_result: Callable[[FileResult], None] | None = None
+                 ) -> Iterator[FileResult]:
+        """One FileResult per item, in order."""
+
+    def provider(self, model: CamModel) -> str:
+        """The execution provider that ran the model, for the run's record."""
+
+
+class LocalEngine:
+    """This process: decoding threads and the model's session (`classify`)."""
+
+    def classify(self, items, model, **options) -> Iterator[FileResult]:
+        return classify(items, model, **options)
+
+    def provider(self, model: CamModel) -> str:
+        return model.provider
+
+
 @dataclass
 class Job:
     """A file handed to a worker; `started` (monotonic) is set when a worker takes it."""
@@ -82,14 +124,63 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _prepare(job: Job, model: CamModel, min_size: tuple[int, int]) -> Prepared:
-    job.started = time.monotonic()
+def prepare(item: InputFile, prep: Preprocessing) -> Prepared:
+    """Load one file at the model's decode size and make the model's input of it. The
+    report's pictures come from the same decode (large scans are shown at up to
+    DISPLAY_SIZE): one decode per file."""
     t0 = time.perf_counter()
-    outcome = load(job.item, min_size=min_size)
-    tensor = None
-    if isinstance(outcome, LoadedImage):
-        tensor = model_input(outcome.pixels, model.info.preprocessing)
-    return Prepared(job.item, outcome, tensor, time.perf_counter() - t0)
+    outcome = load(item, min_size=prep.decode_size)
+    pixels = prepare_pixels(outcome.pixels, prep) if isinstance(outcome, LoadedImage) else None
+    return Prepared(item, outcome, pixels, time.perf_counter() - t0)
+
+
+def score(loaded: list[Prepared], model: CamModel, threshold: float) -> list[Scored]:
+    """One batch of loaded files through the model: probability, decision and the CAM of
+    the decided class of each."""
+    info = model.info
+    t0 = time.perf_counter()
+    batch = normalise(np.stack([p.model_pixels for p in loaded]), info.preprocessing)
+    predictions = model.predict(batch)
+    share = (time.perf_counter() - t0) / len(loaded)
+    probabilities = predictions.probabilities[:, info.positive_class]
+    negative = 1 - info.positive_class  # binary models: the other class
+    decided = np.where(probabilities >= threshold, info.positive_class, negative)
+    cams = normalised_cams(predictions.cams, decided)
+    scope_scores = predictions.scope_scores
+    if scope_scores is None:  # a model without a scope guard: metadata rules only
+        scope_scores = [None] * len(loaded)
+    guard_threshold = scope_threshold(info)
+    scored = []
+    for p, prob, cls, cam, scope_score in zip(loaded, probabilities, decided, cams,
+                                              scope_scores):
+        in_scope, reasons = assess(p.outcome.metadata,
+                                   None if scope_score is None else float(scope_score),
+                                   guard_threshold)
+        scored.append(Scored(float(prob), info.class_names[cls], cam, share, in_scope,
+                             reasons))
+    return scored
+
+
+def finish(prepared: Prepared, scored: Scored | None, threshold: float,
+           picture: bytes | None = None) -> FileResult:
+    """The file's result: classified when it was scored, else what loading it gave."""
+    if scored is None:
+        result = prepared.outcome
+        if result.seconds is None:
+            result.seconds = prepared.seconds
+        return result
+    img: LoadedImage = prepared.outcome
+    return FileResult(path=img.path, study=img.study, status="ok",
+                      probability=scored.probability, label=scored.label,
+                      threshold=float(threshold), metadata=img.metadata,
+                      in_scope=scored.in_scope, scope_reasons=scored.scope_reasons,
+                      picture=picture,
+                      seconds=prepared.seconds + scored.seconds)
+
+
+def _prepare_job(job: Job, prep: Preprocessing) -> Prepared:
+    job.started = time.monotonic()
+    return prepare(job.item, prep)
 
 
 def await_job(job: Job, timeout: float) -> Prepared:
@@ -118,76 +209,52 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
     """One FileResult per item, in order. `render` adds the report's pictures (the X-ray
     beside its CAM overlay); without it the run is classification only. A file that takes
     more than `file_timeout` seconds is abandoned (an error result)."""
-    info = model.info
-    threshold = info.threshold if threshold is None else threshold
-    # The report's pictures come from the same decode as the model's input (at least the
-    # model's size; large scans are shown at up to DISPLAY_SIZE): one decode per file.
-    min_size = info.preprocessing.decode_size
-    negative = 1 - info.positive_class  # binary models: the other class
+    threshold = model.info.threshold if threshold is None else threshold
+    prep = model.info.preprocessing
     pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan")
     try:
-        window: deque[Job] = deque()
-        iterator = iter(items)
-        exhausted = False
-
-        def refill() -> None:
-            nonlocal exhausted
-            while not exhausted and len(window) < batch_size * 3:
-                try:
-                    job = Job(next(iterator))
-                except StopIteration:
-                    exhausted = True
-                    break
-                job.future = pool.submit(_prepare, job, model, min_size)
-                window.append(job)
-
-        refill()
-        while window:
-            chunk: list[Prepared] = []
-            ready = 0
-            while window and ready < batch_size:
-                prepared = await_job(window.popleft(), file_timeout)
-                chunk.append(prepared)
-                ready += prepared.tensor is not None
-                refill()
-            yield from _finish_chunk(chunk, model, threshold, info, negative,
-                                     pool if render else None, on_result)
+        for chunk in _read_ahead(pool, iter(items), prep, batch_size, file_timeout):
+            loaded = [p for p in chunk if p.model_pixels is not None]
+            scores = dict(zip(map(id, loaded), score(loaded, model, threshold))) if loaded else {}
+            pictures = {id(p): pool.submit(render_picture, p.outcome.pixels, scores[id(p)].cam)
+                        for p in loaded} if render else {}
+            for p in chunk:
+                picture = pictures.get(id(p))
+                result = finish(p, scores.get(id(p)), threshold,
+                                picture.result() if picture else None)
+                if on_result:
+                    on_result(result)
+                yield result
     finally:
         # Never wait for an abandoned file's thread: it may never end.
         pool.shutdown(wait=not stuck(), cancel_futures=True)
 
 
-def _finish_chunk(chunk, model, threshold, info, negative, render_pool,
-                  on_result) -> Iterator[FileResult]:
-    loaded = [p for p in chunk if p.tensor is not None]
-    by_id: dict[int, FileResult] = {}
-    if loaded:
-        t0 = time.perf_counter()
-        predictions = model.predict(np.stack([p.tensor for p in loaded]))
-        share = (time.perf_counter() - t0) / len(loaded)
-        probabilities = predictions.probabilities[:, info.positive_class]
-        positive = probabilities >= threshold
-        decided = np.where(positive, info.positive_class, negative)
-        cams = normalised_cams(predictions.cams, decided)
-        pictures = [render_pool.submit(render_picture, p.outcome.pixels, cam)
-                    if render_pool else None for p, cam in zip(loaded, cams)]
-        scores = predictions.scope_scores
-        if scores is None:
-            scores = [None] * len(loaded)
-        guard_threshold = scope_threshold(info)
-        for p, prob, cls, picture, score in zip(loaded, probabilities, decided, pictures, scores):
-            img: LoadedImage = p.outcome
-            in_scope, reasons = assess(img.metadata, None if score is None else float(score),
-                                       guard_threshold)
-            by_id[id(p)] = FileResult(
-                path=img.path, study=img.study, status="ok", probability=float(prob),
-                label=info.class_names[cls], threshold=float(threshold),
-                metadata=img.metadata, in_scope=in_scope, scope_reasons=reasons,
-                picture=picture.result() if picture else None, seconds=p.seconds + share)
-    for p in chunk:
-        result = by_id.get(id(p)) or p.outcome
-        if result.seconds is None:
-            result.seconds = p.seconds
-        if on_result:
-            on_result(result)
-        yield result
+def _read_ahead(pool: ThreadPoolExecutor, iterator: Iterator[InputFile], prep: Preprocessing,
+                batch_size: int, file_timeout: float) -> Iterator[list[Prepared]]:
+    """Chunks of prepared files in input order, each with up to `batch_size` loaded ones,
+    while up to three batches more are prepared in the pool."""
+    window: deque[Job] = deque()
+    exhausted = False
+
+    def refill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(window) < batch_size * 3:
+            try:
+                job = Job(next(iterator))
+            except StopIteration:
+                exhausted = True
+                break
+            job.future = pool.submit(_prepare_job, job, prep)
+            window.append(job)
+
+    refill()
+    while window:
+        chunk: list[Prepared] = []
+        ready = 0
+        while window and ready < batch_size:
+            prepared = await_job(window.popleft(), file_timeout)
+            chunk.append(prepared)
+            ready += prepared.model_pixels is not None
+            refill()
+        yield chunk

@@ -1,0 +1,321 @@
+"""The ray engine against the local engine, and the local engine against its 2-core bound,
+on real chest X-rays (../shared/data).
+
+    python benchmarks/bench_ray.py [--parts overhead,scaling,memory,bound] [--repeats 3]
+                                   [--originals 1000] [--memory-files 20000] [--bound-files 1500]
+
+Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
+  overhead  N originals (the 100 Kermany originals hard-linked under N distinct names, so
+            every file is its own entry in the state) through `api.scan(render=False)` +
+            JSON, local engine vs ray engine on a Ray instance of this machine's cores
+            started beforehand (its start-up is timed apart). Each ray run makes its own
+            actor pool: actor start-up is part of its time, as it is of a user's run.
+  scaling   the same N on a `ray start` cluster on loopback: a head with no CPU (the
+            driver) and 1, then 2, worker nodes of 1 CPU each; one actor a node, and
+            decoding tasks beside it (half a CPU each, so that both fit on a node).
+  memory    the driver's peak RSS (VmHWM) over 20,000 files (the 224 px Kermany images,
+            hard-linked), local engine vs ray engine.
+  bound     the local engine's `run` (state ledger, JSON) on 1,500 originals against the
+            shared-core bound 1 / (1/model-alone + 1/decode-alone): the model alone on
+            pre-decoded batches, decoding + preprocessing alone in the engine's worker
+            threads, all on the same cores in the same run.
+Repeats are interleaved across rows, so that background load falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench_pipeline import REPO, SHARED, WARMUP_IMAGES, machine, peak_rss_mb
+
+sys.path.insert(0, str(REPO / "tests"))
+from ray_cluster import RAY_ENV, LoopbackCluster  # noqa: E402
+
+ORIGINALS = SHARED / "kermany-original"
+SMALL = SHARED / "kermany224" / "train"
+SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+# --- measurements (each in its own subprocess) -----------------------------------------------
+
+class Clock:
+    """Wall seconds and this process's CPU seconds (all threads, user + system) between
+    start and `read()`: on a shared machine the CPU seconds say what the work costs, the
+    wall seconds also what the other processes took from it."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def read(self) -> dict:
+        return {"seconds": time.perf_counter() - self.wall, "cpu_s": self._cpu() - self.cpu}
+
+
+def sources(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+    if not files:
+        sys.exit(f"benchmark data not found: {folder} (the real data sits beside the clone)")
+    return files
+
+
+def linked_folder(files: list[Path], n: int, root: Path) -> Path:
+    """n distinct files (hard links, cycling through `files`) in one folder."""
+    folder = root / f"{n}-{files[0].parent.parent.name}"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        for i in range(n):
+            src = files[i % len(files)]
+            os.link(src, folder / f"{i:05d}-{src.name}")
+    for path in folder.iterdir():  # into the page cache: every row reads warm files
+        path.read_bytes()
+    return folder
+
+
+def scan_seconds(folder: Path, warmup: Path, engine_factory) -> dict:
+    """Seconds of one `api.scan(render=False)` + JSON over `folder`, after one over
+    `warmup`; engine_factory() gives a fresh engine context for each."""
+    from pneumoscan import api
+
+    model = api.open_model(device="cpu")
+    out = Path(tempfile.mkdtemp()) / "results.json"
+    for source in (warmup, folder):
+        clock = Clock()
+        with engine_factory() as engine:
+            scanned = api.scan(source, model, render=False, engine=engine)
+        api.write_json(out, scanned)
+        measured = clock.read()
+    assert scanned.counts().classified == sum(1 for _ in folder.iterdir())
+    return measured
+
+
+def measure_local(args) -> dict:
+    from pneumoscan.api import open_engine
+
+    return scan_seconds(args.folder, args.warmup, lambda: open_engine("local"))
+
+
+def measure_ray(args) -> dict:
+    import ray
+
+    from pneumoscan.inference.ray_engine import RayEngine, RayOptions
+
+    t0 = time.perf_counter()
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter() - t0
+    options = RayOptions(actors=args.actors, actor_cpus=args.actor_cpus,
+                         decode_cpus=args.decode_cpus)
+    return {**scan_seconds(args.folder, args.warmup, lambda: RayEngine(options)),
+            "ray_start_s": started}
+
+
+def measure_model_alone(args) -> dict:
+    """The ceiling of bench_pipeline: model.predict on batches decoded beforehand."""
+    import numpy as np
+
+    from pneumoscan import api
+    from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, prepare
+    from pneumoscan.inference.preprocess import normalise
+    from pneumoscan.inputs.discover import discover
+
+    model = api.open_model(device="cpu")
+    prep = model.info.preprocessing
+    items = list(discover(args.folder))
+    pool = [normalise(np.stack([prepare(item, prep).model_pixels
+                                for item in items[i:i + DEFAULT_BATCH_SIZE]]), prep)
+            for i in range(0, 8 * DEFAULT_BATCH_SIZE, DEFAULT_BATCH_SIZE)]
+    batches = -(-len(items) // DEFAULT_BATCH_SIZE)
+    model.predict(pool[0])
+    clock = Clock()
+    for i in range(batches):
+        model.predict(pool[i % len(pool)])
+    return clock.read()
+
+
+def measure_decode_alone(args) -> dict:
+    """What the local engine's worker threads do for each file, with no model running."""
+    from pneumoscan import api
+    from pneumoscan.inference.pipeline import default_workers, prepare
+    from pneumoscan.inputs.discover import discover
+
+    prep = api.open_model(device="cpu").info.preprocessing
+    clock = Clock()
+    items = list(discover(args.folder))
+    with ThreadPoolExecutor(default_workers()) as pool:
+        for _ in pool.map(prepare, items, [prep] * len(items)):
+            pass
+    return clock.read()
+
+
+def measure_local_run(args) -> dict:
+    """`pneumoscan run FOLDER --json OUT` on a fresh state, in this process."""
+    from pneumoscan import api
+
+    out = Path(tempfile.mkdtemp())
+    api.run(api.RunOptions(args.warmup, json=out / "warmup.json", device="cpu"))
+    clock = Clock()
+    summary = api.run(api.RunOptions(args.folder, json=out / "r.json", device="cpu"))
+    measured = clock.read()
+    assert summary.scan.counts().classified == sum(1 for _ in args.folder.iterdir())
+    return measured
+
+
+MEASURES = {"local": measure_local, "ray": measure_ray, "model-alone": measure_model_alone,
+            "decode-alone": measure_decode_alone, "local-run": measure_local_run}
+
+
+def worker(args) -> None:
+    result = MEASURES[args.worker](args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+def run_measure(name: str, folder: Path, warmup: Path, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder),
+           "--warmup", str(warmup)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {name:<14} {folder.name}: {result['seconds']:.2f} s, {result['cpu_s']:.2f} CPU s, "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    return result
+
+
+def interleaved(rows: dict[str, dict], folder: Path, warmup: Path, repeats: int) -> dict:
+    """Each row (name -> measure and its options) `repeats` times, interleaved."""
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
+    for _ in range(repeats):
+        for row, spec in rows.items():
+            runs[row].append(run_measure(spec["measure"], folder, warmup,
+                                         **spec.get("options", {})))
+    return {row: {"seconds": [r["seconds"] for r in done],
+                  "median_s": statistics.median(r["seconds"] for r in done),
+                  "median_cpu_s": statistics.median(r["cpu_s"] for r in done),
+                  "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
+                  **({"ray_start_s": statistics.median(r["ray_start_s"] for r in done)}
+                     if "ray_start_s" in done[0] else {})}
+            for row, done in runs.items()}
+
+
+def table(title: str, n: int, results: dict, reference: str) -> list[str]:
+    lines = [f"### {title}", "", "| row | runs (s) | median (s) | images/s | vs "
+             f"{reference} | CPU ms / image | peak RSS (MB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row, r in results.items():
+        runs = ", ".join(f"{s:.2f}" for s in r["seconds"])
+        lines.append(f"| {row} | {runs} | {r['median_s']:.2f} | {n / r['median_s']:.1f} | "
+                     f"{r['median_s'] / results[reference]['median_s']:.2f}x | "
+                     f"{1000 * r['median_cpu_s'] / n:.2f} | {r['peak_rss_mb']:.0f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="overhead,scaling,memory,bound")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--originals", type=int, default=1000)
+    p.add_argument("--memory-files", type=int, default=20000)
+    p.add_argument("--bound-files", type=int, default=1500)
+    p.add_argument("--json", type=Path, help="also write the raw measurements here")
+    p.add_argument("--worker", choices=MEASURES, help=argparse.SUPPRESS)
+    p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--address", help=argparse.SUPPRESS)
+    p.add_argument("--actors", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--actor-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--decode-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.update(RAY_ENV)  # inherited by the measuring subprocesses and `ray start`
+    if args.worker:
+        return worker(args)
+    parts = args.parts.split(",")
+    # Hard links need the same filesystem as the data: the system temporary folder here.
+    root = Path(tempfile.mkdtemp(prefix="pneumoscan-bench-ray-"))
+    raw, out = {}, [f"machine: {machine()}", f"load average before: {os.getloadavg()}", ""]
+    try:
+        originals = sources(ORIGINALS)
+        warmup = linked_folder(originals, WARMUP_IMAGES, root / "warmup")
+        if "overhead" in parts or "scaling" in parts:
+            folder = linked_folder(originals, args.originals, root)
+        if "overhead" in parts:
+            print("overhead:", file=sys.stderr)
+            raw["overhead"] = interleaved({"local engine": {"measure": "local"},
+                                           "ray engine": {"measure": "ray"}},
+                                          folder, warmup, args.repeats)
+            out += table(f"{args.originals} originals: ray engine vs local engine "
+                         f"(median of {args.repeats})", args.originals, raw["overhead"],
+                         "local engine")
+            out.append(f"Ray start-up (ray.init, not in the rows): "
+                       f"{raw['overhead']['ray engine']['ray_start_s']:.1f} s\n")
+        if "scaling" in parts:
+            raw["scaling"] = {}
+            for workers in (1, 2):
+                print(f"scaling, {workers} worker node(s):", file=sys.stderr)
+                with LoopbackCluster(0, [1] * workers) as cluster:
+                    rows = {f"{workers} worker(s) of 1 CPU": {"measure": "ray", "options": {
+                        "address": cluster.address, "actors": workers, "actor_cpus": 0.5,
+                        "decode_cpus": 0.5}}}
+                    raw["scaling"].update(interleaved(rows, folder, warmup, args.repeats))
+            first = next(iter(raw["scaling"]))
+            out += table(f"{args.originals} originals on a loopback cluster (median of "
+                         f"{args.repeats})", args.originals, raw["scaling"], first)
+        if "memory" in parts:
+            print("memory:", file=sys.stderr)
+            small = linked_folder(sources(SMALL), args.memory_files, root)
+            raw["memory"] = interleaved({"local engine": {"measure": "local"},
+                                         "ray engine": {"measure": "ray"}},
+                                        small, warmup, 1)
+            out += table(f"{args.memory_files} files (224 px): the driver's peak RSS",
+                         args.memory_files, raw["memory"], "local engine")
+        if "bound" in parts:
+            print("bound:", file=sys.stderr)
+            folder = linked_folder(originals, args.bound_files, root)
+            rows = {"model alone": {"measure": "model-alone"},
+                    "decode alone": {"measure": "decode-alone"},
+                    "local engine, run --json": {"measure": "local-run"}}
+            raw["bound"] = result = interleaved(rows, folder, warmup, args.repeats)
+            n = args.bound_files
+            model_rate = n / result["model alone"]["median_s"]
+            decode_rate = n / result["decode alone"]["median_s"]
+            bound = 1 / (1 / model_rate + 1 / decode_rate)
+            ours = n / result["local engine, run --json"]["median_s"]
+            out += table(f"{n} originals: the local engine against its 2-core bound "
+                         f"(median of {args.repeats})", n, result, "model alone")
+            extra = (result["local engine, run --json"]["median_cpu_s"]
+                     - result["model alone"]["median_cpu_s"]
+                     - result["decode alone"]["median_cpu_s"])
+            out.append(f"bound 1/(1/{model_rate:.1f} + 1/{decode_rate:.1f}) = {bound:.1f} "
+                       f"images/s; the local engine: {ours:.1f} images/s = "
+                       f"{ours / bound:.2f} of the bound; CPU beyond model + decoding: "
+                       f"{1000 * extra / n:.2f} ms an image\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out.append(f"load average after: {os.getloadavg()}")
+    print("\n".join(out))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "results": raw}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
