@@ -112,3 +112,23 @@ def test_an_interrupted_run_is_logged_and_keeps_what_it_computed(small_onnx, tmp
     assert lines[-1]["signal"] == "SIGTERM" and lines[-1]["exit_code"] == 143
     assert not (tmp_path / "r.json").exists()
     assert api.run(options).scan.from_ledger == 2  # the next run goes on from there
+
+
+def test_a_run_never_imports_torch_or_the_modelling_package(tmp_path):
+    """`pneumoscan run` is the torch-free path (issue 9): a whole run, report included,
+    in a fresh interpreter, leaves torch and pneumoscan.modelling unimported."""
+    import subprocess
+    import sys
+
+    from conftest import CLI_CWD, CLI_ENV
+
+    code = ("import sys; from pathlib import Path; from pneumoscan import api; "
+            f"api.run(api.RunOptions(Path({str(SAMPLES / 'study-normal-1')!r}), "
+            f"report=Path({str(tmp_path / 'r.html')!r}))); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or "
+            "m.startswith('pneumoscan.modelling')))")
+    done = subprocess.run([sys.executable, "-c", code], env=CLI_ENV, cwd=CLI_CWD,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "r.html").is_file()
