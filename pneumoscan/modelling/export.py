@@ -15,11 +15,15 @@ import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pneumoscan.files import atomic_path
 from pneumoscan.inference.model import metadata_props
+
+if TYPE_CHECKING:  # imported where used: this module loads before torch is needed
+    import torch
 
 OPSET = 18
 OUTPUTS = ("logits", "features", "cams")
@@ -75,7 +79,7 @@ def shortfall(metrics: dict, reference: dict) -> str | None:
     return None
 
 
-def write_onnx(module, example: "torch.Tensor", out: Path, metadata: dict) -> None:
+def write_onnx(module, example: torch.Tensor, out: Path, metadata: dict) -> None:
     import onnx
     import torch
 
