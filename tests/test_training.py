@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pneumoscan.evaluation.datasets import list_samples, patient_id
+from pneumoscan.inference.preprocess import Preprocessing
 from pneumoscan.modelling.architectures import (
     NORMALISATION,
     build_imagenet_network,
@@ -18,7 +19,9 @@ from pneumoscan.modelling.architectures import (
 )
 from training.data import split_by_patient
 from training.train import (
+    AugmentedImages,
     TrainConfig,
+    consistency_loss,
     fit_calibration,
     open_stages_at,
     param_groups,
@@ -141,6 +144,29 @@ def test_early_stopping_stops(kermany_train, tmp_path):
     train(cfg, log=lambda m: None)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_consistency_pairs_each_image_stored_two_ways(kermany_train, tmp_path):
+    """With --consistency each item is one image stored two different ways, the loss is
+    the squared margin difference of each pair, and a fine-tune from a checkpoint trains
+    on such pairs and starts from its weights."""
+    cfg = _tiny_config(kermany_train, tmp_path / "first", epochs=1)
+    train(cfg, log=lambda m: None)
+    images = np.stack([np.full((224, 224), 40, np.uint8), np.full((224, 224), 200, np.uint8)])
+    images[:, 60:160, 60:160] = 120
+    tuned = _tiny_config(kermany_train, tmp_path / "tuned", epochs=1, consistency=1.0,
+                         init_from=str(tmp_path / "first" / "best.pt"), lr=0.0)
+    dataset = AugmentedImages(images, np.array([0, 1]), Preprocessing(
+        224, 224, 3, (0.5,) * 3, (0.5,) * 3), tuned)
+    pair, label = dataset[1]
+    assert pair.shape == (2, 3, 224, 224) and label == 1
+    assert (pair[0] - pair[1]).abs().mean() > 0.005
+    logits = torch.tensor([[0.0, 1.0], [0.0, 3.0], [1.0, 0.0], [1.0, 0.0]])
+    assert consistency_loss(logits).item() == pytest.approx((4 + 0) / 2)
+    train(tuned, log=lambda m: None)  # lr 0: the weights stay those of the first run
+    first = torch.load(tmp_path / "first" / "best.pt", weights_only=False)["state_dict"]
+    after = torch.load(tmp_path / "tuned" / "best.pt", weights_only=False)["state_dict"]
+    assert torch.equal(first["classifier.weight"], after["classifier.weight"])
 
 
 def test_training_writes_everything_and_resumes(kermany_train, tmp_path):

@@ -39,6 +39,7 @@ from pneumoscan.evaluation.metrics import (
     expected_calibration_error,
 )
 from pneumoscan.inference.preprocess import Preprocessing, normalise
+from pneumoscan.modelling.checkpoint import read_checkpoint
 from pneumoscan.modelling.architectures import (
     ARCHITECTURES,
     NORMALISATION,
@@ -95,6 +96,12 @@ class TrainConfig:
     download_weights: bool = option(False, "download torchvision ImageNet weights "
                                            "(resnet50, densenet161)")
     pretrained: bool = option(True, "start from ImageNet weights")
+    init_from: str | None = option(None, "start from this training checkpoint's weights "
+                                         "(fine-tuning; its calibration is refitted)")
+    consistency: float = option(
+        0.0, "weight of a consistency loss: each image is drawn stored two ways and the "
+             "squared difference of their logit margins is added to the loss (doubles the "
+             "images per step); 0 to disable")
     max_steps_per_epoch: int | None = option(None, "for smoke tests")
     limit_samples: int | None = option(None, "for smoke tests: first N of each class")
     progress_seconds: float = option(30.0, "seconds between progress lines")
@@ -154,11 +161,15 @@ class AugmentedImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        """(C, H, W), or (2, C, H, W) with `consistency`: the image stored two ways."""
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
-        storage = augment.draw(rng, self.cfg.hflip) if self.cfg.storage_augment \
-            else augment.Storage()
-        pixels = augment.apply(self.images[i], storage, self.prep.height)
-        return torch.from_numpy(normalise(pixels[None], self.prep)[0]), int(self.labels[i])
+        views = 2 if self.cfg.consistency else 1
+        storages = [augment.draw(rng, self.cfg.hflip) if self.cfg.storage_augment
+                    else augment.Storage() for _ in range(views)]
+        pixels = np.stack([augment.apply(self.images[i], storage, self.prep.height)
+                           for storage in storages])
+        x = torch.from_numpy(normalise(pixels, self.prep))
+        return (x if views == 2 else x[0]), int(self.labels[i])
 
 
 def epoch_loader(dataset: AugmentedImages, cfg: TrainConfig, epoch: int,
@@ -209,20 +220,34 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
+def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the logit margins of consecutive pairs of rows (one image
+    stored two ways): the score should not depend on how a scan was stored."""
+    margin = (logits[:, 1] - logits[:, 0]).float()
+    return ((margin[0::2] - margin[1::2]) ** 2).mean()
+
+
 def train_one_epoch(model: PneumoniaNet, open_stages: int, ema: AveragedModel | None,
                     criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                     batches, steps: int, device: torch.device, amp_dtype,
-                    progress: Progress) -> dict:
+                    progress: Progress, consistency: float = 0.0) -> dict:
     """One pass over `steps` batches with the head and `open_stages` trunk stages
-    training; returns the mean loss, images/s and seconds."""
+    training; returns the mean loss, images/s and seconds. Batches of image pairs
+    (N, 2, C, H, W) add the `consistency` loss."""
     model.train()
     set_trainable(model, open_stages)
     started, losses, seen = time.time(), [], 0
     for step, (x, y) in zip(range(1, steps + 1), batches):
+        paired = x.dim() == 5
+        if paired:  # rows 2i and 2i + 1: image i stored two ways
+            x, y = x.flatten(0, 1), y.repeat_interleave(2)
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(model(x), y)
+            logits = model(x)
+            loss = criterion(logits, y)
+            if paired:
+                loss = loss + consistency * consistency_loss(logits)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -355,6 +380,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
     model = build_network(cfg.arch, num_classes=len(CLASS_NAMES), dropout=cfg.dropout,
                           weights=cfg.pretrained_weights, download=cfg.download_weights,
                           pretrained=cfg.pretrained)
+    if cfg.init_from is not None:
+        model.load_state_dict(read_checkpoint(Path(cfg.init_from))["state_dict"])
+        log(f"weights from {cfg.init_from}")
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay is not None else None
@@ -395,7 +423,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
                             steps_per_epoch * (cfg.epochs - epoch))
         trained = train_one_epoch(model, n_open, ema, criterion, optimizer, scheduler, scaler,
                                   epoch_loader(dataset, cfg, epoch, device), steps_per_epoch,
-                                  device, amp_dtype, progress)
+                                  device, amp_dtype, progress, cfg.consistency)
         candidates = {"weights": model} | ({"ema": ema.module} if ema is not None else {})
         logits = {name: evaluate(net, val_x, prep, device, cfg.batch_size * 2, amp_dtype)
                   for name, net in candidates.items()}
