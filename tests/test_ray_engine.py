@@ -132,7 +132,7 @@ def test_every_file_accounted_for_once_when_an_actor_dies(ray_here, scans, model
 
     def kill_the_actor_once(result) -> None:
         if len(killed) == 0 and result.path.parent.name == "NORMAL":  # well into the run
-            actors = own_processes_titled("_Scorer")
+            actors = own_processes_titled("_Classifier")
             assert actors, "no inference actor process found to kill"
             for pid in actors:
                 os.kill(pid, signal.SIGKILL)
