@@ -65,9 +65,11 @@ class EngineError(RuntimeError):
 class RayOptions:
     """Where and how the run uses Ray. `address`: None starts a Ray instance on this machine
     for the run; otherwise an existing cluster (`auto`, `HOST:6379`, `ray://HOST:10001`).
-    `actors`: inference actors (default: from one up to as many as the cluster can hold).
-    `actor_gpus`: GPUs per actor (default: one when the cluster has GPUs and the device
-    is not `cpu`). `logs`: Ray's own logs and progress bars on stderr."""
+    `actors`: inference actors (default: as many as the cluster holds when the run
+    starts, then as many as keep up). `actor_gpus`: GPUs per actor (default: one when the
+    cluster has GPUs and the device is not `cpu`). `decode_cpus`: CPUs per decoding task,
+    for actors with a GPU (CPU-only actors decode their own files). `logs`: Ray's own logs
+    and progress bars on stderr."""
     address: str | None = None
     actors: int | None = None
     actor_cpus: float = 1.0
