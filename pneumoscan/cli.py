@@ -261,9 +261,10 @@ class Source(click.ParamType):
 @click.option("--ray-actor-gpus", type=click.FloatRange(0),
               help="--engine ray: GPUs per inference actor (default: 1 on a cluster with "
                    "GPUs, unless --device cpu)")
-@click.option("--ray-decode-cpus", type=click.FloatRange(0.01), default=1.0,
-              show_default=True, help="--engine ray: CPUs per decoding task (for actors "
-                                      "with a GPU; CPU-only actors decode their own files)")
+@click.option("--ray-decode-cpus", type=click.FloatRange(0.01),
+              help="--engine ray: decode in tasks of their own, of this many CPUs each "
+                   "(default: CPU-only actors decode their own files; actors with a GPU "
+                   "get them from tasks of 1 CPU)")
 @click.option("-v", "--verbose", count=True,
               help="log each file and output (-vv: debug, and the libraries' and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,

@@ -8,11 +8,12 @@ Ray Data streams the files through the stage functions of the local engine
                  when the actor holds a GPU); the result, with the report's picture
               -> the driver, in input order
 
-Where `prepare` runs depends on the actors. Actors with a GPU get their files prepared by
-CPU tasks spread over the nodes (a file's pixels cross Ray's object store once, as the
-model's uint8 input, and the report's picture's scan when a report is asked for). Actors
-on CPUs only prepare their own files: the prepare stage asks for the actors' resources, so
-Ray Data fuses it into them; no pixels cross the object store and every CPU decodes and
+Where `prepare` runs depends on the actors. Actors with a GPU (or any, when
+`RayOptions.decode_cpus` asks for it) get their files prepared by CPU tasks spread over
+the nodes: a file's pixels cross Ray's object store once, as the model's uint8 input (and
+the scan for the report's picture, when a report is asked for). Actors on CPUs only
+prepare their own files: the prepare stage asks for the actors' resources, so Ray Data
+fuses it into them; no pixels cross the object store, and every CPU decodes and
 classifies whole files, as the local engine's threads share a machine's cores.
 
 The driver (the process that runs `pneumoscan run`) keeps the ledger, the run log, the JSON
@@ -52,6 +53,8 @@ INSTALL_HINT = 'the ray engine needs Ray: pip install "pneumoscan[ray]"'
 # 0.1 s of originals) to amortise a task's scheduling, few enough to spread a small folder
 # over the cluster's cores.
 FILES_PER_TASK = 16
+# A decoding task's CPUs, where actors with a GPU are fed by tasks and none were asked for.
+DECODE_TASK_CPUS = 1.0
 # What a decoding worker holds: its process with the decoders imported (about 200 MB) and
 # a block of scans. Reserving it keeps Ray from crowding a node's memory with decoders.
 DECODE_TASK_MEMORY = 256 << 20
@@ -67,14 +70,15 @@ class RayOptions:
     for the run; otherwise an existing cluster (`auto`, `HOST:6379`, `ray://HOST:10001`).
     `actors`: inference actors (default: as many as the cluster holds when the run
     starts, then as many as keep up). `actor_gpus`: GPUs per actor (default: one when the
-    cluster has GPUs and the device is not `cpu`). `decode_cpus`: CPUs per decoding task,
-    for actors with a GPU (CPU-only actors decode their own files). `logs`: Ray's own logs
-    and progress bars on stderr."""
+    cluster has GPUs and the device is not `cpu`). `decode_cpus`: files are prepared by
+    tasks of their own, of that many CPUs each (default: CPU-only actors prepare their
+    own files, actors with a GPU get them from tasks of DECODE_TASK_CPUS). `logs`: Ray's
+    own logs and progress bars on stderr."""
     address: str | None = None
     actors: int | None = None
     actor_cpus: float = 1.0
     actor_gpus: float | None = None
-    decode_cpus: float = 1.0
+    decode_cpus: float | None = None
     logs: bool = False
 
 
@@ -239,9 +243,11 @@ class RayEngine:
                   else ray.data.ActorPoolStrategy(min_size=1, max_size=None,
                                                   initial_size=self._actors_that_fit(gpus)))
         actor_resources = {"num_cpus": self.options.actor_cpus, "num_gpus": gpus}
-        # The same resources as the actors' make Ray Data fuse preparing into them.
-        prepare_resources = ({"num_cpus": self.options.decode_cpus,
-                              "memory": DECODE_TASK_MEMORY} if gpus else actor_resources)
+        decode_cpus = self.options.decode_cpus or (DECODE_TASK_CPUS if gpus else None)
+        # Without tasks of its own, the actors' resources make Ray Data fuse preparing
+        # into the actors.
+        prepare_resources = ({"num_cpus": decode_cpus, "memory": DECODE_TASK_MEMORY}
+                             if decode_cpus else actor_resources)
         return (dataset
                 .map_batches(_prepare_block, fn_kwargs={"prep": model.info.preprocessing,
                                                         "render": render},
