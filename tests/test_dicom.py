@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
+    JPEG2000,
     JPEG2000MC,
     CTImageStorage,
     JPEG2000Lossless,
@@ -80,19 +81,21 @@ def test_rg1_lossy_jpeg2000_is_close(rg1):
 
 
 def test_scans_are_decoded_at_the_size_asked_for_whatever_the_syntax(rg1, monkeypatch):
-    """With a size to cover (the model's), JPEG 2000 is decoded at a reduced resolution
-    from its wavelet levels, never in full, and uncompressed data is box-averaged to the
-    same size (twice the size asked for): each is close to the full-size image brought
-    down to that size."""
+    """With a size to cover (twice the model's), lossy JPEG 2000 is decoded at a reduced
+    resolution from its wavelet levels, never in full; uncompressed data, and lossless
+    JPEG 2000 decoded in full, are box-averaged to the same size, and give the very same
+    pixels (a lossless file scores as its uncompressed twin). Each is close to the
+    full-size image brought down to that size."""
     full = Image.fromarray(rg1["RG1_UNCR"].pixels)
-    reduced = {"RG1_UNCR": load_path(DICOM_SAMPLES / "RG1_UNCR.dcm", min_size=(224, 224))}
+    reduced = {name: load_path(DICOM_SAMPLES / f"{name}.dcm", min_size=(448, 448))
+               for name in ("RG1_UNCR", "RG1_J2KR")}
     with monkeypatch.context() as m:
         m.setattr(Dataset, "pixel_array", property(lambda ds: pytest.fail("decoded in full")))
-        for name in ("RG1_J2KR", "RG1_J2KI"):
-            reduced[name] = load_path(DICOM_SAMPLES / f"{name}.dcm", min_size=(224, 224))
+        reduced["RG1_J2KI"] = load_path(DICOM_SAMPLES / "RG1_J2KI.dcm", min_size=(448, 448))
+    assert np.array_equal(reduced["RG1_UNCR"].pixels, reduced["RG1_J2KR"].pixels)
     for name, image in reduced.items():
         assert isinstance(image, LoadedImage), image
-        # 1841 x 1955 halved twice (to cover 448 x 448), rounded up.
+        # 1841 x 1955: halved twice, or box-averaged by 4 (rounded up), to cover 448 x 448.
         assert image.pixels.shape == (489, 461)
         reference = np.asarray(full.resize((461, 489), Image.Resampling.BOX))
         assert correlation(reference, image.pixels) > 0.995, name
@@ -142,12 +145,12 @@ def test_reduced_jpeg2000_decodes_as_pillows_own_reduce(chest_crop):
 
 
 def test_small_scans_and_signed_jpeg2000_are_decoded_in_full(tmp_path, chest_crop):
-    image = load_path(DICOM_SAMPLES / "RG1_J2KR.dcm", min_size=(500, 500))
+    image = load_path(DICOM_SAMPLES / "RG1_J2KI.dcm", min_size=(1000, 1000))
     assert image.pixels.shape == (1955, 1841)  # no halving covers 1000 x 1000
     signed = cr_dataset(chest_crop.astype(np.int16) - 8000)
-    signed.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    signed.compress(JPEG2000, encoding_plugin="pylibjpeg", j2k_cr=[10])  # lossy
     path = save(signed, tmp_path / "signed.dcm")
-    image = load_path(path, min_size=(100, 100))
+    image = load_path(path, min_size=(200, 200))
     assert isinstance(image, LoadedImage), image
     assert image.pixels.shape == (245, 231)  # 489 x 461 decoded in full, then box-averaged
     reference = np.asarray(Image.fromarray(load_path(path).pixels).resize(

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pneumoscan.inference.model import META_PREFIX, open_session, read_model_info
+from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.records import FileResult
 
 SCORE_OUTPUT = "scope_score"
 METADATA_KEY = "scope_guard"
@@ -37,6 +39,9 @@ FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
+# Stored copies per image in the fit (see `guard_inputs`): one copy doubles the fit's time;
+# measured in docs/MODEL_CARD.md, "Scope guard".
+STORAGE_DRAWS = 1
 
 
 class ScopeFitError(RuntimeError):
@@ -123,12 +128,36 @@ def with_statistics_outputs(model, tensors: Sequence[str]):
     return model
 
 
-def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[Path],
-                     log: Callable[[str], None]) -> list[np.ndarray]:
-    """Each tapped layer's pooled statistics over the images at `paths` (those readable)."""
-    import onnx
+def guard_inputs(paths: Sequence[Path], prep: Preprocessing, storage_draws: int,
+                 seed: int) -> Iterator[np.ndarray]:
+    """Each readable image at `paths` as `run` feeds it to the model, followed by
+    `storage_draws` copies of it as other sites could have stored it (the training's storage
+    augmentation, `training/augment.py`: filters, sizes, windows, JPEG or none...), each
+    through the model's own preprocessing. A guard fitted on the stored copies alone learns
+    how the training set happened to be stored (quality-75 JPEGs at 224 px): a model
+    trained to ignore storage then sees original scans flagged for their lack of JPEG
+    artefacts (96 of the 100 Kermany originals, docs/MODEL_CARD.md)."""
+    from pneumoscan.inputs.loading import load_path
+    from pneumoscan.inference.preprocess import normalise, prepare_pixels
+    from training import augment
 
-    from pneumoscan.inference.pipeline import read_model_input
+    rng = np.random.default_rng(seed)
+    for path in paths:
+        loaded = load_path(path, min_size=prep.decode_size)
+        if isinstance(loaded, FileResult):
+            continue
+        yield normalise(prepare_pixels(loaded.pixels, prep)[None], prep)[0]
+        for _ in range(storage_draws):
+            stored = augment.apply(loaded.pixels, augment.draw(rng), prep.height)
+            yield normalise(prepare_pixels(stored, prep)[None], prep)[0]
+
+
+def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[Path],
+                     log: Callable[[str], None], storage_draws: int = 0,
+                     seed: int = 0) -> list[np.ndarray]:
+    """Each tapped layer's pooled statistics over the images at `paths` (those readable),
+    each followed by `storage_draws` stored copies (`guard_inputs`)."""
+    import onnx
 
     model = onnx.load(str(model_path))
     prep = read_model_info(model_path, {p.key: p.value for p in model.metadata_props}
@@ -146,10 +175,8 @@ def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[P
             store.append(value)
         batch.clear()
 
-    for path in paths:
-        tensor = read_model_input(path, prep)
-        if isinstance(tensor, np.ndarray):
-            batch.append(tensor)
+    for tensor in guard_inputs(paths, prep, storage_draws, seed):
+        batch.append(tensor)
         if len(batch) == BATCH:
             flush()
     if batch:
@@ -294,6 +321,7 @@ class ScopeGuard:
     train_images: int
     val_images: int
     val_flagged: float
+    storage_draws: int  # stored copies of each image beside it, in both counts above
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -301,10 +329,12 @@ class ScopeGuard:
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
-                    max_train: int | None = None) -> ScopeGuard:
+                    max_train: int | None = None,
+                    storage_draws: int = STORAGE_DRAWS) -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
-    threshold on `val`, and write the model with the `scope_score` output and the guard in
-    its metadata to `out` (default: in place)."""
+    threshold on `val`, both with `storage_draws` stored copies of each image, and write
+    the model with the `scope_score` output and the guard in its metadata to `out`
+    (default: in place)."""
     import onnx
 
     from pneumoscan.modelling.export import save_checked
@@ -315,17 +345,18 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
     tensors = tapped_layers(model)
     if max_train is not None and len(train) > max_train:
         train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
-    train_stats = layer_statistics(model_path, tensors, train, log)
-    val_stats = layer_statistics(model_path, tensors, val, log)
-    guard = add_fitted_guard(model, tensors, train_stats, val_stats)
+    train_stats = layer_statistics(model_path, tensors, train, log, storage_draws, seed=0)
+    val_stats = layer_statistics(model_path, tensors, val, log, storage_draws, seed=1)
+    guard = add_fitted_guard(model, tensors, train_stats, val_stats, storage_draws)
     save_checked(model, out or model_path)
     log(f"scope guard: {len(tensors)} layers, threshold {guard.threshold:.4f}, "
-        f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged")
+        f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged "
+        f"({storage_draws} stored copies of each beside it)")
     return guard
 
 
 def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.ndarray],
-                     val_stats: Sequence[np.ndarray]) -> ScopeGuard:
+                     val_stats: Sequence[np.ndarray], storage_draws: int) -> ScopeGuard:
     """Fit on the layers' statistics and add the guard to `model` (graph and metadata)."""
     fits = [fit_layer(t, s) for t, s in zip(tensors, train_stats)]
     for fit, stats in zip(fits, val_stats):
@@ -334,7 +365,8 @@ def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.nda
     threshold = flag_threshold(val_scores)
     guard = ScopeGuard(threshold=threshold, layers=list(tensors), components=COMPONENTS,
                        train_images=len(train_stats[0]), val_images=len(val_scores),
-                       val_flagged=float((val_scores > threshold).mean()))
+                       val_flagged=float((val_scores > threshold).mean()),
+                       storage_draws=storage_draws)
     add_score_output(model, fits)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_PREFIX + METADATA_KEY, guard.to_json()
