@@ -52,7 +52,7 @@ INSTALL_HINT = 'the ray engine needs Ray: pip install "pneumoscan[ray]"'
 # Files per block (a decoding task's, or a share of an actor's call): enough work (about
 # 0.1 s of originals) to amortise a task's scheduling, few enough to spread a small folder
 # over the cluster's cores.
-FILES_PER_TASK = 16
+FILES_PER_BLOCK = 16
 # A decoding task's CPUs, where actors with a GPU are fed by tasks and none were asked for.
 DECODE_TASK_CPUS = 1.0
 # What a decoding worker holds: its process with the decoders imported (about 200 MB) and
@@ -236,7 +236,7 @@ class RayEngine:
         gpus = self._actor_gpus()
         spec = ModelSpec.of(model, self.device if gpus else "cpu")
         rows = [{"index": i, "item": item} for i, item in enumerate(items)]
-        dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_TASK))
+        dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_BLOCK))
         context = dataset.context
         context.execution_options.preserve_order = True  # results reach the ledger in order
         actors = (ray.data.ActorPoolStrategy(size=self.options.actors) if self.options.actors
