@@ -7,12 +7,15 @@ on real chest X-rays (../shared/data).
 Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
   overhead  N originals (the 100 Kermany originals hard-linked under N distinct names, so
             every file is its own entry in the state) through `api.scan(render=False)` +
-            JSON, local engine vs ray engine on a Ray instance of this machine's cores
-            started beforehand (its start-up is timed apart). Each ray run makes its own
-            actor pool: actor start-up is part of its time, as it is of a user's run.
+            JSON: the local engine; the ray engine on a Ray instance of this machine's
+            cores started by the measuring process beforehand (its start-up is timed
+            apart); and the ray engine on a `ray start` head of this machine's cores
+            started before the part (`--ray-address`, as on a user's cluster). Each ray
+            run makes its own actor pool: actor start-up is part of its time, as it is of
+            a user's run.
   scaling   the same N on a `ray start` cluster on loopback: a head with no CPU (the
-            driver) and 1, then 2, worker nodes of 1 CPU each; one actor a node, and
-            decoding tasks beside it (half a CPU each, so that both fit on a node).
+            driver) and 1, then 2, worker nodes of 1 CPU each; one actor a node (which
+            prepares its own files: CPU-only actors do).
   memory    the driver's peak RSS (VmHWM) over 20,000 files (the 224 px Kermany images,
             hard-linked), local engine vs ray engine.
   bound     the local engine's `run` (state ledger, JSON) on 1,500 originals against the
@@ -54,7 +57,13 @@ class Clock:
     wall seconds also what the other processes took from it."""
 
     def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        self.wall, self.cpu, self.epoch = time.perf_counter(), self._cpu(), time.time()
+        self.first: float | None = None
+
+    def note_first(self, _result) -> None:
+        """An on_result callback: the wall seconds until the first result."""
+        if self.first is None:
+            self.first = time.perf_counter() - self.wall
 
     @staticmethod
     def _cpu() -> float:
@@ -87,7 +96,8 @@ def linked_folder(files: list[Path], n: int, root: Path) -> Path:
 
 def scan_seconds(folder: Path, warmup: Path, engine_factory) -> dict:
     """Seconds of one `api.scan(render=False)` + JSON over `folder`, after one over
-    `warmup`; engine_factory() gives a fresh engine context for each."""
+    `warmup`; engine_factory() gives a fresh engine context for each. `first_result_s`:
+    when the first result came (what starting the engine's work costs)."""
     from pneumoscan import api
 
     model = api.open_model(device="cpu")
@@ -95,11 +105,30 @@ def scan_seconds(folder: Path, warmup: Path, engine_factory) -> dict:
     for source in (warmup, folder):
         clock = Clock()
         with engine_factory() as engine:
-            scanned = api.scan(source, model, render=False, engine=engine)
+            scanned = api.scan(source, model, render=False, engine=engine,
+                               on_result=clock.note_first)
         api.write_json(out, scanned)
         measured = clock.read()
     assert scanned.counts().classified == sum(1 for _ in folder.iterdir())
-    return measured
+    return {**measured, "first_result_s": clock.first, "started": clock.epoch}
+
+
+def actor_timings(measured: dict) -> dict:
+    """From Ray's timeline, the inference actors during the measured run: how many, how
+    long the slowest took to start (its `__init__`: imports and the model), and the share
+    of the run's wall time they spent on batches (preparing + scoring + finishing)."""
+    import ray
+
+    start = measured["started"]
+    spans = [e for e in ray.timeline() if e.get("ph") == "X" and e["ts"] / 1e6 >= start
+             and e.get("cat", "").startswith("task::MapWorker")]
+    calls = [e for e in spans if e["cat"].endswith(".submit")]
+    inits = [e for e in spans if e["cat"].endswith(".__init__")]
+    actors = {e["tid"] for e in calls}
+    return {"actors": len(actors),
+            "actor_init_s": max((e["dur"] for e in inits), default=0) / 1e6,
+            "actor_busy": sum(e["dur"] for e in calls) / 1e6
+            / (len(actors) * measured["seconds"])}
 
 
 def measure_local(args) -> dict:
@@ -117,12 +146,12 @@ def measure_ray(args) -> dict:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
     started = time.perf_counter() - t0
-    options = RayOptions(actors=args.actors, actor_cpus=args.actor_cpus,
-                         decode_cpus=args.decode_cpus)
-    return {**scan_seconds(args.folder, args.warmup, lambda: RayEngine(options)),
-            "ray_start_s": started}
+    options = RayOptions(actors=args.actors, actor_cpus=args.actor_cpus)
+    measured = scan_seconds(args.folder, args.warmup, lambda: RayEngine(options))
+    return {**measured, **actor_timings(measured), "ray_start_s": started}
 
 
 def measure_model_alone(args) -> dict:
@@ -210,24 +239,35 @@ def interleaved(rows: dict[str, dict], folder: Path, warmup: Path, repeats: int)
             runs[row].append(run_measure(spec["measure"], folder, warmup,
                                          **spec.get("options", {})))
     return {row: {"seconds": [r["seconds"] for r in done],
-                  "median_s": statistics.median(r["seconds"] for r in done),
-                  "median_cpu_s": statistics.median(r["cpu_s"] for r in done),
-                  "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
-                  **({"ray_start_s": statistics.median(r["ray_start_s"] for r in done)}
-                     if "ray_start_s" in done[0] else {})}
+                  "median": {key: statistics.median(r[key] for r in done)
+                             for key in done[0] if key != "started"},
+                  "peak_rss_mb": max(r["peak_rss_mb"] for r in done)}
             for row, done in runs.items()}
 
 
 def table(title: str, n: int, results: dict, reference: str) -> list[str]:
     lines = [f"### {title}", "", "| row | runs (s) | median (s) | images/s | vs "
-             f"{reference} | CPU ms / image | peak RSS (MB) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"{reference} | first result (s) | CPU ms / image | peak RSS (MB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row, r in results.items():
         runs = ", ".join(f"{s:.2f}" for s in r["seconds"])
-        lines.append(f"| {row} | {runs} | {r['median_s']:.2f} | {n / r['median_s']:.1f} | "
-                     f"{r['median_s'] / results[reference]['median_s']:.2f}x | "
-                     f"{1000 * r['median_cpu_s'] / n:.2f} | {r['peak_rss_mb']:.0f} |")
-    return lines + [""]
+        median = r["median"]
+        first = median.get("first_result_s")
+        lines.append(f"| {row} | {runs} | {median['seconds']:.2f} | "
+                     f"{n / median['seconds']:.1f} | "
+                     f"{median['seconds'] / results[reference]['median']['seconds']:.2f}x | "
+                     f"{'' if first is None else f'{first:.2f}'} | "
+                     f"{1000 * median['cpu_s'] / n:.2f} | {r['peak_rss_mb']:.0f} |")
+    return lines + [""] + [
+        f"{row}: ray.init {r['median']['ray_start_s']:.1f} s (not in the row); "
+        f"{r['median']['actors']:.0f} actor(s), the slowest started in "
+        f"{r['median']['actor_init_s']:.2f} s; the actors worked "
+        f"{100 * r['median']['actor_busy']:.0f}% of the run's wall time"
+        for row, r in results.items() if "actors" in r["median"]] + [""]
+
+
+def load_line(part: str) -> str:
+    return f"load average before {part}: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -244,7 +284,6 @@ def main() -> None:
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--actors", type=int, help=argparse.SUPPRESS)
     p.add_argument("--actor-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
-    p.add_argument("--decode-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.update(RAY_ENV)  # inherited by the measuring subprocesses and `ray start`
     if args.worker:
@@ -260,28 +299,32 @@ def main() -> None:
             folder = linked_folder(originals, args.originals, root)
         if "overhead" in parts:
             print("overhead:", file=sys.stderr)
-            raw["overhead"] = interleaved({"local engine": {"measure": "local"},
-                                           "ray engine": {"measure": "ray"}},
-                                          folder, warmup, args.repeats)
+            out.append(load_line("overhead"))
+            with LoopbackCluster(os.cpu_count(), []) as cluster:
+                raw["overhead"] = interleaved(
+                    {"local engine": {"measure": "local"},
+                     "ray engine": {"measure": "ray"},
+                     "ray engine, --ray-address": {"measure": "ray", "options": {
+                         "address": cluster.address}}},
+                    folder, warmup, args.repeats)
             out += table(f"{args.originals} originals: ray engine vs local engine "
                          f"(median of {args.repeats})", args.originals, raw["overhead"],
                          "local engine")
-            out.append(f"Ray start-up (ray.init, not in the rows): "
-                       f"{raw['overhead']['ray engine']['ray_start_s']:.1f} s\n")
         if "scaling" in parts:
             raw["scaling"] = {}
+            out.append(load_line("scaling"))
             for workers in (1, 2):
                 print(f"scaling, {workers} worker node(s):", file=sys.stderr)
                 with LoopbackCluster(0, [1] * workers) as cluster:
                     rows = {f"{workers} worker(s) of 1 CPU": {"measure": "ray", "options": {
-                        "address": cluster.address, "actors": workers, "actor_cpus": 0.5,
-                        "decode_cpus": 0.5}}}
+                        "address": cluster.address, "actors": workers}}}
                     raw["scaling"].update(interleaved(rows, folder, warmup, args.repeats))
             first = next(iter(raw["scaling"]))
             out += table(f"{args.originals} originals on a loopback cluster (median of "
                          f"{args.repeats})", args.originals, raw["scaling"], first)
         if "memory" in parts:
             print("memory:", file=sys.stderr)
+            out.append(load_line("memory"))
             small = linked_folder(sources(SMALL), args.memory_files, root)
             raw["memory"] = interleaved({"local engine": {"measure": "local"},
                                          "ray engine": {"measure": "ray"}},
@@ -290,21 +333,22 @@ def main() -> None:
                          args.memory_files, raw["memory"], "local engine")
         if "bound" in parts:
             print("bound:", file=sys.stderr)
+            out.append(load_line("bound"))
             folder = linked_folder(originals, args.bound_files, root)
             rows = {"model alone": {"measure": "model-alone"},
                     "decode alone": {"measure": "decode-alone"},
                     "local engine, run --json": {"measure": "local-run"}}
             raw["bound"] = result = interleaved(rows, folder, warmup, args.repeats)
             n = args.bound_files
-            model_rate = n / result["model alone"]["median_s"]
-            decode_rate = n / result["decode alone"]["median_s"]
+            model_rate = n / result["model alone"]["median"]["seconds"]
+            decode_rate = n / result["decode alone"]["median"]["seconds"]
             bound = 1 / (1 / model_rate + 1 / decode_rate)
-            ours = n / result["local engine, run --json"]["median_s"]
+            ours = n / result["local engine, run --json"]["median"]["seconds"]
             out += table(f"{n} originals: the local engine against its 2-core bound "
                          f"(median of {args.repeats})", n, result, "model alone")
-            extra = (result["local engine, run --json"]["median_cpu_s"]
-                     - result["model alone"]["median_cpu_s"]
-                     - result["decode alone"]["median_cpu_s"])
+            extra = (result["local engine, run --json"]["median"]["cpu_s"]
+                     - result["model alone"]["median"]["cpu_s"]
+                     - result["decode alone"]["median"]["cpu_s"])
             out.append(f"bound 1/(1/{model_rate:.1f} + 1/{decode_rate:.1f}) = {bound:.1f} "
                        f"images/s; the local engine: {ours:.1f} images/s = "
                        f"{ours / bound:.2f} of the bound; CPU beyond model + decoding: "

@@ -254,14 +254,17 @@ class Source(click.ParamType):
 @click.option("--ray-address", help="--engine ray: the cluster (auto, HOST:6379, "
                                     "ray://HOST:10001; default: a Ray started for this run)")
 @click.option("--ray-actors", type=click.IntRange(1),
-              help="--engine ray: inference actors (default: as many as keep up, from 1)")
+              help="--engine ray: inference actors (default: as many as the cluster "
+                   "holds, then as many as keep up)")
 @click.option("--ray-actor-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
               help="--engine ray: CPUs per inference actor (its ONNX Runtime threads)")
 @click.option("--ray-actor-gpus", type=click.FloatRange(0),
               help="--engine ray: GPUs per inference actor (default: 1 on a cluster with "
                    "GPUs, unless --device cpu)")
-@click.option("--ray-decode-cpus", type=click.FloatRange(0.01), default=1.0,
-              show_default=True, help="--engine ray: CPUs per decoding task")
+@click.option("--ray-decode-cpus", type=click.FloatRange(0.01),
+              help="--engine ray: decode in tasks of their own, of this many CPUs each "
+                   "(default: CPU-only actors decode their own files; actors with a GPU "
+                   "get them from tasks of 1 CPU)")
 @click.option("-v", "--verbose", count=True,
               help="log each file and output (-vv: debug, and the libraries' and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,

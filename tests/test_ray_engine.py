@@ -90,8 +90,12 @@ def ray_here():
     ray.shutdown()
 
 
-def test_same_results_and_pictures_as_the_local_engine(ray_here, scans, model, local_results):
-    with RayEngine(RayOptions(actors=1)) as engine:
+# The actors decode their own files (CPU-only actors by default), or decoding tasks of their
+# own feed them (actors with a GPU by default): the files' pixels then travel to the actors.
+@pytest.mark.parametrize("decode_cpus", [None, 0.5], ids=["in-actors", "decoding-tasks"])
+def test_same_results_and_pictures_as_the_local_engine(ray_here, scans, model, local_results,
+                                                       decode_cpus):
+    with RayEngine(RayOptions(actors=1, decode_cpus=decode_cpus)) as engine:
         scanned = api.scan(scans, model, engine=engine)
     assert len(scanned.results) == KERMANY_FILES + 22
     assert_same(records(scanned.results), records(local_results))
@@ -132,7 +136,7 @@ def test_every_file_accounted_for_once_when_an_actor_dies(ray_here, scans, model
 
     def kill_the_actor_once(result) -> None:
         if len(killed) == 0 and result.path.parent.name == "NORMAL":  # well into the run
-            actors = own_processes_titled("_Scorer")
+            actors = own_processes_titled("_Classifier")
             assert actors, "no inference actor process found to kill"
             for pid in actors:
                 os.kill(pid, signal.SIGKILL)

@@ -134,9 +134,12 @@ def prepare(item: InputFile, prep: Preprocessing) -> Prepared:
     return Prepared(item, outcome, pixels, time.perf_counter() - t0)
 
 
-def score(loaded: list[Prepared], model: CamModel, threshold: float) -> list[Scored]:
-    """One batch of loaded files through the model: probability, decision and the CAM of
-    the decided class of each."""
+def score(chunk: list[Prepared], model: CamModel, threshold: float) -> list[Scored | None]:
+    """The loaded files of `chunk` in one batch through the model: probability, decision
+    and the CAM of the decided class of each; None for a file that was not loaded."""
+    loaded = [p for p in chunk if p.model_pixels is not None]
+    if not loaded:
+        return [None] * len(chunk)
     info = model.info
     t0 = time.perf_counter()
     batch = normalise(np.stack([p.model_pixels for p in loaded]), info.preprocessing)
@@ -158,7 +161,8 @@ def score(loaded: list[Prepared], model: CamModel, threshold: float) -> list[Sco
                                    guard_threshold)
         scored.append(Scored(float(prob), info.class_names[cls], cam, share, in_scope,
                              reasons))
-    return scored
+    verdicts = iter(scored)
+    return [next(verdicts) if p.model_pixels is not None else None for p in chunk]
 
 
 def finish(prepared: Prepared, scored: Scored | None, threshold: float,
@@ -214,14 +218,11 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
     pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan")
     try:
         for chunk in _read_ahead(pool, iter(items), prep, batch_size, file_timeout):
-            loaded = [p for p in chunk if p.model_pixels is not None]
-            scores = dict(zip(map(id, loaded), score(loaded, model, threshold))) if loaded else {}
-            pictures = {id(p): pool.submit(render_picture, p.outcome.pixels, scores[id(p)].cam)
-                        for p in loaded} if render else {}
-            for p in chunk:
-                picture = pictures.get(id(p))
-                result = finish(p, scores.get(id(p)), threshold,
-                                picture.result() if picture else None)
+            scored = score(chunk, model, threshold)
+            pictures = [pool.submit(render_picture, p.outcome.pixels, s.cam)
+                        if render and s is not None else None for p, s in zip(chunk, scored)]
+            for p, s, picture in zip(chunk, scored, pictures):
+                result = finish(p, s, threshold, picture.result() if picture else None)
                 if on_result:
                     on_result(result)
                 yield result

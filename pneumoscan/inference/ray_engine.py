@@ -3,11 +3,18 @@
 Ray Data streams the files through the stage functions of the local engine
 (`pipeline.prepare`, `score`, `finish`), nothing reimplemented:
 
-    file list -> prepare: load + preprocess, CPU tasks spread over the nodes
-              -> score: an actor pool, one ONNX Runtime session per actor (CUDA when the
-                 actor holds a GPU)
-              -> finish: the result, with the report's picture, CPU tasks
+    file list -> prepare: load + preprocess
+              -> score + finish: an actor pool, one ONNX Runtime session per actor (CUDA
+                 when the actor holds a GPU); the result, with the report's picture
               -> the driver, in input order
+
+Where `prepare` runs depends on the actors. Actors with a GPU (or any, when
+`RayOptions.decode_cpus` asks for it) get their files prepared by CPU tasks spread over
+the nodes: a file's pixels cross Ray's object store once, as the model's uint8 input (and
+the scan for the report's picture, when a report is asked for). Actors on CPUs only
+prepare their own files: the prepare stage asks for the actors' resources, so Ray Data
+fuses it into them; no pixels cross the object store, and every CPU decodes and
+classifies whole files, as the local engine's threads share a machine's cores.
 
 The driver (the process that runs `pneumoscan run`) keeps the ledger, the run log, the JSON
 and the reports exactly as with the local engine: it gets the results one by one, in
@@ -42,12 +49,14 @@ from pneumoscan.report.pictures import render_picture
 from pneumoscan.text import one_line
 
 INSTALL_HINT = 'the ray engine needs Ray: pip install "pneumoscan[ray]"'
-# Files per decoding task: enough work (about 0.1 s of originals) to amortise a task's
-# scheduling, few enough to spread a small folder over the cluster's cores.
-FILES_PER_TASK = 16
+# Files per block (a decoding task's, or a share of an actor's call): enough work (about
+# 0.1 s of originals) to amortise a task's scheduling, few enough to spread a small folder
+# over the cluster's cores.
+FILES_PER_BLOCK = 16
+# A decoding task's CPUs, where actors with a GPU are fed by tasks and none were asked for.
+DECODE_TASK_CPUS = 1.0
 # What a decoding worker holds: its process with the decoders imported (about 200 MB) and
-# a block of scans. Reserving it keeps Ray from crowding a node's memory with decoders, and
-# (the stages' resources differing) from fusing decoding into the inference actors.
+# a block of scans. Reserving it keeps Ray from crowding a node's memory with decoders.
 DECODE_TASK_MEMORY = 256 << 20
 
 
@@ -59,14 +68,17 @@ class EngineError(RuntimeError):
 class RayOptions:
     """Where and how the run uses Ray. `address`: None starts a Ray instance on this machine
     for the run; otherwise an existing cluster (`auto`, `HOST:6379`, `ray://HOST:10001`).
-    `actors`: inference actors (default: from one up to as many as the cluster can hold).
-    `actor_gpus`: GPUs per actor (default: one when the cluster has GPUs and the device
-    is not `cpu`). `logs`: Ray's own logs and progress bars on stderr."""
+    `actors`: inference actors (default: as many as the cluster holds when the run
+    starts, then as many as keep up). `actor_gpus`: GPUs per actor (default: one when the
+    cluster has GPUs and the device is not `cpu`). `decode_cpus`: files are prepared by
+    tasks of their own, of that many CPUs each (default: CPU-only actors prepare their
+    own files, actors with a GPU get them from tasks of DECODE_TASK_CPUS). `logs`: Ray's
+    own logs and progress bars on stderr."""
     address: str | None = None
     actors: int | None = None
     actor_cpus: float = 1.0
     actor_gpus: float | None = None
-    decode_cpus: float = 1.0
+    decode_cpus: float | None = None
     logs: bool = False
 
 
@@ -114,33 +126,24 @@ def _prepare_block(batch: dict, prep: Preprocessing, render: bool) -> dict:
     return {"index": batch["index"], "prepared": _objects(prepared)}
 
 
-class _Scorer:
-    """An inference actor: one ONNX Runtime session for its life."""
+class _Classifier:
+    """An inference actor: one ONNX Runtime session for its life. It scores batches of
+    prepared files and finishes them, so that only results (with their pictures) go back
+    to the driver."""
 
-    def __init__(self, spec: ModelSpec, threads: int, threshold: float):
+    def __init__(self, spec: ModelSpec, threads: int, threshold: float, render: bool):
         self.model = spec.open(threads)
         self.threshold = threshold
+        self.render = render
 
     def __call__(self, batch: dict) -> dict:
         prepared: list[Prepared] = list(batch["prepared"])
-        loaded = [i for i, p in enumerate(prepared) if p.model_pixels is not None]
-        scored: list = [None] * len(prepared)
-        if loaded:
-            for i, s in zip(loaded, score([prepared[i] for i in loaded], self.model,
-                                          self.threshold)):
-                scored[i] = s
-        done = [replace(p, model_pixels=None) for p in prepared]  # not needed any more
-        return {"index": batch["index"], "prepared": _objects(done), "scored": _objects(scored),
+        results = [finish(p, s, self.threshold,
+                          render_picture(p.outcome.pixels, s.cam)
+                          if self.render and s is not None else None)
+                   for p, s in zip(prepared, score(prepared, self.model, self.threshold))]
+        return {"index": batch["index"], "result": _objects(results),
                 "provider": np.array([self.model.provider] * len(prepared))}
-
-
-def _finish_block(batch: dict, threshold: float, render: bool) -> dict:
-    results = []
-    for p, s in zip(batch["prepared"], batch["scored"]):
-        picture = render_picture(p.outcome.pixels, s.cam) if render and s is not None else None
-        results.append(finish(p, s, threshold, picture))
-    return {"index": batch["index"], "result": _objects(results),
-            "provider": batch["provider"]}
 
 
 def _objects(values: list) -> np.ndarray:
@@ -233,24 +236,35 @@ class RayEngine:
         gpus = self._actor_gpus()
         spec = ModelSpec.of(model, self.device if gpus else "cpu")
         rows = [{"index": i, "item": item} for i, item in enumerate(items)]
-        dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_TASK))
+        dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_BLOCK))
         context = dataset.context
         context.execution_options.preserve_order = True  # results reach the ledger in order
         actors = (ray.data.ActorPoolStrategy(size=self.options.actors) if self.options.actors
-                  else ray.data.ActorPoolStrategy(min_size=1, max_size=None))
+                  else ray.data.ActorPoolStrategy(min_size=1, max_size=None,
+                                                  initial_size=self._actors_that_fit(gpus)))
+        actor_resources = {"num_cpus": self.options.actor_cpus, "num_gpus": gpus}
+        decode_cpus = self.options.decode_cpus or (DECODE_TASK_CPUS if gpus else None)
+        # Without tasks of its own, the actors' resources make Ray Data fuse preparing
+        # into the actors.
+        prepare_resources = ({"num_cpus": decode_cpus, "memory": DECODE_TASK_MEMORY}
+                             if decode_cpus else actor_resources)
         return (dataset
                 .map_batches(_prepare_block, fn_kwargs={"prep": model.info.preprocessing,
                                                         "render": render},
-                             batch_size=None, num_cpus=self.options.decode_cpus,
-                             memory=DECODE_TASK_MEMORY)
-                .map_batches(_Scorer, fn_constructor_kwargs={
+                             batch_size=None, **prepare_resources)
+                .map_batches(_Classifier, fn_constructor_kwargs={
                                  "spec": spec, "threads": max(1, round(self.options.actor_cpus)),
-                                 "threshold": threshold},
-                             batch_size=batch_size, compute=actors,
-                             num_cpus=self.options.actor_cpus, num_gpus=gpus)
-                .map_batches(_finish_block, fn_kwargs={"threshold": threshold,
-                                                       "render": render},
-                             batch_size=None, num_cpus=self.options.decode_cpus))
+                                 "threshold": threshold, "render": render},
+                             batch_size=batch_size, compute=actors, **actor_resources))
+
+    def _actors_that_fit(self, gpus: float) -> int:
+        """The actors the cluster holds now: a pool that starts at full size does not
+        wait for Ray Data to grow it while its first files are done one actor at a time."""
+        resources = self._ray.cluster_resources()
+        fit = resources.get("CPU", 0) // self.options.actor_cpus
+        if gpus:
+            fit = min(fit, resources.get("GPU", 0) // gpus)
+        return max(1, int(fit))
 
     def _actor_gpus(self) -> float:
         gpus = self.options.actor_gpus
