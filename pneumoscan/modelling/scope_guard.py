@@ -39,9 +39,10 @@ FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
-# Stored copies per image in the fit (see `guard_inputs`): one copy doubles the fit's time;
-# measured in docs/MODEL_CARD.md, "Scope guard".
-STORAGE_DRAWS = 1
+# Stored copies per image in the fit (see `guard_inputs`), by default none: with one, the
+# no-round-trip candidate's guard stops flagging originals (2/100) but flags only 56% of
+# adult-dev (docs/MODEL_CARD.md, "Scope guard"). Each copy adds a pass over the images.
+STORAGE_DRAWS = 0
 
 
 class ScopeFitError(RuntimeError):
