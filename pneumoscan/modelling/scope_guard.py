@@ -39,10 +39,6 @@ FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
-# Stored copies per image in the fit (see `guard_inputs`), by default none: with one, the
-# no-round-trip candidate's guard stops flagging originals (2/100) but flags only 56% of
-# adult-dev (docs/MODEL_CARD.md, "Scope guard"). Each copy adds a pass over the images.
-STORAGE_DRAWS = 0
 
 
 class ScopeFitError(RuntimeError):
@@ -139,7 +135,7 @@ def guard_inputs(paths: Sequence[Path], prep: Preprocessing, storage_draws: int,
     trained to ignore storage then sees original scans flagged for their lack of JPEG
     artefacts (96 of the 100 Kermany originals, docs/MODEL_CARD.md)."""
     from pneumoscan.inputs.loading import load_path
-    from pneumoscan.inference.preprocess import normalise, prepare_pixels
+    from pneumoscan.inference.preprocess import model_input
     from training import augment
 
     rng = np.random.default_rng(seed)
@@ -147,10 +143,9 @@ def guard_inputs(paths: Sequence[Path], prep: Preprocessing, storage_draws: int,
         loaded = load_path(path, min_size=prep.decode_size)
         if isinstance(loaded, FileResult):
             continue
-        yield normalise(prepare_pixels(loaded.pixels, prep)[None], prep)[0]
+        yield model_input(loaded.pixels, prep)
         for _ in range(storage_draws):
-            stored = augment.apply(loaded.pixels, augment.draw(rng), prep.height)
-            yield normalise(prepare_pixels(stored, prep)[None], prep)[0]
+            yield model_input(augment.apply(loaded.pixels, augment.draw(rng), prep.height), prep)
 
 
 def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[Path],
@@ -330,12 +325,13 @@ class ScopeGuard:
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
-                    max_train: int | None = None,
-                    storage_draws: int = STORAGE_DRAWS) -> ScopeGuard:
+                    max_train: int | None = None, storage_draws: int = 0) -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
     threshold on `val`, both with `storage_draws` stored copies of each image, and write
     the model with the `scope_score` output and the guard in its metadata to `out`
-    (default: in place)."""
+    (default: in place). No copies by default: with one, the no-round-trip candidate's
+    guard stops flagging originals (2/100) but flags only 56% of adult-dev
+    (docs/MODEL_CARD.md, "Second pass"); each copy adds a pass over the images."""
     import onnx
 
     from pneumoscan.modelling.export import save_checked
