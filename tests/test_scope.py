@@ -92,15 +92,18 @@ def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_
     train, val = read_split(small_checkpoint.parent / "split.json")
     guard = json.loads(cam_model.info.extra["scope_guard"])
     layers, draws = guard["layers"], guard["storage_draws"]
-    assert layers == tapped_layers(model) and draws == 0  # export's default
+    # export's defaults: no stored copies; the tapped layers read the input through the
+    # training images' JPEG round trip, as the small model has none of its own
+    assert draws == 0 and guard["view_jpeg_quality"] == 75
+    assert [name.removeprefix("scope/view/trunk/") for name in layers] == tapped_layers(model)
     assert guard["train_images"] == len(train) * (1 + draws)
     fits = [fit_layer(t, s) for t, s in zip(layers, layer_statistics(
-        small_onnx, layers, train, lambda m: None, draws, seed=0))]
-    for fit, stats in zip(fits, layer_statistics(small_onnx, layers, val, lambda m: None,
+        model, layers, train, lambda m: None, draws, seed=0))]
+    for fit, stats in zip(fits, layer_statistics(model, layers, val, lambda m: None,
                                                  draws, seed=1)):
         standardise(fit, stats)
     paths = sorted(val_images.rglob("*.jpeg"))
-    expected = combined_scores(fits, layer_statistics(small_onnx, layers, paths,
+    expected = combined_scores(fits, layer_statistics(model, layers, paths,
                                                       log=lambda m: None))
     prep = cam_model.info.preprocessing
     batch = np.stack([read_model_input(p, prep) for p in paths])

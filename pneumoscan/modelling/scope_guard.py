@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.inference.model import META_PREFIX, open_session, read_model_info
+from pneumoscan.inference.model import META_PREFIX, open_session
 from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.modelling.stored_view import add_stored_view
 from pneumoscan.records import FileResult
 
 SCORE_OUTPUT = "scope_score"
@@ -39,6 +40,8 @@ FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
+# How the Kermany 224 px training images were stored: the guard's view of every input.
+TRAINING_JPEG_QUALITY = 75
 
 
 class ScopeFitError(RuntimeError):
@@ -68,7 +71,8 @@ def tapped_layers(model) -> list[str]:
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in (*inferred.graph.value_info, *inferred.graph.output)}
     activations = [node.output[0] for node in model.graph.node
-                   if node.op_type in ACTIVATIONS and len(shapes.get(node.output[0], [])) == 4]
+                   if node.op_type in ACTIVATIONS and not is_guard_node(node)
+                   and len(shapes.get(node.output[0], [])) == 4]
     if not activations:
         raise ScopeFitError("no 4-D activations found to fit the scope guard on")
     full = shapes[activations[0]][2:]
@@ -148,16 +152,15 @@ def guard_inputs(paths: Sequence[Path], prep: Preprocessing, storage_draws: int,
             yield model_input(augment.apply(loaded.pixels, augment.draw(rng), prep.height), prep)
 
 
-def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[Path],
+def layer_statistics(model, tensors: Sequence[str], paths: Sequence[Path],
                      log: Callable[[str], None], storage_draws: int = 0,
                      seed: int = 0) -> list[np.ndarray]:
-    """Each tapped layer's pooled statistics over the images at `paths` (those readable),
-    each followed by `storage_draws` stored copies (`guard_inputs`)."""
+    """Each tapped layer's pooled statistics in `model` (an ONNX ModelProto) over the
+    images at `paths` (those readable), each followed by `storage_draws` stored copies
+    (`guard_inputs`)."""
     import onnx
 
-    model = onnx.load(str(model_path))
-    prep = read_model_info(model_path, {p.key: p.value for p in model.metadata_props}
-                           ).preprocessing
+    prep = model_preprocessing(model)
     tapped = with_statistics_outputs(model, tensors)
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(tapped, str(Path(tmp) / "tapped.onnx"))
@@ -182,6 +185,16 @@ def layer_statistics(model_path: Path, tensors: Sequence[str], paths: Sequence[P
     stats = [np.concatenate(parts).astype(np.float64) for parts in collected]
     log(f"scope guard: statistics of {len(tensors)} layers over {len(stats[0])} images")
     return stats
+
+
+def model_preprocessing(model) -> Preprocessing:
+    """The preprocessing in an exported model's metadata."""
+    key = META_PREFIX + "preprocessing"
+    text = next((p.value for p in model.metadata_props if p.key == key), None)
+    if text is None:
+        raise ScopeFitError("the model lacks pneumoscan metadata; export it with "
+                            "`pneumoscan export-onnx`")
+    return Preprocessing.from_json(text)
 
 
 def fit_layer(tensor: str, train: np.ndarray, components: int = COMPONENTS) -> LayerFit:
@@ -318,6 +331,8 @@ class ScopeGuard:
     val_images: int
     val_flagged: float
     storage_draws: int  # stored copies of each image beside it, in both counts above
+    # The layers read the input through a JPEG round trip at this quality (stored_view.py)
+    view_jpeg_quality: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -325,13 +340,14 @@ class ScopeGuard:
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
-                    max_train: int | None = None, storage_draws: int = 0) -> ScopeGuard:
+                    max_train: int | None = None, storage_draws: int = 0,
+                    view_quality: int | None = TRAINING_JPEG_QUALITY) -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
     threshold on `val`, both with `storage_draws` stored copies of each image, and write
     the model with the `scope_score` output and the guard in its metadata to `out`
-    (default: in place). No copies by default: with one, the no-round-trip candidate's
-    guard stops flagging originals (2/100) but flags only 56% of adult-dev
-    (docs/MODEL_CARD.md, "Second pass"); each copy adds a pass over the images."""
+    (default: in place). The tapped layers read the input through a JPEG round trip at
+    `view_quality` (stored_view.py), unless the model's own preprocessing has one (its
+    input is stored as the training images were already) or `view_quality` is None."""
     import onnx
 
     from pneumoscan.modelling.export import save_checked
@@ -340,20 +356,28 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
     if any(o.name == SCORE_OUTPUT for o in model.graph.output):
         raise ScopeFitError(f"{model_path} already has a scope guard")
     tensors = tapped_layers(model)
+    prep = model_preprocessing(model)
+    if prep.jpeg_quality is not None:
+        view_quality = None
+    if view_quality is not None:
+        tensors = add_stored_view(model, model.graph.input[0].name, prep, view_quality, tensors)
     if max_train is not None and len(train) > max_train:
         train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
-    train_stats = layer_statistics(model_path, tensors, train, log, storage_draws, seed=0)
-    val_stats = layer_statistics(model_path, tensors, val, log, storage_draws, seed=1)
-    guard = add_fitted_guard(model, tensors, train_stats, val_stats, storage_draws)
+    train_stats = layer_statistics(model, tensors, train, log, storage_draws, seed=0)
+    val_stats = layer_statistics(model, tensors, val, log, storage_draws, seed=1)
+    guard = add_fitted_guard(model, tensors, train_stats, val_stats, storage_draws,
+                             view_quality)
     save_checked(model, out or model_path)
-    log(f"scope guard: {len(tensors)} layers, threshold {guard.threshold:.4f}, "
+    view = f", read through JPEG quality {view_quality}" if view_quality else ""
+    log(f"scope guard: {len(tensors)} layers{view}, threshold {guard.threshold:.4f}, "
         f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged "
         f"({storage_draws} stored copies of each beside it)")
     return guard
 
 
 def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.ndarray],
-                     val_stats: Sequence[np.ndarray], storage_draws: int) -> ScopeGuard:
+                     val_stats: Sequence[np.ndarray], storage_draws: int,
+                     view_jpeg_quality: int | None = None) -> ScopeGuard:
     """Fit on the layers' statistics and add the guard to `model` (graph and metadata)."""
     fits = [fit_layer(t, s) for t, s in zip(tensors, train_stats)]
     for fit, stats in zip(fits, val_stats):
@@ -363,7 +387,7 @@ def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.nda
     guard = ScopeGuard(threshold=threshold, layers=list(tensors), components=COMPONENTS,
                        train_images=len(train_stats[0]), val_images=len(val_scores),
                        val_flagged=float((val_scores > threshold).mean()),
-                       storage_draws=storage_draws)
+                       storage_draws=storage_draws, view_jpeg_quality=view_jpeg_quality)
     add_score_output(model, fits)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_PREFIX + METADATA_KEY, guard.to_json()
