@@ -26,8 +26,7 @@ BATCH = 32
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from pneumoscan import api
-    from pneumoscan.inference.preprocess import model_input
-    from pneumoscan.inputs.raster import load_raster
+    from pneumoscan.inference.pipeline import read_model_input
 
     p = argparse.ArgumentParser(prog="python benchmarks/bench_model_cost.py",
                                 description=__doc__.split("\n\n")[0])
@@ -38,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(IMAGES.rglob("*.jpeg"))
     files = files[:: max(1, len(files) // BATCH)][:BATCH]  # both classes
     models = [api.open_model(path, "cpu", threads=args.threads) for path in args.models]
-    batches = [np.stack([model_input(load_raster(f).pixels, m.info.preprocessing)
-                         for f in files]) for m in models]
+    batches = [np.stack([read_model_input(f, m.info.preprocessing) for f in files])
+               for m in models]
     for model, batch in zip(models, batches):
         model.predict(batch)  # warm-up
     seconds: list[list[float]] = [[] for _ in models]

@@ -363,11 +363,6 @@ scope_train_images_option = click.option(
     "--scope-train-images", type=click.IntRange(100), metavar="N",
     help="fit the scope guard on N training images at most, evenly spread (default: all; "
          "the network's pass over them is most of the time the fit takes)")
-scope_storage_draws_option = click.option(
-    "--scope-storage-draws", type=click.IntRange(0), default=0, show_default=True,
-    metavar="K", help="also fit the scope guard (and set its threshold) on K copies of "
-    "each image stored other ways (training/augment.py): for models trained without the "
-    "JPEG round trip (docs/MODEL_CARD.md, \"Scope guard\")")
 
 
 @main.command("export-onnx")
@@ -398,12 +393,11 @@ scope_storage_draws_option = click.option(
               help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
                    "scope guard (default: the one training wrote beside the checkpoint)")
 @scope_train_images_option
-@scope_storage_draws_option
 @click.option("--no-scope-guard", is_flag=True,
               help="write the model without a scope guard (no out-of-distribution score)")
 def export_onnx(checkpoint, out, check_images, model_version, name, force, int8, fp16,
                 calibration_images, calibration_count, eval_images, scope_split,
-                scope_train_images, scope_storage_draws, no_scope_guard):
+                scope_train_images, no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
@@ -441,8 +435,7 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
                           log=lambda m: click.echo(m), scope_split=scope_split,
-                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images,
-                          scope_storage_draws=scope_storage_draws)
+                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out}: model {name}")
@@ -471,9 +464,7 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
               default=0.15, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @scope_train_images_option
-@scope_storage_draws_option
-def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images,
-                scope_storage_draws):
+def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images):
     """Fit the scope guard of an exported ONNX model (one exported without it, or before
     it existed) on its training images; its threshold flags at most 5% of the validation
     images. `export-onnx` does this itself."""
@@ -491,7 +482,7 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
         else:
             fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
         fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
-                        max_train=scope_train_images, storage_draws=scope_storage_draws)
+                        max_train=scope_train_images)
     except (ScopeFitError, ModelError, FileNotFoundError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out or model_path}")

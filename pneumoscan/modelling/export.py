@@ -233,8 +233,7 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
                       version: str | None = None, name: str | None = None,
                       log=print, scope_split: Path | None = None,
                       scope_guard: bool = True,
-                      scope_train_images: int | None = None,
-                      scope_storage_draws: int = 0) -> dict[str, float]:
+                      scope_train_images: int | None = None) -> dict[str, float]:
     """Export, then verify on real images; raises ExportError past PARITY_LIMITS. Then
     fit the scope guard on the checkpoint's training images and set its threshold on its
     validation images (the split.json beside it, or `scope_split`)."""
@@ -275,13 +274,13 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
                           "model not written")
     if scope_guard:
         fit_checkpoint_scope_guard(checkpoint, payload, out, scope_split, scope_train_images,
-                                   scope_storage_draws, log)
+                                   log)
     return diffs
 
 
 def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
                                scope_split: Path | None, max_train: int | None,
-                               storage_draws: int, log) -> None:
+                               log) -> None:
     from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
 
     try:
@@ -293,8 +292,7 @@ def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
             raise ScopeFitError("the checkpoint's training and validation images are not "
                                 "there (split.json): pass --scope-split FILE, or "
                                 "--no-scope-guard")
-        fit_scope_guard(out, train, val, log=log, max_train=max_train,
-                        storage_draws=storage_draws)
+        fit_scope_guard(out, train, val, log=log, max_train=max_train)
     except ScopeFitError as exc:
         out.unlink()
         raise ExportError(f"scope guard: {exc}; model not written") from exc

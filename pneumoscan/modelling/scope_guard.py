@@ -1,6 +1,9 @@
 """The scope guard's pixel check, fitted at export time: an out-of-distribution score that
 the model computes itself, as one more ONNX output (`scope_score`, shape (N,)).
 
+The guard reads the image through its own view (modelling/stored_view.py): the model's input
+stored as the training images were (a quality-75 JPEG round trip, unless the model's own
+preprocessing has one) and averaged over 2x2 pixels, through a copy of the network's trunk.
 Each tapped layer's activations are pooled to their per-channel mean and standard deviation.
 On the training images, a Gaussian per layer is fitted in the probabilistic-PCA form: the
 top principal components with their own variances, and one variance for everything outside
@@ -28,7 +31,7 @@ import numpy as np
 
 from pneumoscan.inference.model import META_PREFIX, open_session
 from pneumoscan.inference.preprocess import Preprocessing
-from pneumoscan.modelling.stored_view import add_stored_view
+from pneumoscan.modelling.stored_view import StoredViewError, add_stored_view
 from pneumoscan.records import FileResult
 
 SCORE_OUTPUT = "scope_score"
@@ -40,8 +43,11 @@ FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 BATCH = 32
-# How the Kermany 224 px training images were stored: the guard's view of every input.
+# The guard's view of every input: stored as the Kermany 224 px training images were, and
+# averaged over 2x2 pixels (what is left of storage at that scale is below what the layers
+# see; the trunk's copy costs a quarter of the network).
 TRAINING_JPEG_QUALITY = 75
+VIEW_REDUCTION = 2
 
 
 class ScopeFitError(RuntimeError):
@@ -60,11 +66,11 @@ class LayerFit:
 
 
 def tapped_layers(model) -> list[str]:
-    """The activations the guard reads: those at the trunk's full resolution after the stem's
-    own (exposure, texture, noise: what the classifier learns to ignore), and the last conv
-    maps (anatomy). Chosen by measurement (docs/MODEL_CARD.md, "Scope guard"): the layers
-    in between flag the original-resolution Kermany scans, which differ from the training
-    copies only in how they were resized and compressed."""
+    """The activations the guard reads: the last one at each of the trunk's resolutions,
+    from the stem's (exposure, texture, noise) to the last conv maps (anatomy). Chosen by
+    measurement (docs/MODEL_CARD.md, "Scope guard"): one layer alone, first or last, misses
+    many adults; one per scale flags them all on adult-dev while keeping the Kermany
+    originals in."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -75,9 +81,8 @@ def tapped_layers(model) -> list[str]:
                    and len(shapes.get(node.output[0], [])) == 4]
     if not activations:
         raise ScopeFitError("no 4-D activations found to fit the scope guard on")
-    full = shapes[activations[0]][2:]
-    early = [name for name in activations if shapes[name][2:] == full][1:] or activations[:1]
-    return [*early, activations[-1]]
+    return [name for name, after in zip(activations, [*activations[1:], None])
+            if after is None or shapes[after][2:] != shapes[name][2:]]
 
 
 def _pooled_statistics(graph, tensor: str, index: int, prefix: str = "scope") -> str:
@@ -129,36 +134,13 @@ def with_statistics_outputs(model, tensors: Sequence[str]):
     return model
 
 
-def guard_inputs(paths: Sequence[Path], prep: Preprocessing, storage_draws: int,
-                 seed: int) -> Iterator[np.ndarray]:
-    """Each readable image at `paths` as `run` feeds it to the model, followed by
-    `storage_draws` copies of it as other sites could have stored it (the training's storage
-    augmentation, `training/augment.py`: filters, sizes, windows, JPEG or none...), each
-    through the model's own preprocessing. A guard fitted on the stored copies alone learns
-    how the training set happened to be stored (quality-75 JPEGs at 224 px): a model
-    trained to ignore storage then sees original scans flagged for their lack of JPEG
-    artefacts (96 of the 100 Kermany originals, docs/MODEL_CARD.md)."""
-    from pneumoscan.inputs.loading import load_path
-    from pneumoscan.inference.preprocess import model_input
-    from training import augment
-
-    rng = np.random.default_rng(seed)
-    for path in paths:
-        loaded = load_path(path, min_size=prep.decode_size)
-        if isinstance(loaded, FileResult):
-            continue
-        yield model_input(loaded.pixels, prep)
-        for _ in range(storage_draws):
-            yield model_input(augment.apply(loaded.pixels, augment.draw(rng), prep.height), prep)
-
-
 def layer_statistics(model, tensors: Sequence[str], paths: Sequence[Path],
-                     log: Callable[[str], None], storage_draws: int = 0,
-                     seed: int = 0) -> list[np.ndarray]:
+                     log: Callable[[str], None]) -> list[np.ndarray]:
     """Each tapped layer's pooled statistics in `model` (an ONNX ModelProto) over the
-    images at `paths` (those readable), each followed by `storage_draws` stored copies
-    (`guard_inputs`)."""
+    images at `paths` that can be read, each as `run` feeds it to the model."""
     import onnx
+
+    from pneumoscan.inference.pipeline import read_model_input
 
     prep = model_preprocessing(model)
     tapped = with_statistics_outputs(model, tensors)
@@ -174,7 +156,10 @@ def layer_statistics(model, tensors: Sequence[str], paths: Sequence[Path],
             store.append(value)
         batch.clear()
 
-    for tensor in guard_inputs(paths, prep, storage_draws, seed):
+    for path in paths:
+        tensor = read_model_input(path, prep)
+        if isinstance(tensor, FileResult):
+            continue
         batch.append(tensor)
         if len(batch) == BATCH:
             flush()
@@ -330,9 +315,10 @@ class ScopeGuard:
     train_images: int
     val_images: int
     val_flagged: float
-    storage_draws: int  # stored copies of each image beside it, in both counts above
-    # The layers read the input through a JPEG round trip at this quality (stored_view.py)
-    view_jpeg_quality: int | None = None
+    # The guard's view (stored_view.py): the input through a JPEG round trip at this
+    # quality (None: the model's preprocessing has its own), averaged over pixel squares
+    view_jpeg_quality: int | None
+    view_reduction: int
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -340,14 +326,10 @@ class ScopeGuard:
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
-                    max_train: int | None = None, storage_draws: int = 0,
-                    view_quality: int | None = TRAINING_JPEG_QUALITY) -> ScopeGuard:
+                    max_train: int | None = None) -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
-    threshold on `val`, both with `storage_draws` stored copies of each image, and write
-    the model with the `scope_score` output and the guard in its metadata to `out`
-    (default: in place). The tapped layers read the input through a JPEG round trip at
-    `view_quality` (stored_view.py), unless the model's own preprocessing has one (its
-    input is stored as the training images were already) or `view_quality` is None."""
+    threshold on `val`, and write the model with the `scope_score` output and the guard in
+    its metadata to `out` (default: in place)."""
     import onnx
 
     from pneumoscan.modelling.export import save_checked
@@ -355,29 +337,27 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
     model = onnx.load(str(model_path))
     if any(o.name == SCORE_OUTPUT for o in model.graph.output):
         raise ScopeFitError(f"{model_path} already has a scope guard")
-    tensors = tapped_layers(model)
     prep = model_preprocessing(model)
-    if prep.jpeg_quality is not None:
-        view_quality = None
-    if view_quality is not None:
-        tensors = add_stored_view(model, model.graph.input[0].name, prep, view_quality, tensors)
+    quality = None if prep.jpeg_quality is not None else TRAINING_JPEG_QUALITY
+    try:
+        tensors = add_stored_view(model, model.graph.input[0].name, prep, quality,
+                                  tapped_layers(model), VIEW_REDUCTION)
+    except StoredViewError as exc:
+        raise ScopeFitError(str(exc)) from exc
     if max_train is not None and len(train) > max_train:
         train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
-    train_stats = layer_statistics(model, tensors, train, log, storage_draws, seed=0)
-    val_stats = layer_statistics(model, tensors, val, log, storage_draws, seed=1)
-    guard = add_fitted_guard(model, tensors, train_stats, val_stats, storage_draws,
-                             view_quality)
+    train_stats = layer_statistics(model, tensors, train, log)
+    val_stats = layer_statistics(model, tensors, val, log)
+    guard = add_fitted_guard(model, tensors, train_stats, val_stats, quality)
     save_checked(model, out or model_path)
-    view = f", read through JPEG quality {view_quality}" if view_quality else ""
-    log(f"scope guard: {len(tensors)} layers{view}, threshold {guard.threshold:.4f}, "
-        f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged "
-        f"({storage_draws} stored copies of each beside it)")
+    log(f"scope guard: {len(tensors)} layers, threshold {guard.threshold:.4f}, "
+        f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged")
     return guard
 
 
 def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.ndarray],
-                     val_stats: Sequence[np.ndarray], storage_draws: int,
-                     view_jpeg_quality: int | None = None) -> ScopeGuard:
+                     val_stats: Sequence[np.ndarray],
+                     view_jpeg_quality: int | None) -> ScopeGuard:
     """Fit on the layers' statistics and add the guard to `model` (graph and metadata)."""
     fits = [fit_layer(t, s) for t, s in zip(tensors, train_stats)]
     for fit, stats in zip(fits, val_stats):
@@ -387,7 +367,7 @@ def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.nda
     guard = ScopeGuard(threshold=threshold, layers=list(tensors), components=COMPONENTS,
                        train_images=len(train_stats[0]), val_images=len(val_scores),
                        val_flagged=float((val_scores > threshold).mean()),
-                       storage_draws=storage_draws, view_jpeg_quality=view_jpeg_quality)
+                       view_jpeg_quality=view_jpeg_quality, view_reduction=VIEW_REDUCTION)
     add_score_output(model, fits)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_PREFIX + METADATA_KEY, guard.to_json()

@@ -64,15 +64,24 @@ def dct_basis() -> np.ndarray:
     return np.einsum("ux,vy->uvxy", cosines, cosines).reshape(BLOCK * BLOCK, 1, BLOCK, BLOCK)
 
 
-def add_stored_view(model, source: str, prep: Preprocessing, quality: int,
-                    tapped: Sequence[str]) -> list[str]:
+def add_stored_view(model, source: str, prep: Preprocessing, quality: int | None,
+                    tapped: Sequence[str], reduction: int = 1) -> list[str]:
     """Add to `model` the round trip of `source` (the model's normalised input) at
-    `quality`, and copies of the nodes leading from `source` to `tapped` that read it (they
-    share the network's weights); return the names of the tapped tensors' copies."""
+    `quality` (None: no round trip), averaged over `reduction` x `reduction` pixels, and
+    copies of the nodes leading from `source` to `tapped` that read it (they share the
+    network's weights); return the names of the tapped tensors' copies."""
+    from onnx import helper
+
     if prep.height % BLOCK or prep.width % BLOCK:
         raise StoredViewError(f"the stored view needs an input of whole {BLOCK}x{BLOCK} "
                               f"blocks, not {prep.height}x{prep.width}")
-    view = _add_round_trip(model.graph, source, prep, quality)
+    view = source if quality is None else _add_round_trip(model.graph, source, prep, quality)
+    if reduction > 1:
+        reduced = PREFIX + "reduced"
+        model.graph.node.append(helper.make_node(
+            "AveragePool", [view], [reduced], name=reduced,
+            kernel_shape=[reduction, reduction], strides=[reduction, reduction]))
+        view = reduced
     return _add_trunk_copy(model.graph, source, view, tapped)
 
 
