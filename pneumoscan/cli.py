@@ -552,9 +552,30 @@ def info(model_path, as_json):
                            + (f", {extra['trained_epochs']} epochs"
                               if "trained_epochs" in extra else "")),
             ("exported", str(extra.get("exported", "not recorded"))),
-            ("validation", format_validation(i.validation_metrics))]
+            ("validation", format_validation(i.validation_metrics)),
+            ("calibration", _calibration_text(extra.get("calibration"))),
+            ("scope guard", _scope_guard_text(extra.get("scope_guard")))]
     for label, value in rows:
         click.echo(f"{label + ':':<12} {value}")
+
+
+def _calibration_text(calibration: dict | None) -> str:
+    if not calibration:
+        return "none (the network's own probabilities)"
+    return (f"Platt scaling, T {calibration['temperature']:.3f}, b {calibration['bias']:+.3f}: "
+            f"ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.4f} on validation")
+
+
+def _scope_guard_text(guard: dict | None) -> str:
+    if not guard:
+        return "none (DICOM age and view rules only)"
+    quality = guard.get("view_jpeg_quality")
+    view = (f"through a JPEG quality {quality} round trip" if quality
+            else "through the model's own input")
+    reduction = guard.get("view_reduction", 1)
+    size = f" at 1/{reduction} size" if reduction > 1 else ""
+    return (f"{len(guard['layers'])} layers {view}{size}, threshold {guard['threshold']:.3f} "
+            f"({guard['val_flagged']:.1%} of {guard['val_images']} validation images flagged)")
 
 
 def _numbers(values: tuple[float, ...]) -> str:
