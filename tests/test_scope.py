@@ -157,6 +157,21 @@ def test_shipped_model_keeps_the_official_val_images_in_scope(shipped):
     assert [r.path.name for r in kermany if not r.in_scope] == []
 
 
+@pytest.mark.parametrize("folder, flagged_at_least, flagged_at_most", [
+    ("adult-dev", 0.85, 1.0),  # adult chest X-rays of another hospital: issue 10's >= 85%
+    ("kermany-original", 0.0, 0.05),  # the training population at original resolution
+])
+def test_shipped_guard_on_real_sets(shipped, folder, flagged_at_least, flagged_at_most):
+    """The shipped guard's flag rates on the shared sets (docs/MODEL_CARD.md, "Scope
+    guard"): adult-dev is out of scope, the Kermany originals in, by the pixels alone."""
+    results = [r for r in api.scan(shared_path(folder), shipped, render=False).results
+               if r.status == "ok"]
+    assert len(results) in (54, 100)
+    flagged = np.mean([any(reason.startswith("image unlike") for reason in r.scope_reasons)
+                       for r in results])
+    assert flagged_at_least <= flagged <= flagged_at_most, flagged
+
+
 def _result(label: str, in_scope: bool) -> FileResult:
     return FileResult(REPO / f"{label}-{in_scope}.png", "study", "ok", probability=0.3,
                       label=label, threshold=0.5, in_scope=in_scope,
