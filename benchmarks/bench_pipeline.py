@@ -49,8 +49,9 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def jpeg_round_trip(img, quality: int | None):
-    """The model's preprocessing ends with a JPEG round trip (its training images were
-    quality-75 JPEGs); every configuration does it, so all feed the model the same pixels."""
+    """The JPEG round trip a model's preprocessing may end with (models trained on the
+    quality-75 training images as they are); every configuration does it, so all feed the
+    model the same pixels."""
     if quality is None:
         return img
     import io

@@ -560,7 +560,7 @@ def info(model_path, as_json):
 
 
 def _calibration_text(calibration: dict | None) -> str:
-    if not calibration:
+    if not calibration or "bias" not in calibration:  # older exports: {"method": "none", ...}
         return "none (the network's own probabilities)"
     return (f"Platt scaling, T {calibration['temperature']:.3f}, b {calibration['bias']:+.3f}: "
             f"ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.4f} on validation")

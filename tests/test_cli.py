@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import pytest
 from conftest import CLI_CWD, CLI_ENV, SAMPLES, pneumoscan_command, run_pneumoscan
@@ -232,6 +233,19 @@ def test_info_shows_model_metadata(small_onnx):
     described = json.loads(invoke("info", "--model", small_onnx, "--json").output)
     assert described["sha256"] in result.output and described["preprocessing"]["height"] == 128
     assert "at_threshold" in described["validation_metrics"]
+
+
+def test_info_on_a_model_exported_without_calibration(small_onnx, tmp_path):
+    from pneumoscan.inference.model import META_PREFIX
+
+    model = onnx.load(str(small_onnx))
+    for entry in model.metadata_props:
+        if entry.key == META_PREFIX + "calibration":  # what export writes for such a checkpoint
+            entry.value = json.dumps({"method": "none", "temperature": 1.0})
+    onnx.save(model, str(tmp_path / "uncalibrated.onnx"))
+    result = invoke("info", "--model", tmp_path / "uncalibrated.onnx")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^calibration: +none", result.output, re.MULTILINE)
 
 
 def test_help_names_every_input_type():

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from pneumoscan.cli import main
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
+from pneumoscan.inference.pipeline import read_model_input
 from pneumoscan.modelling.quantize import (
     QuantizeError,
     export_reduced,
@@ -48,6 +49,15 @@ def test_int8_is_quantised_calibrated_on_the_training_split_and_keeps_cams(
                    for o in node.output}
     assert guard and not any(o in dequantized for node in guard for o in node.output)
     assert all(node.op_type not in ("QuantizeLinear", "DequantizeLinear") for node in guard)
+    # The guard reads float weights of its own, not the network's int8 round trip: its
+    # score stays the float32 model's, whose threshold it uses.
+    guard_weights = {name for node in guard for name in node.input} & {
+        i.name for i in graph.initializer}
+    assert guard_weights and all(name.startswith("scope/") for name in guard_weights)
+    batch = np.stack([read_model_input(p, OnnxCamModel(fp32, "cpu").info.preprocessing)
+                      for p in sorted(val_images.rglob("*.jpeg"))[:8]])
+    scores = [OnnxCamModel(path, "cpu").predict(batch).scope_scores for path in (fp32, int8)]
+    np.testing.assert_allclose(scores[1], scores[0], atol=0.05)
     model = OnnxCamModel(int8, "cpu")
     assert "int8" in model.info.extra["precision"]
     assert "validation_vs_float32" in model.info.extra

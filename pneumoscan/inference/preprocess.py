@@ -22,7 +22,7 @@ class Preprocessing:
     set, passes the resized image through JPEG at that quality: a model trained on the
     Kermany 224 px images as they are (quality-75 JPEGs) reads those compression artefacts
     as part of the image, so its inputs must carry the same ones. Models trained with the
-    storage augmentation (the 2026.12.01 candidate in the model card) do without."""
+    storage augmentation (the default model since 2026.12.01) do without."""
     height: int
     width: int
     channels: int

@@ -127,6 +127,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
         # up, so that every tensor gets its quantisation parameters.
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))
+        onnx.save(separate_guard_weights(onnx.load(str(prepared))), str(prepared))
         quantize_static(str(prepared), str(out), Calibration(), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -163,6 +164,37 @@ def separate_read_outputs(model):
             node.input[:] = [inner if name == output else name for name in node.input]
             node.output[:] = [inner if name == output else name for name in node.output]
         graph.node.append(helper.make_node("Identity", [inner], [output], name=f"{output}.out"))
+    return model
+
+
+def separate_guard_weights(model):
+    """`model` with the scope guard reading its own copies of the weights it shares with the
+    network (modelling/stored_view.py): ONNX Runtime's quantiser swaps a quantised weight
+    for its int8 round trip in every node that reads it, excluded nodes too, and the
+    guard's threshold was fitted on the float weights. (The guard's input still arrives
+    through the input's uint8 round trip: a step of one grey level, which the view rounds
+    back to whole levels.)"""
+    import onnx
+
+    from pneumoscan.modelling.scope_guard import is_guard_node
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    network_reads = {name for node in graph.node if not is_guard_node(node)
+                     for name in node.input}
+    copies: dict[str, str] = {}
+    for node in graph.node:
+        if not is_guard_node(node):
+            continue
+        for k, name in enumerate(node.input):
+            if name not in initializers or name not in network_reads:
+                continue
+            if name not in copies:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[name])
+                copy.name = copies[name] = f"scope/weights/{name}"
+                graph.initializer.append(copy)
+            node.input[k] = copies[name]
     return model
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,7 +67,7 @@ class LayerFit:
 
 def tapped_layers(model) -> list[str]:
     """The activations the guard reads: the last one at each of the trunk's resolutions,
-    from the stem's (exposure, texture, noise) to the last conv maps (anatomy). Chosen by
+    from the highest (exposure, texture, noise) to the last conv maps (anatomy). Chosen by
     measurement (docs/MODEL_CARD.md, "Scope guard"): one layer alone, first or last, misses
     many adults; one per scale flags them all on adult-dev while keeping the Kermany
     originals in."""
@@ -148,11 +148,12 @@ def layer_statistics(model, tensors: Sequence[str], paths: Sequence[Path],
         onnx.save(tapped, str(Path(tmp) / "tapped.onnx"))
         session, _ = open_session(Path(tmp) / "tapped.onnx", "cpu", cache=False)
     names = [o.name for o in tapped.graph.output[-len(tensors):]]
+    source = tapped.graph.input[0].name
     collected: list[list[np.ndarray]] = [[] for _ in tensors]
     batch: list[np.ndarray] = []
 
     def flush() -> None:
-        for store, value in zip(collected, session.run(names, {"input": np.stack(batch)})):
+        for store, value in zip(collected, session.run(names, {source: np.stack(batch)})):
             store.append(value)
         batch.clear()
 

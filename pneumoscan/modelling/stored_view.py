@@ -3,10 +3,10 @@ greyscale baseline JPEG round trip (ITU-T T.81) of the model's input, computed i
 ONNX graph, and a copy of the network's trunk that reads it.
 
 Why: the Kermany 224 px training images are quality-75 JPEGs, and every activation the guard
-is fitted on carries those artefacts. A model trained to ignore storage (the 2026.12.01
-candidate, docs/MODEL_CARD.md) reads original scans without a round trip, and the guard's
-deeper layers then tell an original from a training copy by its missing artefacts alone
-(96 of the 100 Kermany originals flagged). Read through this view, an original is stored as
+is fitted on carries those artefacts. A model trained to ignore storage (the default model
+since 2026.12.01, docs/MODEL_CARD.md) reads original scans without a round trip, and a guard
+on its own activations then tells an original from a training copy by its missing artefacts alone
+(it flagged 96 of the 100 Kermany originals). Read through this view, an original is stored as
 a training copy was, and what is left for the guard to see is the image itself. In the graph,
 not in `run`'s preprocessing: every caller of the model (run, ray actors, eval, quantize)
 feeds the one input it always did.
@@ -15,7 +15,7 @@ The round trip is the standard's: level shift, 8x8 DCT-II per block, division by
 quantisation table of the quality (libjpeg's scaling of Annex K's Table K.1) rounded half
 away from zero as libjpeg does, then the inverse and rounding to 8 bits. libjpeg's integer
 DCT rounds a coefficient the other way now and then: on Kermany originals, 92% of the pixels
-come out as Pillow's encoder gives them, 99.8% within 2 grey levels (tests/test_scope.py).
+come out as Pillow's encoder gives them, 99.8% within 2 grey levels (tests/test_stored_view.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from pneumoscan.inference.preprocess import Preprocessing
 
-PREFIX = "scope/view/"  # guard nodes (scope_guard.is_guard_node): float32 in every copy
+PREFIX = "scope/view/"  # guard nodes (scope_guard.is_guard_node): not quantised by --int8
 BLOCK = 8
 
 # ITU-T T.81 Annex K, Table K.1: luminance quantisation table, in natural (row) order.
@@ -72,9 +72,6 @@ def add_stored_view(model, source: str, prep: Preprocessing, quality: int | None
     network's weights); return the names of the tapped tensors' copies."""
     from onnx import helper
 
-    if prep.height % BLOCK or prep.width % BLOCK:
-        raise StoredViewError(f"the stored view needs an input of whole {BLOCK}x{BLOCK} "
-                              f"blocks, not {prep.height}x{prep.width}")
     view = source if quality is None else _add_round_trip(model.graph, source, prep, quality)
     if reduction > 1:
         reduced = PREFIX + "reduced"
@@ -87,6 +84,10 @@ def add_stored_view(model, source: str, prep: Preprocessing, quality: int | None
 
 def _add_round_trip(graph, source: str, prep: Preprocessing, quality: int) -> str:
     from onnx import helper, numpy_helper
+
+    if prep.height % BLOCK or prep.width % BLOCK:
+        raise StoredViewError(f"the stored view needs an input of whole {BLOCK}x{BLOCK} "
+                              f"blocks, not {prep.height}x{prep.width}")
 
     def constant(name: str, value, dtype=np.float32) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype),
