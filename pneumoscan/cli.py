@@ -560,10 +560,17 @@ def info(model_path, as_json):
 
 
 def _calibration_text(calibration: dict | None) -> str:
-    if not calibration or "bias" not in calibration:  # older exports: {"method": "none", ...}
+    """Platt scaling (temperature and bias) since 2026-12-01; temperature alone before;
+    {"method": "none", ...} for checkpoints trained without."""
+    if not calibration or calibration.get("method") == "none":
         return "none (the network's own probabilities)"
-    return (f"Platt scaling, T {calibration['temperature']:.3f}, b {calibration['bias']:+.3f}: "
-            f"ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.4f} on validation")
+    bias = calibration.get("bias")
+    text = (f"Platt scaling, T {calibration['temperature']:.3f}, b {bias:+.3f}" if bias is not None
+            else f"temperature scaling, T {calibration['temperature']:.3f}")
+    if "ece_before" in calibration and "ece_after" in calibration:
+        text += (f": ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.4f} "
+                 "on validation")
+    return text
 
 
 def _scope_guard_text(guard: dict | None) -> str:

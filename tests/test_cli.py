@@ -238,14 +238,18 @@ def test_info_shows_model_metadata(small_onnx):
 def test_info_on_a_model_exported_without_calibration(small_onnx, tmp_path):
     from pneumoscan.inference.model import META_PREFIX
 
-    model = onnx.load(str(small_onnx))
-    for entry in model.metadata_props:
-        if entry.key == META_PREFIX + "calibration":  # what export writes for such a checkpoint
-            entry.value = json.dumps({"method": "none", "temperature": 1.0})
-    onnx.save(model, str(tmp_path / "uncalibrated.onnx"))
-    result = invoke("info", "--model", tmp_path / "uncalibrated.onnx")
-    assert result.exit_code == 0, result.output
-    assert re.search(r"^calibration: +none", result.output, re.MULTILINE)
+    for calibration, shown in (
+            ({"method": "none", "temperature": 1.0}, "none"),  # what export writes then
+            ({"method": "temperature scaling", "temperature": 0.8, "ece_before": 0.1,
+              "ece_after": 0.02}, r"temperature scaling, T 0\.800: ECE 0\.100 -> 0\.0200")):
+        model = onnx.load(str(small_onnx))
+        for entry in model.metadata_props:
+            if entry.key == META_PREFIX + "calibration":
+                entry.value = json.dumps(calibration)
+        onnx.save(model, str(tmp_path / "older.onnx"))
+        result = invoke("info", "--model", tmp_path / "older.onnx")
+        assert result.exit_code == 0, result.output
+        assert re.search(r"^calibration: +" + shown, result.output, re.MULTILINE)
 
 
 def test_help_names_every_input_type():

@@ -77,6 +77,10 @@ def test_threshold_flags_at_most_the_rate():
     threshold = flag_threshold(scores, 0.05)
     assert (scores > threshold).sum() == 5
     assert threshold == 94.5  # midway: no score sits on it, to be tipped by float rounding
+    tied = np.array([*range(94), 94, 94, 96, 97, 98, 99], float)  # the 95th and 96th tie
+    assert flag_threshold(tied, 0.05) == 95.0 and (tied > 95.0).sum() == 4
+    for same in (np.full(40, 1.5), np.array([2.0])):
+        assert flag_threshold(same, 0.05) > same.max()
     assert (scores[:19] > flag_threshold(scores[:19], 0.05)).sum() == 0  # 5% of 19 < 1
 
 

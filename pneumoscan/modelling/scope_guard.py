@@ -227,16 +227,18 @@ def combined_scores(fits: Sequence[LayerFit], stats: Sequence[np.ndarray]) -> np
 
 def flag_threshold(val_scores: np.ndarray, rate: float = VAL_FLAG_RATE) -> float:
     """A threshold (score > threshold is flagged) flagging at most `rate` of the scores:
-    midway between the highest score it keeps and the lowest it flags (above the highest
-    score by a hundredth of their range when it flags none). Never one of the scores: that
-    image's float32 score in the graph, a few ulps from its float64 fit here, would be in or
-    out of scope by rounding (one was, in a test run)."""
+    midway between the highest score it keeps and the next higher score (ties are kept
+    together), or above the highest by a hundredth of the scores' range (at least 1e-3)
+    when it flags none. Never one of the scores: that image's float32 score in the graph, a
+    few ulps from its float64 fit here, would be in or out of scope by rounding (one was, in
+    a test run)."""
     ordered = np.sort(val_scores)
     allowed = int(np.floor(rate * len(ordered)))
     kept = ordered[len(ordered) - allowed - 1]
-    if allowed == 0:
-        return float(kept + (ordered[-1] - ordered[0]) / 100)
-    return float((kept + ordered[len(ordered) - allowed]) / 2)
+    above = ordered[ordered > kept]
+    if above.size:
+        return float((kept + above[0]) / 2)
+    return float(kept + max((ordered[-1] - ordered[0]) / 100, 1e-3))
 
 
 def add_score_output(model, fits: Sequence[LayerFit]):
