@@ -89,6 +89,23 @@ def read_model_input(path: Path, prep: Preprocessing) -> np.ndarray | FileResult
     return pixels if isinstance(pixels, FileResult) else normalise(pixels[None], prep)[0]
 
 
+def preprocessed_batches(paths: list[Path], prep: Preprocessing, size: int = DEFAULT_BATCH_SIZE):
+    """float32 model inputs, `size` at a time, of the images that load (others skipped);
+    yields (batch, indices into paths)."""
+    tensors, indices = [], []
+    for i, path in enumerate(paths):
+        tensor = read_model_input(path, prep)
+        if isinstance(tensor, FileResult):
+            continue
+        tensors.append(tensor)
+        indices.append(i)
+        if len(tensors) == size:
+            yield np.stack(tensors), indices
+            tensors, indices = [], []
+    if tensors:
+        yield np.stack(tensors), indices
+
+
 class Engine(Protocol):
     """What runs the stages: `classify` below (LocalEngine), or ray_engine.RayEngine."""
 

@@ -29,13 +29,11 @@ import numpy as np
 from pneumoscan.evaluation.datasets import CLASS_NAMES
 from pneumoscan.evaluation.metrics import binary_metrics
 from pneumoscan.files import atomic_path
-from pneumoscan.inference.pipeline import read_model_input
+from pneumoscan.inference.pipeline import preprocessed_batches
 from pneumoscan.inference.preprocess import Preprocessing
-from pneumoscan.records import FileResult
 
 MAX_AUC_DROP = 0.005
 CALIBRATION_IMAGES = 200
-BATCH = 32
 
 
 class QuantizeError(RuntimeError):
@@ -80,23 +78,6 @@ def labelled_images(paths: list[Path]) -> tuple[list[Path], np.ndarray]:
     split; others are left out."""
     kept = [p for p in paths if p.parent.name in CLASS_NAMES]
     return kept, np.array([CLASS_NAMES.index(p.parent.name) for p in kept])
-
-
-def preprocessed_batches(paths: list[Path], prep: Preprocessing, size: int = BATCH):
-    """float32 model inputs, `size` at a time, of the images that load (others skipped);
-    yields (batch, indices into paths)."""
-    tensors, indices = [], []
-    for i, path in enumerate(paths):
-        tensor = read_model_input(path, prep)
-        if isinstance(tensor, FileResult):
-            continue
-        tensors.append(tensor)
-        indices.append(i)
-        if len(tensors) == size:
-            yield np.stack(tensors), indices
-            tensors, indices = [], []
-    if tensors:
-        yield np.stack(tensors), indices
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preprocessing,

@@ -32,7 +32,6 @@ import numpy as np
 from pneumoscan.inference.model import META_PREFIX, open_session
 from pneumoscan.inference.preprocess import Preprocessing
 from pneumoscan.modelling.stored_view import StoredViewError, add_stored_view
-from pneumoscan.records import FileResult
 
 SCORE_OUTPUT = "scope_score"
 METADATA_KEY = "scope_guard"
@@ -42,7 +41,6 @@ POWER_ITERATIONS = 4
 FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard's nodes
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
-BATCH = 32
 # The guard's view of every input: stored as the Kermany 224 px training images were, and
 # averaged over 2x2 pixels (what is left of storage at that scale is below what the layers
 # see; the trunk's copy costs a quarter of the network).
@@ -140,7 +138,7 @@ def layer_statistics(model, tensors: Sequence[str], paths: Sequence[Path],
     images at `paths` that can be read, each as `run` feeds it to the model."""
     import onnx
 
-    from pneumoscan.inference.pipeline import read_model_input
+    from pneumoscan.inference.pipeline import preprocessed_batches
 
     prep = model_preprocessing(model)
     tapped = with_statistics_outputs(model, tensors)
@@ -150,22 +148,9 @@ def layer_statistics(model, tensors: Sequence[str], paths: Sequence[Path],
     names = [o.name for o in tapped.graph.output[-len(tensors):]]
     source = tapped.graph.input[0].name
     collected: list[list[np.ndarray]] = [[] for _ in tensors]
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        for store, value in zip(collected, session.run(names, {source: np.stack(batch)})):
+    for batch, _ in preprocessed_batches(list(paths), prep):
+        for store, value in zip(collected, session.run(names, {source: batch})):
             store.append(value)
-        batch.clear()
-
-    for path in paths:
-        tensor = read_model_input(path, prep)
-        if isinstance(tensor, FileResult):
-            continue
-        batch.append(tensor)
-        if len(batch) == BATCH:
-            flush()
-    if batch:
-        flush()
     if not collected[0]:
         raise ScopeFitError("none of the scope guard's images could be read")
     stats = [np.concatenate(parts).astype(np.float64) for parts in collected]
