@@ -1,7 +1,7 @@
 """The ray engine against the local engine, and the local engine against its 2-core bound,
 on real chest X-rays (../shared/data).
 
-    python benchmarks/bench_ray.py [--parts overhead,scaling,memory,bound] [--repeats 3]
+    python benchmarks/bench_ray.py [--parts overhead,cli,scaling,memory,bound] [--repeats 3]
                                    [--originals 1000] [--memory-files 20000] [--bound-files 1500]
 
 Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
@@ -12,10 +12,19 @@ Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
             apart); and the ray engine on a `ray start` head of this machine's cores
             started before the part (`--ray-address`, as on a user's cluster). Each ray
             run makes its own actor pool: actor start-up is part of its time, as it is of
-            a user's run.
+            a user's run. And Ray Data alone, both ways: the engine's dataset shape over the
+            same file names with no-op actors (nothing of pneumoscan imported, no model,
+            no decoding), what Ray Data itself costs a run: the floor under the overhead.
   scaling   the same N on a `ray start` cluster on loopback: a head with no CPU (the
             driver) and 1, then 2, worker nodes of 1 CPU each; one actor a node (which
             prepares its own files: CPU-only actors do).
+  cli       the same N through the command a user runs, `pneumoscan run N --json OUT` in a
+            process of its own on a fresh state, wall seconds of the process (its imports,
+            the model, the state ledger, the engine's start-up): the local engine; the ray
+            engine on a running `ray start` head of this machine's cores (`--ray-address`,
+            after one untimed run, as on a cluster in use: Ray Data's cluster-wide helper
+            actors exist); the ray engine with a Ray started by the run (`ray.init` and
+            Ray Data's helper actors included: all a user waits for).
   memory    the driver's peak RSS (VmHWM) over 20,000 files (the 224 px Kermany images,
             hard-linked), local engine vs ray engine.
   bound     the local engine's `run` (state ledger, JSON) on 1,500 originals against the
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -137,10 +147,10 @@ def measure_local(args) -> dict:
     return scan_seconds(args.folder, args.warmup, lambda: open_engine("local"))
 
 
-def measure_ray(args) -> dict:
+def init_ray(args) -> float:
+    """Connects to `args.address`, or starts a Ray instance of this machine's cores; the
+    seconds it took."""
     import ray
-
-    from pneumoscan.inference.ray_engine import RayEngine, RayOptions
 
     t0 = time.perf_counter()
     if args.address:
@@ -148,10 +158,52 @@ def measure_ray(args) -> dict:
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  log_to_driver=False)
-    started = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def measure_ray(args) -> dict:
+    from pneumoscan.inference.ray_engine import RayEngine, RayOptions
+
+    started = init_ray(args)
     options = RayOptions(actors=args.actors, actor_cpus=args.actor_cpus)
     measured = scan_seconds(args.folder, args.warmup, lambda: RayEngine(options))
     return {**measured, **actor_timings(measured), "ray_start_s": started}
+
+
+class NoOp:
+    """An actor that returns its rows: Ray Data's own cost, without pneumoscan."""
+
+    def __call__(self, batch: dict) -> dict:
+        return batch
+
+
+def measure_ray_data_alone(args) -> dict:
+    """The ray engine's dataset shape with nothing of pneumoscan in it: the same rows (file
+    names), blocks, fused pass-through stage, actor pool (one actor a CPU) and ordered
+    iteration, but actors that import nothing of ours and return their rows. What Ray Data
+    itself costs a run here: the floor under the ray engine's overhead."""
+    import ray
+
+    from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
+    from pneumoscan.inference.ray_engine import FILES_PER_BLOCK
+
+    init_ray(args)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True
+    actors = int(ray.cluster_resources()["CPU"])
+    for folder in (args.warmup, args.folder):
+        rows = [{"index": i, "item": str(path)}
+                for i, path in enumerate(sorted(folder.iterdir()))]
+        clock = Clock()
+        dataset = (ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_BLOCK))
+                   .map_batches(lambda batch: batch, batch_size=None, num_cpus=1)
+                   .map_batches(NoOp, batch_size=DEFAULT_BATCH_SIZE, num_cpus=1,
+                                compute=ray.data.ActorPoolStrategy(size=actors)))
+        for row in dataset.iter_rows():
+            clock.note_first(row)
+        measured = clock.read()
+    return {**measured, "first_result_s": clock.first}
 
 
 def measure_model_alone(args) -> dict:
@@ -205,13 +257,40 @@ def measure_local_run(args) -> dict:
     return measured
 
 
-MEASURES = {"local": measure_local, "ray": measure_ray, "model-alone": measure_model_alone,
-            "decode-alone": measure_decode_alone, "local-run": measure_local_run}
+def measure_cli(args) -> dict:
+    """`pneumoscan run FOLDER --json OUT` in a child process on a fresh state, with the
+    engine of `args.engine`: its wall seconds, CPU seconds and peak RSS."""
+    out = Path(tempfile.mkdtemp())
+    command = [sys.executable, "-m", "pneumoscan", "run", str(args.folder),
+               "--json", str(out / "results.json"), "--device", "cpu"]
+    if args.engine == "ray":
+        command += ["--engine", "ray"] + (["--ray-address", args.address] if args.address
+                                          else [])
+    before = os.times()
+    wall = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - wall
+    after = os.times()
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    counts = json.loads((out / "results.json").read_text())["counts"]
+    assert counts["classified"] == sum(1 for _ in args.folder.iterdir()), counts
+    shutil.rmtree(out)
+    return {"seconds": seconds,
+            "cpu_s": (after.children_user + after.children_system
+                      - before.children_user - before.children_system),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+MEASURES = {"local": measure_local, "ray": measure_ray, "ray-data-alone": measure_ray_data_alone,
+            "model-alone": measure_model_alone,
+            "decode-alone": measure_decode_alone, "local-run": measure_local_run,
+            "cli": measure_cli}
 
 
 def worker(args) -> None:
     result = MEASURES[args.worker](args)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result.setdefault("peak_rss_mb", peak_rss_mb())  # the cli rows give their child's
     print(json.dumps(result))
 
 
@@ -272,7 +351,7 @@ def load_line(part: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="overhead,scaling,memory,bound")
+    p.add_argument("--parts", default="overhead,cli,scaling,memory,bound")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--originals", type=int, default=1000)
     p.add_argument("--memory-files", type=int, default=20000)
@@ -284,6 +363,7 @@ def main() -> None:
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--actors", type=int, help=argparse.SUPPRESS)
     p.add_argument("--actor-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=("local", "ray"), help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.update(RAY_ENV)  # inherited by the measuring subprocesses and `ray start`
     if args.worker:
@@ -295,7 +375,7 @@ def main() -> None:
     try:
         originals = sources(ORIGINALS)
         warmup = linked_folder(originals, WARMUP_IMAGES, root / "warmup")
-        if "overhead" in parts or "scaling" in parts:
+        if {"overhead", "scaling", "cli"} & set(parts):
             folder = linked_folder(originals, args.originals, root)
         if "overhead" in parts:
             print("overhead:", file=sys.stderr)
@@ -305,7 +385,10 @@ def main() -> None:
                     {"local engine": {"measure": "local"},
                      "ray engine": {"measure": "ray"},
                      "ray engine, --ray-address": {"measure": "ray", "options": {
-                         "address": cluster.address}}},
+                         "address": cluster.address}},
+                     "Ray Data alone (no-op actors)": {"measure": "ray-data-alone"},
+                     "Ray Data alone, --ray-address": {"measure": "ray-data-alone",
+                                                       "options": {"address": cluster.address}}},
                     folder, warmup, args.repeats)
             out += table(f"{args.originals} originals: ray engine vs local engine "
                          f"(median of {args.repeats})", args.originals, raw["overhead"],
@@ -322,6 +405,21 @@ def main() -> None:
             first = next(iter(raw["scaling"]))
             out += table(f"{args.originals} originals on a loopback cluster (median of "
                          f"{args.repeats})", args.originals, raw["scaling"], first)
+        if "cli" in parts:
+            print("cli:", file=sys.stderr)
+            out.append(load_line("cli"))
+            with LoopbackCluster(os.cpu_count(), []) as cluster:
+                rows = {"local engine": {"measure": "cli", "options": {"engine": "local"}},
+                        "ray engine, --ray-address": {"measure": "cli", "options": {
+                            "engine": "ray", "address": cluster.address}},
+                        "ray engine, Ray started by the run": {"measure": "cli", "options": {
+                            "engine": "ray"}}}
+                for spec in rows.values():  # untimed: imports cached, the cluster in use
+                    run_measure(spec["measure"], warmup, warmup, **spec["options"])
+                raw["cli"] = interleaved(rows, folder, warmup, args.repeats)
+            out += table(f"{args.originals} originals: `pneumoscan run --json` in a process "
+                         f"of its own (median of {args.repeats})", args.originals, raw["cli"],
+                         "local engine")
         if "memory" in parts:
             print("memory:", file=sys.stderr)
             out.append(load_line("memory"))
