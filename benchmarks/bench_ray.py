@@ -170,7 +170,7 @@ def measure_ray(args) -> dict:
     return {**measured, **actor_timings(measured), "ray_start_s": started}
 
 
-class NoOp:
+class PassThrough:
     """An actor that returns its rows: Ray Data's own cost, without pneumoscan."""
 
     def __call__(self, batch: dict) -> dict:
@@ -178,31 +178,37 @@ class NoOp:
 
 
 def measure_ray_data_alone(args) -> dict:
-    """The ray engine's dataset shape with nothing of pneumoscan in it: the same rows (file
-    names), blocks, fused pass-through stage, actor pool (one actor a CPU) and ordered
+    """The ray engine's dataset shape with nothing of pneumoscan in its actors: the same
+    rows (the discovered files, pickled as the engine's are), blocks, fused pass-through
+    stage, autoscaling actor pool starting at one actor a CPU, batch size and ordered
     iteration, but actors that import nothing of ours and return their rows. What Ray Data
     itself costs a run here: the floor under the ray engine's overhead."""
     import ray
 
     from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
     from pneumoscan.inference.ray_engine import FILES_PER_BLOCK
+    from pneumoscan.inputs.discover import discover
 
     init_ray(args)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    context.enable_fallback_to_arrow_object_ext_type = True
     context.execution_options.preserve_order = True
     actors = int(ray.cluster_resources()["CPU"])
     for folder in (args.warmup, args.folder):
-        rows = [{"index": i, "item": str(path)}
-                for i, path in enumerate(sorted(folder.iterdir()))]
         clock = Clock()
+        rows = [{"index": i, "item": item} for i, item in enumerate(discover(folder))]
         dataset = (ray.data.from_items(rows, override_num_blocks=-(-len(rows) // FILES_PER_BLOCK))
                    .map_batches(lambda batch: batch, batch_size=None, num_cpus=1)
-                   .map_batches(NoOp, batch_size=DEFAULT_BATCH_SIZE, num_cpus=1,
-                                compute=ray.data.ActorPoolStrategy(size=actors)))
+                   .map_batches(PassThrough, batch_size=DEFAULT_BATCH_SIZE, num_cpus=1,
+                                compute=ray.data.ActorPoolStrategy(
+                                    min_size=1, max_size=None, initial_size=actors)))
+        returned = 0
         for row in dataset.iter_rows():
             clock.note_first(row)
+            returned += 1
         measured = clock.read()
+        assert returned == len(rows), (returned, len(rows))
     return {**measured, "first_result_s": clock.first}
 
 
@@ -259,23 +265,24 @@ def measure_local_run(args) -> dict:
 
 def measure_cli(args) -> dict:
     """`pneumoscan run FOLDER --json OUT` in a child process on a fresh state, with the
-    engine of `args.engine`: its wall seconds, CPU seconds and peak RSS."""
-    out = Path(tempfile.mkdtemp())
-    command = [sys.executable, "-m", "pneumoscan", "run", str(args.folder),
-               "--json", str(out / "results.json"), "--device", "cpu"]
+    engine of `args.engine`: its wall seconds; the CPU seconds and peak RSS of the processes
+    it waited for (with a Ray started by the run, Ray's own processes too)."""
+    command = [sys.executable, "-m", "pneumoscan", "run", str(args.folder), "--device", "cpu"]
     if args.engine == "ray":
         command += ["--engine", "ray"] + (["--ray-address", args.address] if args.address
                                           else [])
-    before = os.times()
-    wall = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - wall
-    after = os.times()
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
-    counts = json.loads((out / "results.json").read_text())["counts"]
+    with tempfile.TemporaryDirectory() as out:
+        results = Path(out) / "results.json"
+        before = os.times()
+        started = time.perf_counter()
+        done = subprocess.run([*command, "--json", str(results)], capture_output=True,
+                              text=True)
+        seconds = time.perf_counter() - started
+        after = os.times()
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+        counts = json.loads(results.read_text())["counts"]
     assert counts["classified"] == sum(1 for _ in args.folder.iterdir()), counts
-    shutil.rmtree(out)
     return {"seconds": seconds,
             "cpu_s": (after.children_user + after.children_system
                       - before.children_user - before.children_system),
@@ -290,7 +297,7 @@ MEASURES = {"local": measure_local, "ray": measure_ray, "ray-data-alone": measur
 
 def worker(args) -> None:
     result = MEASURES[args.worker](args)
-    result.setdefault("peak_rss_mb", peak_rss_mb())  # the cli rows give their child's
+    result.setdefault("peak_rss_mb", peak_rss_mb())  # the cli rows give their children's
     print(json.dumps(result))
 
 
@@ -386,7 +393,7 @@ def main() -> None:
                      "ray engine": {"measure": "ray"},
                      "ray engine, --ray-address": {"measure": "ray", "options": {
                          "address": cluster.address}},
-                     "Ray Data alone (no-op actors)": {"measure": "ray-data-alone"},
+                     "Ray Data alone (pass-through actors)": {"measure": "ray-data-alone"},
                      "Ray Data alone, --ray-address": {"measure": "ray-data-alone",
                                                        "options": {"address": cluster.address}}},
                     folder, warmup, args.repeats)
