@@ -1,11 +1,23 @@
-"""The ONNX Runtime session: the optimised graph cached on disk, and IO binding."""
+"""The ONNX Runtime session: the optimised graph cached on disk, IO binding, and finding out
+whether CUDA loads."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+
 import numpy as np
+import onnxruntime as ort
 
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
-from pneumoscan.inference.model import open_session, optimized_model_path
+from pneumoscan.inference.model import (
+    CUDA_PROBE,
+    cuda_loads,
+    open_session,
+    optimized_model_path,
+    preload_cuda_libraries,
+)
 
 
 def test_the_optimised_graph_is_cached_and_gives_the_same_outputs(small_onnx, tmp_path,
@@ -48,3 +60,24 @@ def test_io_binding_gives_the_same_outputs_as_run(small_onnx):
     plain = model.predict(batch)
     np.testing.assert_allclose(cams, plain.cams, atol=1e-6)
     assert logits.shape == (4, 2)
+
+
+def test_the_cuda_probe_names_only_the_provider_on_stdout():
+    """The probe preloads NVIDIA's pip CUDA libraries first (ORT prints what it cannot
+    load): stdout must still hold the provider alone, which cuda_loads reads."""
+    probe = subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True, text=True,
+                           timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() in {"CUDAExecutionProvider", "CPUExecutionProvider"}
+    assert cuda_loads() == (probe.stdout.strip() == "CUDAExecutionProvider")
+
+
+def test_what_preloading_cuda_prints_goes_to_the_log_not_stdout(monkeypatch, capsys, caplog):
+    def preload_dlls():  # what ORT prints on a machine without NVIDIA's libraries
+        print("Failed to load libcublasLt.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls)
+    with caplog.at_level(logging.INFO, logger="pneumoscan.inference.model"):
+        preload_cuda_libraries()
+    assert capsys.readouterr().out == ""
+    assert "Failed to load libcublasLt.so.13" in caplog.text

@@ -7,7 +7,9 @@ names, threshold, name, version) is read from the ONNX file's metadata_props, wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -149,6 +151,7 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None,
         raise ModelError("--device cuda: the CUDA execution provider could not be loaded "
                          "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto")
     if on_cuda:
+        preload_cuda_libraries()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         session = _create_session(path, session_options(threads), providers)
     else:
@@ -268,8 +271,13 @@ def cpu_fingerprint() -> str:
 # logger; a child keeps them out of this process's output without changing that logger
 # (and a broken driver cannot take the run down with it).
 CUDA_PROBE = """
+import contextlib, sys
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+if hasattr(ort, "preload_dlls"):  # as open_session does (preload_cuda_libraries)
+    with contextlib.redirect_stdout(sys.stderr):
+        ort.preload_dlls()
 
 value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
 graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
@@ -283,6 +291,23 @@ CUDA_PROBE_SECONDS = 300  # a first CUDA start may compile kernels for a new GPU
 
 
 @lru_cache(maxsize=1)
+def preload_cuda_libraries() -> None:
+    """Loads the CUDA and cuDNN libraries that NVIDIA's pip packages install (PyTorch's, or
+    onnxruntime-gpu's `cuda` and `cudnn` extras) where the system's loader would not find
+    them: ORT's CUDA provider otherwise fails to load unless `import torch` came first.
+    `onnxruntime.preload_dlls` (ORT 1.21 on) prints what it cannot load: that goes to the
+    log (-v), never to stdout, which holds the run's output lines."""
+    import onnxruntime as ort
+
+    if not hasattr(ort, "preload_dlls"):
+        return
+    told = io.StringIO()
+    with contextlib.redirect_stdout(told):
+        ort.preload_dlls()
+    if told.getvalue().strip():
+        log.info("ONNX Runtime, loading CUDA libraries:\n%s", told.getvalue().strip())
+
+
 def cuda_loads() -> bool:
     """Whether ORT's CUDA provider really loads here (a one-node session finds out)."""
     import onnxruntime as ort
