@@ -13,7 +13,7 @@ Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
             started before the part (`--ray-address`, as on a user's cluster). Each ray
             run makes its own actor pool: actor start-up is part of its time, as it is of
             a user's run. And Ray Data alone, both ways: the engine's dataset shape over the
-            same file names with no-op actors (nothing of pneumoscan imported, no model,
+            same files with pass-through actors (nothing of pneumoscan imported, no model,
             no decoding), what Ray Data itself costs a run: the floor under the overhead.
   scaling   the same N on a `ray start` cluster on loopback: a head with no CPU (the
             driver) and 1, then 2, worker nodes of 1 CPU each; one actor a node (which
