@@ -81,3 +81,17 @@ def test_what_preloading_cuda_prints_goes_to_the_log_not_stdout(monkeypatch, cap
         preload_cuda_libraries()
     assert capsys.readouterr().out == ""
     assert "Failed to load libcublasLt.so.13" in caplog.text
+
+
+def test_a_process_probes_cuda_once(small_onnx, monkeypatch):
+    """The probe is a subprocess of up to CUDA_PROBE_SECONDS: opening more sessions (a run
+    opens the model, the export checks open several) starts no second one."""
+    cuda_loads()
+
+    def no_more_probes(*args, **kwargs):
+        raise AssertionError(f"a second CUDA probe: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_more_probes)
+    for _ in range(2):
+        session, provider = open_session(small_onnx, "auto")
+        assert provider in {"CUDAExecutionProvider", "CPUExecutionProvider"}

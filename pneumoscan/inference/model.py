@@ -290,7 +290,6 @@ print(session.get_providers()[0])
 CUDA_PROBE_SECONDS = 300  # a first CUDA start may compile kernels for a new GPU
 
 
-@lru_cache(maxsize=1)
 def preload_cuda_libraries() -> None:
     """Loads the CUDA and cuDNN libraries that NVIDIA's pip packages install (PyTorch's, or
     onnxruntime-gpu's `cuda` and `cudnn` extras) where the system's loader would not find
@@ -308,6 +307,7 @@ def preload_cuda_libraries() -> None:
         log.info("ONNX Runtime, loading CUDA libraries:\n%s", told.getvalue().strip())
 
 
+@lru_cache(maxsize=1)
 def cuda_loads() -> bool:
     """Whether ORT's CUDA provider really loads here (a one-node session finds out)."""
     import onnxruntime as ort
