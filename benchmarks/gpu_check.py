@@ -33,6 +33,7 @@ writes OUT/gpu_check.json:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -47,6 +48,11 @@ SHARED = REPO.parent / "shared" / "data"
 IMAGES_PER_CLASS = 500
 ARCHITECTURES = ("efficientnet_lite0", "resnet50", "densenet161")
 TRAIN_STEPS = 20  # a short epoch on a GPU: enough steps for a steady images/s
+# Every trunk stage trains from the first epoch (training.train opens at most the stages
+# there are): the cost of a fine-tuning step, not of the head's alone.
+ALL_STAGES_OPEN = ",".join(["1"] * 8)
+# One step at most: a hung CUDA or Ray start must leave time for the others in the call.
+STEP_SECONDS = 240
 # What the device's image lacks (KINDS.md lists what it has), in wheels small enough for one
 # call; the large ones travel in parts.
 SMALL_WHEELS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
@@ -89,25 +95,35 @@ def _download(requirements: tuple[str, ...], into: Path) -> None:
 
 
 def cut(path: Path, into: Path) -> list[Path]:
-    """`path` as NAME.partNN files of at most PART_BYTES each, in `into`."""
+    """`path` as NAME.partNN files of at most PART_BYTES each in `into`, and NAME.parts (the
+    number of parts and the whole file's sha256, for `join` to check)."""
     into.mkdir(parents=True, exist_ok=True)
     parts = []
     with path.open("rb") as source:
         while chunk := source.read(PART_BYTES):
             parts.append(into / f"{path.name}.part{len(parts):02d}")
             parts[-1].write_bytes(chunk)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (into / f"{path.name}.parts").write_text(json.dumps({"parts": len(parts), "sha256": digest}))
     return parts
 
 
 def join(parts_folder: Path, into: Path) -> list[Path]:
-    """The files cut by `cut`, joined again in `into`."""
+    """The files cut by `cut`, joined again in `into`; a part missing (a call that did not
+    carry it) or damaged stops here, with the part named, rather than in pip."""
     into.mkdir(parents=True, exist_ok=True)
-    names = sorted({p.name.rsplit(".part", 1)[0] for p in parts_folder.glob("*.part*")})
     joined = []
-    for name in names:
-        with (into / name).open("wb") as out:
-            for part in sorted(parts_folder.glob(f"{name}.part*")):
-                out.write(part.read_bytes())
+    for manifest in sorted(parts_folder.glob("*.parts")):
+        expected = json.loads(manifest.read_text())
+        name = manifest.name.removesuffix(".parts")
+        parts = [parts_folder / f"{name}.part{i:02d}" for i in range(expected["parts"])]
+        missing = [p.name for p in parts if not p.is_file()]
+        if missing:
+            sys.exit(f"{name}: parts not carried here yet: {', '.join(missing)}")
+        whole = b"".join(p.read_bytes() for p in parts)
+        if hashlib.sha256(whole).hexdigest() != expected["sha256"]:
+            sys.exit(f"{name}: the joined parts differ from the file that was cut")
+        (into / name).write_bytes(whole)
         joined.append(into / name)
     return joined
 
@@ -118,6 +134,10 @@ def install(folder: Path) -> None:
     wheels = sorted((folder / "wheels").glob("*.whl"))
     if (folder / "parts").is_dir():
         wheels += join(folder / "parts", folder / "joined")
+    if any(w.name.startswith("onnxruntime_gpu-") for w in wheels):
+        # the image's CPU package owns the same `onnxruntime` folder
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "onnxruntime"],
+                       check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                     *map(str, wheels)], check=True)
     # pneumoscan itself without its dependencies: the device's own torch, onnx and numpy
@@ -126,49 +146,71 @@ def install(folder: Path) -> None:
                     "--no-build-isolation", "-e", str(REPO)], check=True)
 
 
-def step(name: str, command: list[str], results: list[dict], **extra) -> dict | None:
-    """Runs `command`; its wall seconds and, on failure, why, as a row of `results`."""
+class Results:
+    """The steps' rows, written to OUT/gpu_check.json after each one: a call stopped at its
+    limit still brings back what was measured."""
+
+    def __init__(self, out: Path):
+        self.rows: list[dict] = []
+        self.path = out / "gpu_check.json"
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.rows, indent=1))
+
+
+def step(name: str, command: list[str], results: Results) -> dict | None:
+    """Runs `command` (at most STEP_SECONDS); its wall seconds and, on failure, why, as a
+    row of `results`."""
     print(f"== {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                              timeout=STEP_SECONDS)
+    except subprocess.TimeoutExpired:
+        done = subprocess.CompletedProcess(command, -1, "", f"over {STEP_SECONDS} s: stopped")
     row = {"step": name, "seconds": round(time.perf_counter() - started, 2),
-           "ok": done.returncode == 0, **extra}
+           "ok": done.returncode == 0}
     if row["ok"]:
         row["output"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     else:
         row["error"] = (done.stderr or done.stdout).strip().splitlines()[-5:]
-    results.append(row)
+    results.add(row)
     print(json.dumps(row), flush=True)
     return row if row["ok"] else None
 
 
-def classify(name: str, folder: Path, out: Path, device: str, results: list[dict],
-             *options: str) -> None:
-    """`pneumoscan run FOLDER --json` on a fresh state: images/s and the provider."""
-    json_path = out / f"{name}.json"
-    for stale in out.glob(f"{name}.*"):
-        stale.unlink()
-    row = step(name, [sys.executable, "-m", "pneumoscan", "run", str(folder), "--json",
-                      str(json_path), "--device", device, *options], results)
+def classify(name: str, folder: Path, device: str, results: Results, *options: str) -> None:
+    """`pneumoscan run FOLDER --json` on a fresh state (a folder of its own, not OUT: the
+    device brings back a few files of plain names): images/s and the provider."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-run-") as scratch:
+        json_path = Path(scratch) / "results.json"
+        row = step(name, [sys.executable, "-m", "pneumoscan", "run", str(folder), "--json",
+                          str(json_path), "--device", device, *options], results)
+        scanned = json.loads(json_path.read_text()) if row else None
     if row:
-        scanned = json.loads(json_path.read_text())
         row["classified"] = scanned["counts"]["classified"]
         row["images_per_s"] = round(row["classified"] / row["seconds"], 1)
         row["provider"] = scanned["run"]["provider"]
+        results.save()
 
 
 def run(folder: Path, out: Path, device: str, architectures: tuple[str, ...],
         train_steps: int) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
+    results = Results(out)
     environment = step("environment", [sys.executable, "-c", ENVIRONMENT], results)
     if environment:
         environment["note"] = environment["output"]
+        results.save()
     images = folder / "images"
-    classify("samples", REPO / "samples", out, device, results)
-    classify("1000 images", images, out, device, results)
+    classify("samples", REPO / "samples", device, results)
+    classify("1000 images", images, device, results)
     if device != "cpu":
-        classify("1000 images, cpu", images, out, "cpu", results)
+        classify("1000 images, cpu", images, "cpu", results)
     runs = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     for arch in architectures:
         # ImageNet weights: efficientnet_lite0's ship in a package; the others would need a
@@ -177,33 +219,30 @@ def run(folder: Path, out: Path, device: str, architectures: tuple[str, ...],
         row = step(f"train {arch}", [sys.executable, "-m", "training.train", "--data",
                                       str(images), "--arch", arch, "--out", str(runs / arch),
                                       "--epochs", "1", "--max-steps-per-epoch",
-                                      str(train_steps), *weights], results)
+                                      str(train_steps), "--unfreeze-epochs", ALL_STAGES_OPEN,
+                                      *weights], results)
         if row:  # the epoch's own rate, from its history (the step's seconds also hold
             # decoding the data, validation and the calibration)
             epoch = json.loads((runs / arch / "history.json").read_text())[0]
             row["images_per_s"] = round(epoch["images_per_s"], 1)
             row["epoch_seconds"] = round(epoch["seconds"], 2)
+            results.save()
     lite0 = runs / "efficientnet_lite0" / "best.pt"
     if lite0.exists():
         model = runs / "lite0.onnx"
         if step("export fp16", [sys.executable, "-m", "pneumoscan", "export-onnx", str(lite0),
                                 "--out", str(model), "--fp16", "--check-images",
                                 str(folder / "val"), "--force"], results):
-            fp16 = model.with_suffix(".fp16.onnx")
-            if fp16.exists():
-                classify("1000 images, fp16", images, out, device, results,
-                         "--model", str(fp16))
-            else:  # export-onnx keeps no copy whose validation AUC moved too far
-                results.append({"step": "1000 images, fp16", "ok": False,
-                                "error": ["export-onnx wrote no fp16 copy (see its output)"]})
+            classify("1000 images, fp16", images, device, results,
+                     "--model", str(model.with_suffix(".fp16.onnx")))
     ray_installed = subprocess.run([sys.executable, "-c", "import ray.data"],
                                    capture_output=True).returncode == 0
     if ray_installed:
-        classify("1000 images, ray", images, out, device, results, "--engine", "ray")
+        classify("1000 images, ray", images, device, results, "--engine", "ray")
     else:
-        results.append({"step": "1000 images, ray", "ok": False, "error": ["Ray not installed"]})
+        results.add({"step": "1000 images, ray", "ok": False, "error": ["Ray not installed"]})
     shutil.rmtree(runs, ignore_errors=True)
-    return results
+    return results.rows
 
 
 ENVIRONMENT = """
@@ -220,10 +259,10 @@ print(json.dumps({
 """
 
 
-def table(results: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
     lines = ["| step | ok | seconds | images/s | provider | note |",
              "|---|---|---:|---:|---|---|"]
-    for row in results:
+    for row in rows:
         note = ("; ".join(row["error"]) if "error" in row else row.get("note", ""))[:300]
         lines.append(f"| {row['step']} | {'yes' if row['ok'] else 'no'} | "
                      f"{row.get('seconds', '')} | {row.get('images_per_s', '')} | "
@@ -246,10 +285,9 @@ def main() -> None:
     elif args.action == "install":
         install(args.folder)
     else:
-        results = run(args.folder.resolve(), args.out.resolve(), args.device,
-                      tuple(args.architectures.split(",")), args.train_steps)
-        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
-        print(table(results))
+        rows = run(args.folder.resolve(), args.out.resolve(), args.device,
+                   tuple(args.architectures.split(",")), args.train_steps)
+        print(table(rows))
 
 
 if __name__ == "__main__":

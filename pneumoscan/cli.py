@@ -252,7 +252,9 @@ class Source(click.ParamType):
               help="ray: decode and classify on a Ray cluster (pip install "
                    "\"pneumoscan[ray]\"; docs/CLUSTER.md)")
 @click.option("--ray-address", help="--engine ray: the cluster (auto, HOST:6379, "
-                                    "ray://HOST:10001; default: a Ray started for this run)")
+                                    "ray://HOST:10001; default: RAY_ADDRESS, or a `ray start` "
+                                    "cluster of this machine, else a Ray started for this "
+                                    "run)")
 @click.option("--ray-actors", type=click.IntRange(1),
               help="--engine ray: inference actors (default: as many as the cluster "
                    "holds, then as many as keep up)")

@@ -66,8 +66,9 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how the run uses Ray. `address`: None starts a Ray instance on this machine
-    for the run; otherwise an existing cluster (`auto`, `HOST:6379`, `ray://HOST:10001`).
+    """Where and how the run uses Ray. `address`: an existing cluster (`auto`, `HOST:6379`,
+    `ray://HOST:10001`); None follows `ray.init`: RAY_ADDRESS, else the latest `ray start`
+    cluster of this machine, else a Ray instance started on this machine for the run.
     `actors`: inference actors (default: as many as the cluster holds when the run
     starts, then as many as keep up). `actor_gpus`: GPUs per actor (default: one when the
     cluster has GPUs and the device is not `cpu`). `decode_cpus`: files are prepared by
