@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,8 +52,9 @@ TRAIN_STEPS = 20  # a short epoch on a GPU: enough steps for a steady images/s
 # Every trunk stage trains from the first epoch (training.train opens at most the stages
 # there are): the cost of a fine-tuning step, not of the head's alone.
 ALL_STAGES_OPEN = ",".join(["1"] * 8)
-# One step at most: a hung CUDA or Ray start must leave time for the others in the call.
-STEP_SECONDS = 240
+# One step at most: a hung CUDA or Ray start must leave time for the others in the call,
+# and a slow first CUDA start (the probe's 300 s) must still be told apart from a hang.
+STEP_SECONDS = 330
 # What the device's image lacks (KINDS.md lists what it has), in wheels small enough for one
 # call; the large ones travel in parts.
 SMALL_WHEELS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
@@ -112,6 +114,10 @@ def join(parts_folder: Path, into: Path) -> list[Path]:
     """The files cut by `cut`, joined again in `into`; a part missing (a call that did not
     carry it) or damaged stops here, with the part named, rather than in pip."""
     into.mkdir(parents=True, exist_ok=True)
+    unlisted = [p.name for p in parts_folder.glob("*.part00")
+                if not (parts_folder / f"{p.name.removesuffix('.part00')}.parts").is_file()]
+    if unlisted:
+        sys.exit(f"parts carried without their .parts file: {', '.join(unlisted)}")
     joined = []
     for manifest in sorted(parts_folder.glob("*.parts")):
         expected = json.loads(manifest.read_text())
@@ -167,17 +173,22 @@ def step(name: str, command: list[str], results: Results) -> dict | None:
     row of `results`."""
     print(f"== {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                              timeout=STEP_SECONDS)
-    except subprocess.TimeoutExpired:
-        done = subprocess.CompletedProcess(command, -1, "", f"over {STEP_SECONDS} s: stopped")
+    # A session of its own: a step over its time is stopped with all it started (Ray's
+    # processes, the CUDA probe), not its first process alone.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=REPO, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=STEP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            stderr += f"\nover {STEP_SECONDS} s: stopped"
     row = {"step": name, "seconds": round(time.perf_counter() - started, 2),
-           "ok": done.returncode == 0}
+           "ok": process.returncode == 0}
     if row["ok"]:
-        row["output"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+        row["output"] = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     else:
-        row["error"] = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        row["error"] = (stderr or stdout).strip().splitlines()[-5:]
     results.add(row)
     print(json.dumps(row), flush=True)
     return row if row["ok"] else None

@@ -179,7 +179,8 @@ class RayEngine:
             # ConnectionError, RuntimeError, ValueError, and a bare Exception when its
             # processes do not start in time: all say the cluster is not there.
             except Exception as exc:  # noqa: BLE001 (only ray.init is inside)
-                where = self.options.address or "a new local instance"
+                where = self.options.address or ("Ray's default: RAY_ADDRESS, a `ray "
+                                                 "start` cluster here, or a new instance")
                 raise EngineError(f"cannot start or reach Ray ({where}): {one_line(exc)}"
                                   ) from None
             self._started = True
