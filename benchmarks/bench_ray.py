@@ -13,7 +13,7 @@ Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
             started before the part (`--ray-address`, as on a user's cluster). Each ray
             run makes its own actor pool: actor start-up is part of its time, as it is of
             a user's run. And Ray Data alone, both ways: the engine's dataset shape over the
-            same files with pass-through actors (nothing of pneumoscan imported, no model,
+            same files with pass-through actors (none of pneumoscan's stages imported, no model,
             no decoding), what Ray Data itself costs a run: the floor under the overhead.
   scaling   the same N on a `ray start` cluster on loopback: a head with no CPU (the
             driver) and 1, then 2, worker nodes of 1 CPU each; one actor a node (which
@@ -178,11 +178,12 @@ class PassThrough:
 
 
 def measure_ray_data_alone(args) -> dict:
-    """The ray engine's dataset shape with nothing of pneumoscan in its actors: the same
+    """The ray engine's dataset shape with none of pneumoscan's stages in its actors: the same
     rows (the discovered files, pickled as the engine's are), blocks, fused pass-through
     stage, autoscaling actor pool starting at one actor a CPU, batch size and ordered
-    iteration, but actors that import nothing of ours and return their rows. What Ray Data
-    itself costs a run here: the floor under the ray engine's overhead."""
+    iteration, but actors that return their rows (they import only the rows' record types,
+    pneumoscan.records, to unpickle them). What Ray Data itself costs a run here: the floor
+    under the ray engine's overhead."""
     import ray
 
     from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
