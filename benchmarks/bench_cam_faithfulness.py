@@ -309,24 +309,27 @@ def main() -> None:
     else:
         methods = [m for m in methods if METHODS[m][0].startswith("onnx")]
     sets = image_sets(args.data, args.val_limit)
-    contexts, scores, tables = {}, {}, {}
+    contexts, chests, scores, tables = {}, {}, {}, {}
     for set_name in args.sets.split(","):
         ctx = contexts[set_name] = Context(args.model, sets[set_name], args.cache, set_name)
-        chests = [cf.chest_mask(g) for g in ctx.grey] if set_name == "originals" \
+        chests[set_name] = [cf.chest_mask(g) for g in ctx.grey] if set_name == "originals" \
             else [None] * len(ctx.grey)
-        scores[set_name] = {}
-        for name in methods:
+        scores[set_name], tables[set_name] = {}, []
+    for name in methods:  # method by method, so that the cheap ones report first
+        for set_name, ctx in contexts.items():
             scores[set_name][name] = method_scores(ctx, name, network, args.expensive_limit)
-        tables[set_name] = [row(name, METHODS[name][3], s, ctx, chests)
-                            for name, s in scores[set_name].items()]
+            tables[set_name].append(row(name, METHODS[name][3], scores[set_name][name], ctx,
+                                        chests[set_name]))
+            print(f"{name} on {set_name} done", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(tables, indent=1))
+    for set_name, ctx in contexts.items():
         print(f"\nmodel {ctx.info.name} {ctx.info.version}")
         print_table(f"{set_name}: {len(ctx.paths)} images", tables[set_name])
     if network is not None and args.reference and "val" in contexts:
         reference(contexts["val"], network, scores["val"], args.reference)
     if args.figure:
         figure(args.figure, contexts, scores)
-    if args.json:
-        args.json.write_text(json.dumps(tables, indent=1))
 
 
 if __name__ == "__main__":
