@@ -194,6 +194,7 @@ def row(name: str, grid: str, scores: dict, ctx: Context, chests: list) -> dict:
     if found:
         inside = cf.mass_shares(maps224[found], np.stack([chests[i] for i in found]))
         mass["inside chest"] = inside["inside chest"]
+        mass["chest area"] = inside["chest area"]
     return {"method": name, "grid": grid, "n": n,
             "deletion_auc": float(cf.auc(scores["deletion"]).mean()),
             "insertion_auc": float(cf.auc(scores["insertion"]).mean()),
@@ -208,10 +209,11 @@ def print_table(set_name: str, rows: list[dict]) -> None:
     print(f"\n== {set_name} ==")
     header = (f"{'method':24} {'grid':>5} {'n':>4} {'del AUC':>7} {'ins AUC':>7} "
               f"{'p':>5} {'top20':>5} {'rnd20':>5} {'r10':>5} {'r20':>5} {'r30':>5} "
-              f"{'bot2':>5} {'outer':>5} {'top':>5} {'chest':>5} {'ms/img':>7}")
+              f"{'bot2':>5} {'outer':>5} {'top':>5} {'chest':>5} {'area':>5} {'ms/img':>7}")
     print(header)
     for r in rows:
-        chest = f"{r['inside chest']:5.2f}" if "inside chest" in r else "    -"
+        chest = f"{r['inside chest']:5.2f} {r['chest area']:5.2f}" if "inside chest" in r \
+            else "    -     -"
         print(f"{r['method']:24} {r['grid']:>5} {r['n']:4d} {r['deletion_auc']:7.3f} "
               f"{r['insertion_auc']:7.3f} {r['confidence']:5.3f} {r['top20']:5.3f} "
               f"{r['random20']:5.3f} {r['ratio10']:5.2f} {r['ratio20']:5.2f} "

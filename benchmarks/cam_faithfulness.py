@@ -159,8 +159,9 @@ def mass_shares(maps224: np.ndarray, chest: np.ndarray | None = None) -> dict[st
         "outer columns": (maps224 * outer).sum(axis=(1, 2)),
         "top row": maps224[:, :edge, :].sum(axis=(1, 2)),
     }
-    if chest is not None:
+    if chest is not None:  # beside the chest's share of the image: what a flat map would give
         shares["inside chest"] = (maps224 * chest).sum(axis=(1, 2))
+        shares["chest area"] = chest.sum(axis=(1, 2)) / chest[0].size * total
     return {k: float((v[ok] / total[ok]).mean()) for k, v in shares.items()}
 
 

@@ -12,6 +12,10 @@ from pneumoscan.inference.cam.base import CamModel, Predictions
 from pneumoscan.inference.model import DEVICES, ModelError
 
 
+# What class_maps computes, as models record it (metadata `cam_method`) and outputs name it.
+CAM_METHOD = "CAM"
+
+
 def class_maps(maps, classifier):
     """(N, K, h, w) CAMs of the (N, C, h, w) last conv maps: CAM_k = sum_c w_kc A_c + b_k,
     the linear head applied at every position (a 1x1 convolution). The export's `cams`
