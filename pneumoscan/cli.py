@@ -29,6 +29,7 @@ from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.inputs import is_dicomweb_url
+from pneumoscan.listening import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
 from pneumoscan.text import printable
 
@@ -90,6 +91,43 @@ batch_option = click.option("--batch-size", type=click.IntRange(1, 4096),
                             show_default=True)
 workers_option = click.option("--workers", type=click.IntRange(1, 64),
                               help="decoding threads (default: up to 4, one per core)")
+
+threshold_option = click.option("--threshold", type=click.FloatRange(0, 1),
+                                help="decision threshold (default: the model's own, chosen "
+                                     "on validation)")
+
+
+def _options(*decorators):
+    """Several click options as one decorator, in the order given."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+# The outputs of `run` and of `listen` (whose runs are `run`s of its spool).
+outputs_options = _options(
+    click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+                 help="report file: .pdf (PDF/A) or .html (one file for the whole run)"),
+    click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="machine-readable results (schema in docs/RESULTS_JSON.md)"),
+    click.option("--per-study", type=click.Path(path_type=Path, file_okay=False),
+                 help="also write one HTML and one PDF per study into this folder"))
+state_options = _options(
+    click.option("--state", "state_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="state ledger (SQLite) of earlier runs: only new or changed files are "
+                      "computed (default: beside the JSON or report, NAME.pneumoscan.sqlite)"),
+    click.option("--log", "log_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="append this run's JSON-lines log here (default: beside the state "
+                      "file, NAME.log.jsonl)"),
+    click.option("--anonymize", is_flag=True,
+                 help="a stable pseudonym instead of patient name, ID and birth date in the "
+                      "reports and JSON"),
+    click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
+                 help="write DICOM outputs into this folder: per study an Encapsulated PDF "
+                      "report, per classified DICOM image an SR and a CAM Secondary "
+                      "Capture"))
 
 
 class Progress(api.RunEvents):
@@ -212,37 +250,20 @@ class Source(click.ParamType):
 
 @main.command()
 @click.argument("scans", type=Source())
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
-              help="report file: .pdf (PDF/A) or .html (one file for the whole run)")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="machine-readable results (schema in docs/RESULTS_JSON.md)")
-@click.option("--per-study", type=click.Path(path_type=Path, file_okay=False),
-              help="also write one HTML and one PDF per study into this folder")
+@outputs_options
 @model_option
 @device_option
 @batch_option
 @workers_option
-@click.option("--threshold", type=click.FloatRange(0, 1),
-              help="decision threshold (default: the model's own, chosen on validation)")
+@threshold_option
 @click.option("--cam-backend", type=click.Choice(["onnx", "torch"]), default="onnx",
               show_default=True, help="torch: CAMs via forward hooks from --checkpoint")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path, dir_okay=False),
               help="training checkpoint for --cam-backend torch")
-@click.option("--state", "state_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="state ledger (SQLite) of earlier runs: only new or changed files are "
-                   "computed (default: beside the JSON or report, NAME.pneumoscan.sqlite)")
+@state_options
 @click.option("--force", is_flag=True, help="compute every file again, ignoring the state")
 @click.option("--wait", is_flag=True,
               help="when another run holds the state file, wait for it (default: exit 4)")
-@click.option("--log", "log_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="append this run's JSON-lines log here (default: beside the state file, "
-                   "NAME.log.jsonl)")
-@click.option("--anonymize", is_flag=True,
-              help="a stable pseudonym instead of patient name, ID and birth date in the "
-                   "reports and JSON")
-@click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
-              help="write DICOM outputs into this folder: per study an Encapsulated PDF "
-                   "report, per classified DICOM image an SR and a CAM Secondary Capture")
 @click.option("--push", is_flag=False, flag_value="source", metavar="[URL]",
               help="send the DICOM outputs to a PACS: alone, the DICOMweb server SCANS "
                    "names (STOW-RS); or a DICOMweb URL; or dicom://AET@host:port (C-STORE)")
@@ -315,6 +336,20 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
         click.echo(f"pneumoscan: {exc}; what was computed is kept in {options.state_path} "
                    "for the next run", err=True)
         sys.exit(exc.exit_code)
+    _tell_summary(summary, push is not None)
+    for what, path in summary.outputs:
+        click.echo(f"{what}: {path}")
+    if stuck():
+        # A file abandoned by the watchdog still holds a thread that may never end: the
+        # outputs are written and the state closed, so exit without waiting for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(summary.exit_code)
+    sys.exit(summary.exit_code)
+
+
+def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
+    """The counts, each file not classified or out of scope, and what was sent, on stderr."""
     scan = summary.scan
     c = scan.counts()
     click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
@@ -326,7 +361,7 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
             click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
         elif r.in_scope is False:
             click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
-    if push:
+    if pushed:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
         for failure in summary.push_failures:
@@ -334,15 +369,6 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     if summary.removed:
         click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
                    "longer found", err=True)
-    for what, path in summary.outputs:
-        click.echo(f"{what}: {path}")
-    if stuck():
-        # A file abandoned by the watchdog still holds a thread that may never end: the
-        # outputs are written and the state closed, so exit without waiting for it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(summary.exit_code)
-    sys.exit(summary.exit_code)
 
 
 @contextlib.contextmanager
@@ -359,6 +385,101 @@ def _signals_interrupt():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class ListenProgress(ListenEvents):
+    """What `listen` tells on stderr: each association, instance and refusal (the
+    pneumoscan.listen log), each study published and each run's summary."""
+
+    def listening(self, port: int) -> None:
+        click.echo(f"listening on port {port}", err=True)
+
+    def published(self, study_uid: str, instances: int) -> None:
+        click.echo(f"study {study_uid}: {instances} new instances settled; classifying",
+                   err=True)
+
+    def ran(self, summary: api.RunSummary) -> None:
+        _tell_summary(summary, bool(summary.pushed or summary.push_failures))
+
+    def run_failed(self, error: api.RunError) -> None:
+        click.echo(f"pneumoscan: error: {error} (kept; tried again later)", err=True)
+
+
+@main.command()
+@click.argument("spool", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--port", type=click.IntRange(0, 65535), default=11112, show_default=True,
+              help="TCP port of the C-STORE SCP (0: any free port, told on stderr)")
+@click.option("--host", default="", help="address to listen on (default: every interface)")
+@click.option("--ae-title", default="PNEUMOSCAN", show_default=True,
+              help="this node's AE title: callers must call it")
+@click.option("--allow", "allowed", multiple=True, metavar="AET",
+              help="calling AE title allowed to associate (repeat; default: any)")
+@click.option("--settle", type=click.FloatRange(0.1), default=DEFAULT_SETTLE,
+              show_default=True,
+              help="seconds without a new instance of a study before it is classified")
+@click.option("--max-associations", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--max-instance-mb", type=click.IntRange(1), default=256, show_default=True,
+              help="instances larger than this are refused (0xA700)")
+@click.option("--tls-cert", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+              help="DICOM TLS: this node's certificate (PEM); with --tls-key")
+@click.option("--tls-key", type=click.Path(exists=True, path_type=Path, dir_okay=False))
+@click.option("--tls-ca", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+              help="DICOM TLS: callers must present a certificate signed by this CA")
+@outputs_options
+@model_option
+@device_option
+@batch_option
+@workers_option
+@threshold_option
+@state_options
+@click.option("--push", metavar="URL",
+              help="send the DICOM outputs of each study to a PACS: a DICOMweb URL "
+                   "(STOW-RS) or dicom://AET@host:port (C-STORE)")
+@click.option("-v", "--verbose", count=True,
+              help="log each file and output (-vv: debug, and the libraries' logs)")
+def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_instance_mb,
+           tls_cert, tls_key, tls_ca, out, json_path, per_study, model_path, device,
+           batch_size, workers, threshold, state_path, log_path, anonymize, dicom_out, push,
+           verbose):
+    """Receive images by DICOM C-STORE into SPOOL and classify each study once it has
+    settled, as `pneumoscan run SPOOL` would (the same outputs, state and --push).
+
+    Each instance is on disk (fsync) before its C-STORE is answered with success; a full
+    disk answers 0xA700. Only CR and DX images are accepted (other SOP classes: 0x0122).
+    Every association, instance and refusal is logged on stderr. Runs in the foreground
+    until SIGTERM or Ctrl-C (a systemd unit is in docs/PACS.md); started again after a
+    crash, it finishes what was received but not classified or sent."""
+    from pneumoscan.inputs.receiver import ReceiverOptions, TlsOptions
+    from pneumoscan.listening import ListenOptions
+    from pneumoscan.listening import listen as listen_until_stopped
+
+    _setup_logging(verbose)
+    logging.getLogger("pneumoscan.listen").setLevel(logging.INFO)
+    if (tls_cert is None) != (tls_key is None) or (tls_ca and not tls_cert):
+        raise click.UsageError("DICOM TLS needs --tls-cert and --tls-key (and --tls-ca "
+                               "to verify callers)")
+    tls = TlsOptions(tls_cert, tls_key, tls_ca) if tls_cert else None
+    receiver = ReceiverOptions(port=port, ae_title=ae_title, host=host, allow=tuple(allowed),
+                               max_associations=max_associations,
+                               max_instance_bytes=max_instance_mb * 1024 * 1024, tls=tls)
+    run_options = api.RunOptions(spool, report=out, json=json_path, per_study=per_study,
+                                 model=model_path, device=device, batch_size=batch_size,
+                                 workers=workers, threshold=threshold, state=state_path,
+                                 log=log_path, anonymize=anonymize, dicom_out=dicom_out,
+                                 push=push)
+    try:
+        run_options.check()
+    except api.RunError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        with _signals_interrupt():
+            listen_until_stopped(ListenOptions(spool, receiver, settle), run_options,
+                                 ListenProgress())
+    except api.RunError as exc:
+        fail(str(exc), exc.exit_code)
+    except api.Interrupted as exc:
+        click.echo(f"pneumoscan: {exc}; what was received is kept in {spool}", err=True)
+        sys.exit(exc.exit_code)
 
 
 scope_train_images_option = click.option(
@@ -470,7 +591,11 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
     """Fit the scope guard of an exported ONNX model (one exported without it, or before
     it existed) on its training images; its threshold flags at most 5% of the validation
     images. `export-onnx` does this itself."""
-    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+    from pneumoscan.modelling.scope_guard import (
+        ScopeFitError,
+        fit_scope_guard,
+        read_split,
+    )
 
     try:
         if split_path is not None:
