@@ -38,8 +38,13 @@ DICOM_FIELDS = {
     "SeriesInstanceUID": "Series UID",
     "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
+    "Rows": "Rows",
+    "Columns": "Columns",
+    "ImagerPixelSpacing": "Imager pixel spacing",
+    "FrameOfReferenceUID": "Frame of reference UID",
 }
-NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation", "Rows",
+                       "Columns", "ImagerPixelSpacing", "FrameOfReferenceUID"})
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,29 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
-from conftest import SAMPLES, installed_program
-from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
+from conftest import (
+    PNEUMONIA_JPEG,
+    SAMPLE_JPEG,
+    SAMPLES,
+    cr_dataset,
+    installed_program,
+    save,
+)
+from PIL import Image
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from pneumoscan import api
 from pneumoscan.results.anonymize import PSEUDONYM_PREFIX
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+CHILD_STUDY = "1.2.826.0.1.3680043.8.498.4242"
 
 
 def tool(name: str, package: str) -> str:
@@ -69,47 +83,114 @@ def test_each_classified_image_gets_an_sr_and_an_sc_and_its_study_one_pdf(first_
         assert len({ds.SeriesInstanceUID for ds in got[kind]}) == 1
 
 
-def test_outputs_pass_dciodvfy_without_errors(first_run):
+@pytest.mark.parametrize("which", ["first_run", "child_run"])
+def test_outputs_pass_dciodvfy_and_dcentvfy_without_errors(which, request):
     dciodvfy = tool("dciodvfy", "dicom3tools")
-    for path in [p for p in first_run[0].written if p.suffix == ".dcm"]:
+    written = [p for p in request.getfixturevalue(which)[0].written if p.suffix == ".dcm"]
+    assert written
+    for path in written:
         checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True,
                                  check=False)  # its status counts warnings too
         errors = [line for line in (checked.stdout + checked.stderr).splitlines()
                   if line.startswith("Error")]
         assert errors == [], f"{path.name}: {errors}"
+    # Across the outputs of a study: one patient, one study (description and all).
+    dcentvfy = tool("dcentvfy", "dicom3tools")
+    checked = subprocess.run([dcentvfy, *map(str, written)], capture_output=True, text=True,
+                             check=False)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines()
+              if line.startswith("Error")]
+    assert errors == []
 
 
-def test_sr_says_probability_threshold_decision_model_and_source_image(first_run):
+@pytest.fixture(scope="module")
+def child_run(tmp_path_factory):
+    """Two frontal chest CRs of a 4-year-old (the samples' Kermany images), inside the
+    model's intended use: one NORMAL, one PNEUMONIA."""
+    out = tmp_path_factory.mktemp("dicom-out-child")
+    scans = out / "scans"
+    scans.mkdir()
+    for number, jpeg in enumerate((SAMPLE_JPEG, PNEUMONIA_JPEG), start=1):
+        with Image.open(jpeg) as image:
+            pixels = np.asarray(image.convert("L"))
+        save(cr_dataset(pixels, PatientAge="004Y", PatientID="CHILD-1",
+                        StudyInstanceUID=CHILD_STUDY, SeriesInstanceUID=CHILD_STUDY + ".1",
+                        StudyDescription="Chest PA", PatientOrientation=["L", "F"]),
+             scans / f"image-{number}.dcm")
+    summary = api.run(api.RunOptions(scans, json=out / "r.json", dicom_out=out / "dicom"))
+    results = json.loads((out / "r.json").read_text())["results"]
+    assert [r["in_scope"] for r in results] == [True, True]
+    assert {r["label"] for r in results} == {"NORMAL", "PNEUMONIA"}
+    return summary, results, out
+
+
+@pytest.mark.parametrize("which", ["first_run", "child_run"])
+def test_sr_is_an_ihe_air_result_read_back_by_highdicom(which, request):
+    """Adults (the samples) are out of scope: no finding stated, the reason in a Comment;
+    the children's SRs state the Presence of pneumonia as the model decided."""
     dsrdump = tool("dsrdump", "dcmtk")
-    summary, results, _ = first_run
+    summary, results, out = request.getfixturevalue(which)
     by_sop = {r["metadata"]["SOPInstanceUID"]: r for r in results if r["status"] == "ok"}
-    run = json.loads((first_run[2] / "r.json").read_text())["run"]
-    for ds in outputs(summary)["SR"]:
-        assert isinstance(hd.sr.srread(ds.filename), hd.sr.ComprehensiveSR)  # highdicom reads it
+    run = json.loads((out / "r.json").read_text())["run"]
+    srs = outputs(summary)["SR"]
+    assert len(srs) == len(by_sop)
+    assert sorted(ds.InstanceNumber for ds in srs) == list(range(1, len(srs) + 1))
+    for ds in srs:
+        assert ds.SOPClassUID == Comprehensive3DSRStorage
+        sr = hd.sr.srread(ds.filename)
+        assert isinstance(sr, hd.sr.Comprehensive3DSR)
+        (group,) = sr.content.get_image_measurement_groups()
+        assert group.finding_type.meaning == "Pneumonia"
+        assert group.finding_category.meaning == "Finding"
+        assert [site.value.meaning for site in group.finding_sites] == ["Lung"]
         items = {item.ConceptNameCodeSequence[0].CodeMeaning: item
                  for item in _walk(ds.ContentSequence)}
         source = items["Source of Measurement"].ReferencedSOPSequence[0]
         result = by_sop[source.ReferencedSOPInstanceUID]
         assert source.ReferencedSOPClassUID == result["metadata"]["SOPClassUID"]
+        library = items["Image Library"]
+        assert library.ContentSequence[0].ContentSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID == source.ReferencedSOPInstanceUID
         probability = items["Probability"].MeasuredValueSequence[0].NumericValue
         threshold = items["Threshold Value"].MeasuredValueSequence[0].NumericValue
         assert float(probability) == pytest.approx(result["probability"], abs=1e-6)
         assert float(threshold) == pytest.approx(result["threshold"], abs=1e-6)
-        decision = items["Pneumonia"].ConceptCodeSequence[0].CodeMeaning
-        assert decision == ("Present" if result["label"] == "PNEUMONIA" else "Absent")
+        presence = [e for e in group.get_qualitative_evaluations()
+                    if e.name.meaning == "Presence"]
+        if result["in_scope"]:
+            assert [e.value.meaning for e in presence] == [
+                "Present" if result["label"] == "PNEUMONIA" else "Absent"]
+            assert "Comment" not in items
+        else:
+            assert presence == []  # no finding asserted
+            comment = items["Comment"].TextValue
+            assert comment.startswith("Outside the model's intended use")
+            assert result["scope_reasons"][0] in comment
+        # The algorithm: observer device named after it, and its Contributing Equipment
+        # item as IHE AIR has it, the same UID.
+        assert items["Device Observer Name"].TextValue == run["model"]["name"]
+        (algorithm,) = [e for e in ds.ContributingEquipmentSequence
+                        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+        purpose = algorithm.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+            "99IHE", "Processing Algorithm")
+        assert algorithm.DeviceUID == items["Device Observer UID"].UID
+        assert algorithm.Manufacturer == "pneumoscan"
+        assert algorithm.ManufacturerModelName == run["model"]["name"]
+        assert f"{run['model']['name']} {run['model']['version']}" in algorithm.SoftwareVersions
+        assert algorithm.ContributionDateTime.startswith(run["started"][:10].replace("-", ""))
         assert items["Algorithm Name"].TextValue == run["model"]["name"]
         assert items["Algorithm Version"].TextValue == run["model"]["version"]
         parameters = {item.TextValue for item in _walk(ds.ContentSequence)
                       if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"}
         assert f"sha256={run['model']['sha256']}" in parameters
-        equipment = ds.ContributingEquipmentSequence[0]
-        assert run["model"]["sha256"] in equipment.ContributionDescription
-        # The evidence lists the source image, and dcmtk reads the document through.
+        assert ds.StudyDescription == result["metadata"]["StudyDescription"]
         evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
-        assert evidence.StudyInstanceUID == RG1_STUDY
+        assert evidence.StudyInstanceUID == result["metadata"]["StudyInstanceUID"]
         dumped = subprocess.run([dsrdump, str(ds.filename)], capture_output=True, text=True,
                                 check=True).stdout
-        assert "Imaging Measurement Report" in dumped and '"Pneumonia")=' in dumped
+        assert "Imaging Measurement Report" in dumped
+        assert ('"Presence")=' in dumped) == result["in_scope"]
 
 
 def _walk(sequence):

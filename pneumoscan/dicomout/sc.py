@@ -11,8 +11,12 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pneumoscan.dicomout.equipment import (NOT_FOR_DIAGNOSIS, contributing_equipment,
-                                           new_instance)
+from pneumoscan.dicomout.equipment import (
+    NOT_FOR_DIAGNOSIS,
+    complete,
+    contributing_equipment,
+    new_instance,
+)
 from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.records import FileResult, RunInfo
 
@@ -21,7 +25,8 @@ FONT_SIZE = 16
 MARGIN = 6
 
 
-def cam_capture(result: FileResult, source: SourceImage, run: RunInfo) -> hd.sc.SCImage:
+def cam_capture(result: FileResult, source: SourceImage, run: RunInfo,
+                instance_number: int = 1) -> hd.sc.SCImage:
     """Needs the result's report picture (a run that renders)."""
     orientation = source.metadata.get("PatientOrientation", "").split("\\")
     pixels = np.asarray(_with_banner(Image.open(io.BytesIO(bytes(result.picture))).convert("RGB"),
@@ -33,8 +38,9 @@ def cam_capture(result: FileResult, source: SourceImage, run: RunInfo) -> hd.sc.
         patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
         contributing_equipment=contributing_equipment(run),
         study_instance_uid=source.study_uid,
-        **new_instance("sc", source.study_uid, source.sop_uid, run),
+        **new_instance("sc", source.study_uid, source.sop_uid, run, instance_number),
         **source.patient_and_study())
+    complete(capture, source, run)
     if len(orientation) != 2:
         capture.PatientOrientation = None  # unknown: empty (type 2), not highdicom's guess
     # Only frontal chest radiographs are classified; a chest is not a paired body part, so

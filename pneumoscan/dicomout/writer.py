@@ -8,20 +8,16 @@ import io
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (ComprehensiveSRStorage, EncapsulatedPDFStorage,
-                         SecondaryCaptureImageStorage)
 
 from pneumoscan.dicomout.pdf import EncapsulatedPDF
 from pneumoscan.dicomout.sc import cam_capture
 from pneumoscan.dicomout.source import SourceImage
 from pneumoscan.dicomout.sr import structured_report
+from pneumoscan.dicomout.vocabulary import KIND_PREFIX
 from pneumoscan.files import study_file_stem, write_atomic
 from pneumoscan.records import RunInfo
 from pneumoscan.report.html import study_pdf
 from pneumoscan.results.summary import Study
-
-KIND_PREFIX = {EncapsulatedPDFStorage: "PDF", SecondaryCaptureImageStorage: "SC",
-               ComprehensiveSRStorage: "SR"}
 
 
 def study_outputs(run: RunInfo, study: Study) -> list[Dataset]:
@@ -34,8 +30,10 @@ def study_outputs(run: RunInfo, study: Study) -> list[Dataset]:
         return []
     outputs: list[Dataset] = [EncapsulatedPDF(study_pdf(run, study),
                                               [source for _, source in classified], run)]
-    for result, source in classified:
-        outputs += [structured_report(result, source, run), cam_capture(result, source, run)]
+    # Numbered in the study's order of images: distinct within each output series.
+    for number, (result, source) in enumerate(classified, start=1):
+        outputs += [structured_report(result, source, run, number),
+                    cam_capture(result, source, run, number)]
     return outputs
 
 
