@@ -99,9 +99,13 @@ class TrainConfig:
     init_from: str | None = option(None, "start from this training checkpoint's weights "
                                          "(fine-tuning; its calibration is refitted)")
     consistency: float = option(
-        0.0, "weight of a consistency loss: each image is drawn stored two ways and the "
-             "squared difference of their logit margins is added to the loss (doubles the "
-             "images per step); 0 to disable")
+        0.0, "weight of a consistency loss: each image is drawn stored two ways that differ "
+             "only in storage noise (augment.draw_pair) and the squared difference of their "
+             "logit margins is added to the loss (each batch holds --batch-size such pairs); "
+             "0 to disable")
+    low_pass_sigma: float = option(
+        0.0, "sigma in pixels of a fixed Gaussian low-pass at the network's input "
+             "(architectures.GaussianLowPass; exported with the network); 0 for none")
     max_steps_per_epoch: int | None = option(None, "for smoke tests")
     limit_samples: int | None = option(None, "for smoke tests: first N of each class")
     progress_seconds: float = option(30.0, "seconds between progress lines")
@@ -164,8 +168,12 @@ class AugmentedImages(torch.utils.data.Dataset):
         """(C, H, W), or (2, C, H, W) with `consistency`: the image stored two ways."""
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
         views = 2 if self.cfg.consistency else 1
-        storages = [augment.draw(rng, self.cfg.hflip) if self.cfg.storage_augment
-                    else augment.Storage() for _ in range(views)]
+        if not self.cfg.storage_augment:
+            storages = [augment.Storage()] * views
+        elif views == 2:
+            storages = list(augment.draw_pair(rng, self.prep.height, self.cfg.hflip))
+        else:
+            storages = [augment.draw(rng, self.cfg.hflip)]
         pixels = np.stack([augment.apply(self.images[i], storage, self.prep.height)
                            for storage in storages])
         x = torch.from_numpy(normalise(pixels, self.prep))
@@ -321,6 +329,7 @@ def checkpoint_payload(state_dict, cfg, prep, epoch, history, threshold, val_met
         "class_names": list(CLASS_NAMES),
         "preprocessing": asdict(prep),
         "dropout": cfg.dropout,
+        "low_pass_sigma": cfg.low_pass_sigma,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "weights": weights,
         "threshold": threshold,
@@ -379,7 +388,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
 
     model = build_network(cfg.arch, num_classes=len(CLASS_NAMES), dropout=cfg.dropout,
                           weights=cfg.pretrained_weights, download=cfg.download_weights,
-                          pretrained=cfg.pretrained)
+                          pretrained=cfg.pretrained, low_pass_sigma=cfg.low_pass_sigma)
     if cfg.init_from is not None:
         model.load_state_dict(read_checkpoint(Path(cfg.init_from))["state_dict"])
         log(f"weights from {cfg.init_from}")
@@ -403,7 +412,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
     history: list[dict] = []
     best_auc, best_epoch, start_epoch = -1.0, 0, 1
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = read_checkpoint(resume)
         model.load_state_dict(state["model_state_dict"])
         if ema is not None:
             ema.load_state_dict(state["ema_state_dict"])
@@ -475,7 +484,7 @@ def finalize(out: Path, cfg: TrainConfig) -> dict:
     on the recalibrated probabilities, which keep their order."""
     from pneumoscan.evaluation.plots import write_plots
 
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    best = read_checkpoint(out / "best.pt")
     preds = np.load(out / "val_predictions.npz")
     labels, logits = preds["labels"], preds["logits"]
     temperature, bias = fit_calibration(logits, labels)
