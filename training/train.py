@@ -31,11 +31,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
+from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples, patient_id
 from pneumoscan.evaluation.metrics import (
     binary_metrics,
     bootstrap_intervals,
+    calibration_intervals,
+    calibration_metrics,
     choose_threshold,
+    cross_fitted_operating_point,
     expected_calibration_error,
 )
 from pneumoscan.inference.preprocess import Preprocessing, normalise
@@ -379,6 +382,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
     t0 = time.time()
     train_x, train_y, problems = load_cached(train_samples, prep)
     val_x, val_y, val_problems = load_cached(val_samples, prep)
+    val_patients = np.array([s.patient for s in val_samples  # those load_cached kept
+                             if not any(p.startswith(f"{s.path}: ") for p in val_problems)])
     for p in problems + val_problems:
         log(f"left out {p}")
     log(f"data: {len(train_y)} train ({np.bincount(train_y, minlength=2).tolist()}), "
@@ -457,7 +462,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
         if row["auc"] > best_auc:
             best_auc, best_epoch = row["auc"], epoch
             save_atomic(payload, out / "best.pt")
-            np.savez(out / "val_predictions.npz", labels=val_y, logits=logits[chosen])
+            np.savez(out / "val_predictions.npz", labels=val_y, logits=logits[chosen],
+                     patients=val_patients)
         write_history(history, out)
         if epoch - best_epoch >= cfg.patience:
             log(f"early stopping: no AUC gain for {cfg.patience} epochs (best epoch {best_epoch})")
@@ -487,24 +493,35 @@ def finalize(out: Path, cfg: TrainConfig) -> dict:
     best = read_checkpoint(out / "best.pt")
     preds = np.load(out / "val_predictions.npz")
     labels, logits = preds["labels"], preds["logits"]
+    patients = preds["patients"] if "patients" in preds else split_patients(out)
     temperature, bias = fit_calibration(logits, labels)
     uncalibrated = pneumonia_probability(logits)
     probs = pneumonia_probability(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, cfg.min_sensitivity)
+    # Judged on patients it was not fitted on: fitted on the same images, Platt scaling
+    # has calibration slope 1 and intercept 0 by construction.
+    held_out = cross_fitted_probabilities(logits, labels, patients, cfg.seed)
     calibration = {"method": "Platt scaling of the logit margin (temperature and bias), "
                              "fitted on the validation split",
                    "temperature": temperature, "bias": bias,
                    "ece_before": expected_calibration_error(labels, uncalibrated),
                    "ece_after": expected_calibration_error(labels, probs),
-                   "ece_after_cross_fitted": cross_fitted_ece(logits, labels, cfg.seed)}
+                   "ece_after_cross_fitted": expected_calibration_error(labels, held_out)}
     summary = {
         "arch": cfg.arch, "best_epoch": best["epoch"], "weights": best["weights"],
         "threshold": threshold,
         "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.min_sensitivity}",
         "calibration": calibration,
+        "calibration_cross_fitted": {
+            "method": "each half of the validation patients recalibrated with what was "
+                      "fitted on the other half; 95% CIs by patient bootstrap",
+            **calibration_metrics(labels, held_out),
+            "ci95": calibration_intervals(labels, held_out, groups=patients)},
         "validation": binary_metrics(labels, probs, threshold),
-        "validation_ci95": bootstrap_intervals(labels, probs, threshold),
-        "n_val": int(len(labels)),
+        "validation_ci95": bootstrap_intervals(labels, probs, threshold, groups=patients),
+        "validation_cross_fitted_threshold": cross_fitted_operating_point(
+            labels, probs, patients, cfg.min_sensitivity, seed=cfg.seed),
+        "n_val": int(len(labels)), "n_val_patients": int(len(set(patients.tolist()))),
     }
     best["threshold"], best["calibration"] = threshold, calibration
     best["metrics"] = {"at_0.5": binary_metrics(labels, probs, 0.5),
@@ -516,15 +533,24 @@ def finalize(out: Path, cfg: TrainConfig) -> dict:
     return summary
 
 
-def cross_fitted_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """ECE of the recalibration judged on images it was not fitted on: two halves, each
-    recalibrated with what was fitted on the other."""
-    half = np.random.default_rng(seed).permutation(len(labels)) < len(labels) // 2
+def cross_fitted_probabilities(logits: np.ndarray, labels: np.ndarray, patients: np.ndarray,
+                               seed: int) -> np.ndarray:
+    """Calibrated probabilities judged on patients the recalibration was not fitted on: the
+    patients cut in two halves, each half recalibrated with what was fitted on the other."""
+    _, inverse = np.unique(patients, return_inverse=True)
+    half = (np.random.default_rng(seed).permutation(inverse.max() + 1) % 2)[inverse] == 1
     probs = np.empty(len(labels))
     for fit, judge in ((half, ~half), (~half, half)):
         probs[judge] = pneumonia_probability(logits[judge],
                                              *fit_calibration(logits[fit], labels[fit]))
-    return expected_calibration_error(labels, probs)
+    return probs
+
+
+def split_patients(out: Path) -> np.ndarray:
+    """The validation images' patients, from the split.json of a run whose predictions
+    file predates recording them (every validation image was readable)."""
+    val = json.loads((out / "split.json").read_text())["val"]
+    return np.array([patient_id(Path(path)) for path in val])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:
