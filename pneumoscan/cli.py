@@ -106,6 +106,31 @@ def _options(*decorators):
     return apply
 
 
+# How `run` and `listen` classify.
+classify_options = _options(model_option, device_option, batch_option, workers_option,
+                            threshold_option)
+
+# DICOM TLS: listen's server, and the client of --push dicom+tls://.
+tls_options = _options(
+    click.option("--tls-cert", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+                 help="DICOM TLS: this node's certificate (PEM), with --tls-key: listen "
+                      "serves with it, --push dicom+tls:// presents it"),
+    click.option("--tls-key", type=click.Path(exists=True, path_type=Path, dir_okay=False)),
+    click.option("--tls-ca", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+                 help="DICOM TLS: the CA that signs the peers' certificates (listen: callers "
+                      "must present one; --push dicom+tls://: the server's is checked "
+                      "against it, else against the system's CAs)"))
+
+
+def _tls(certificate: Path | None, key: Path | None, ca: Path | None):
+    """TlsOptions from the --tls-* options, or None when none is given."""
+    from pneumoscan.tls import TlsOptions
+
+    if (certificate is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    return TlsOptions(certificate, key, ca) if certificate or ca else None
+
+
 # The outputs of `run` and of `listen` (whose runs are `run`s of its spool).
 outputs_options = _options(
     click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
@@ -126,8 +151,11 @@ state_options = _options(
                       "reports and JSON"),
     click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
                  help="write DICOM outputs into this folder: per study an Encapsulated PDF "
-                      "report, per classified DICOM image an SR and a CAM Secondary "
-                      "Capture"))
+                      "report, per classified DICOM image an SR and its CAM as a "
+                      "Segmentation"),
+    click.option("--dicom-sc", is_flag=True,
+                 help="DICOM outputs: the CAM also as a Secondary Capture picture, for PACS "
+                      "that cannot show segmentations"))
 
 
 class Progress(api.RunEvents):
@@ -251,11 +279,7 @@ class Source(click.ParamType):
 @main.command()
 @click.argument("scans", type=Source())
 @outputs_options
-@model_option
-@device_option
-@batch_option
-@workers_option
-@threshold_option
+@classify_options
 @click.option("--cam-backend", type=click.Choice(["onnx", "torch"]), default="onnx",
               show_default=True, help="torch: CAMs via forward hooks from --checkpoint")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path, dir_okay=False),
@@ -267,6 +291,7 @@ class Source(click.ParamType):
 @click.option("--push", is_flag=False, flag_value="source", metavar="[URL]",
               help="send the DICOM outputs to a PACS: alone, the DICOMweb server SCANS "
                    "names (STOW-RS); or a DICOMweb URL; or dicom://AET@host:port (C-STORE)")
+@tls_options
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
               help="a DICOMweb SCANS: only studies from this study date on")
 @click.option("--engine", type=click.Choice(api.ENGINES), default="local", show_default=True,
@@ -291,7 +316,8 @@ class Source(click.ParamType):
 @click.option("-v", "--verbose", count=True,
               help="log each file and output (-vv: debug, and the libraries' and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
-        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out, push,
+        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out,
+        dicom_sc, push, tls_cert, tls_key, tls_ca,
         since, engine, ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus,
         ray_decode_cpus, verbose):
     """Classify every image (PNG, JPEG, TIFF, DICOM) under SCANS and write a report and/or
@@ -316,7 +342,8 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                              workers=workers, threshold=threshold, cam_backend=cam_backend,
                              checkpoint=checkpoint, state=state_path, log=log_path,
                              force=force, wait=wait, anonymize=anonymize,
-                             dicom_out=dicom_out, push=push,
+                             dicom_out=dicom_out, dicom_sc=dicom_sc, push=push,
+                             tls=_tls(tls_cert, tls_key, tls_ca),
                              since=since.date() if since else None, engine=engine,
                              ray=RayOptions(ray_address, ray_actors, ray_actor_cpus,
                                             ray_actor_gpus, ray_decode_cpus, logs=verbose > 1))
@@ -353,8 +380,8 @@ def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
     scan = summary.scan
     c = scan.counts()
     click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
-               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL; "
-               f"{c.out_of_scope} of them out of the model's scope), "
+               f"{c.classified} classified ({c.out_of_scope} outside the model's intended "
+               f"use, {c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
                f"{c.skipped} skipped, {c.errors} unreadable", err=True)
     for r in scan.results:
         if r.status != "ok":
@@ -420,26 +447,19 @@ class ListenProgress(ListenEvents):
 @click.option("--max-associations", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--max-instance-mb", type=click.IntRange(1), default=256, show_default=True,
               help="instances larger than this are refused (0xA700)")
-@click.option("--tls-cert", type=click.Path(exists=True, path_type=Path, dir_okay=False),
-              help="DICOM TLS: this node's certificate (PEM); with --tls-key")
-@click.option("--tls-key", type=click.Path(exists=True, path_type=Path, dir_okay=False))
-@click.option("--tls-ca", type=click.Path(exists=True, path_type=Path, dir_okay=False),
-              help="DICOM TLS: callers must present a certificate signed by this CA")
+@tls_options
 @outputs_options
-@model_option
-@device_option
-@batch_option
-@workers_option
-@threshold_option
+@classify_options
 @state_options
 @click.option("--push", metavar="URL",
               help="send the DICOM outputs of each study to a PACS: a DICOMweb URL "
-                   "(STOW-RS) or dicom://AET@host:port (C-STORE)")
+                   "(STOW-RS) or dicom://AET@host:port (C-STORE; dicom+tls:// over DICOM TLS)")
 @click.option("-v", "--verbose", count=True,
               help="log each file and output (-vv: debug, and the libraries' logs)")
 def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_instance_mb,
            tls_cert, tls_key, tls_ca, out, json_path, per_study, model_path, device,
-           batch_size, workers, threshold, state_path, log_path, anonymize, dicom_out, push,
+           batch_size, workers, threshold, state_path, log_path, anonymize, dicom_out, dicom_sc,
+           push,
            verbose):
     """Receive images by DICOM C-STORE into SPOOL and classify each study once it has
     settled, as `pneumoscan run SPOOL` would (the same outputs, state and --push).
@@ -449,16 +469,15 @@ def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_i
     Every association, instance and refusal is logged on stderr. Runs in the foreground
     until SIGTERM or Ctrl-C (a systemd unit is in docs/PACS.md); started again after a
     crash, it finishes what was received but not classified or sent."""
-    from pneumoscan.inputs.receiver import ReceiverOptions, TlsOptions
+    from pneumoscan.inputs.receiver import ReceiverOptions
     from pneumoscan.listening import ListenOptions
     from pneumoscan.listening import listen as listen_until_stopped
 
     _setup_logging(verbose)
     logging.getLogger("pneumoscan.listen").setLevel(logging.INFO)
-    if (tls_cert is None) != (tls_key is None) or (tls_ca and not tls_cert):
-        raise click.UsageError("DICOM TLS needs --tls-cert and --tls-key (and --tls-ca "
-                               "to verify callers)")
-    tls = TlsOptions(tls_cert, tls_key, tls_ca) if tls_cert else None
+    tls = _tls(tls_cert, tls_key, tls_ca)
+    if tls and not tls.certificate:
+        raise click.UsageError("listen serves DICOM TLS with --tls-cert and --tls-key")
     receiver = ReceiverOptions(port=port, ae_title=ae_title, host=host, allow=tuple(allowed),
                                max_associations=max_associations,
                                max_instance_bytes=max_instance_mb * 1024 * 1024, tls=tls)
@@ -466,7 +485,7 @@ def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_i
                                  model=model_path, device=device, batch_size=batch_size,
                                  workers=workers, threshold=threshold, state=state_path,
                                  log=log_path, anonymize=anonymize, dicom_out=dicom_out,
-                                 push=push)
+                                 dicom_sc=dicom_sc, push=push, tls=tls)
     try:
         run_options.check()
     except api.RunError as exc:

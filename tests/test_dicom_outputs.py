@@ -51,36 +51,38 @@ def run_dicom_out(out: Path, **options) -> api.RunSummary:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
+    """The sample DICOM files, with the CAM as a Secondary Capture too (--dicom-sc)."""
     out = tmp_path_factory.mktemp("dicom-out")
-    summary = run_dicom_out(out)
+    summary = run_dicom_out(out, dicom_sc=True)
     results = json.loads((out / "r.json").read_text())["results"]
     return summary, results, out
 
 
 def outputs(summary: api.RunSummary) -> dict[str, list[pydicom.Dataset]]:
-    """Output data sets by kind (SR, SC, PDF), read back from the files written."""
-    by_kind: dict[str, list] = {"SR": [], "SC": [], "PDF": []}
+    """Output data sets by kind (SR, SEG, SC, PDF), read back from the files written."""
+    by_kind: dict[str, list] = {"SR": [], "SEG": [], "SC": [], "PDF": []}
     for path in summary.written:
         if path.suffix == ".dcm":
             by_kind[path.name.split("-")[0]].append(pydicom.dcmread(path))
     return by_kind
 
 
-def test_each_classified_image_gets_an_sr_and_an_sc_and_its_study_one_pdf(first_run):
+def test_each_classified_image_gets_an_sr_a_seg_and_an_sc_and_its_study_one_pdf(first_run):
     summary, results, _ = first_run
     classified = [r for r in results if r["status"] == "ok"]
     assert {r["metadata"]["StudyInstanceUID"] for r in classified} == {RG1_STUDY}
     got = outputs(summary)
-    assert len(got["SR"]) == len(got["SC"]) == len(classified) == 3
+    assert len(got["SR"]) == len(got["SEG"]) == len(got["SC"]) == len(classified) == 3
     assert len(got["PDF"]) == 1  # the knee and the MR study get none: nothing classified
-    for ds in got["SR"] + got["SC"] + got["PDF"]:
+    for ds in got["SR"] + got["SEG"] + got["SC"] + got["PDF"]:
         assert ds.StudyInstanceUID == RG1_STUDY
         assert ds.PatientName == "CompressedSamples^RG1" and ds.PatientID == "9RG1"
         assert ds.PatientBirthDate == "19400305" and ds.AccessionNumber == "exam Number"
         assert ds.SeriesInstanceUID != classified[0]["metadata"]["SeriesInstanceUID"]
-    # One new series per kind.
-    for kind in ("SR", "SC"):
+    # One new series per kind, its instances numbered apart.
+    for kind in ("SR", "SEG", "SC"):
         assert len({ds.SeriesInstanceUID for ds in got[kind]}) == 1
+        assert sorted(ds.InstanceNumber for ds in got[kind]) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("which", ["first_run", "child_run"])
@@ -231,7 +233,7 @@ def test_cam_capture_is_derived_with_the_warning_burned_in(first_run):
 
 
 def test_a_rerun_replaces_the_same_instances(first_run, tmp_path):
-    again = run_dicom_out(tmp_path, force=True)
+    again = run_dicom_out(tmp_path, force=True, dicom_sc=True)
 
     def names(summary):
         return sorted(p.name for p in summary.written if p.suffix == ".dcm")
@@ -253,3 +255,58 @@ def test_anonymize_puts_the_pseudonym_of_the_json_in_every_output(tmp_path):
             assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
             assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
             assert "CompressedSamples" not in str(ds)
+
+
+def test_out_of_scope_images_are_counted_apart_and_the_capture_says_so_first(first_run):
+    """The three adult radiographs of the samples: outside the intended use, counted in
+    neither PNEUMONIA nor NORMAL, and their CAM capture's banner opens with it."""
+    from pneumoscan.dicomout.sc import _banner_text
+    from pneumoscan.results.ledger import result_from_json
+
+    summary, results, _ = first_run
+    counts = summary.scan.counts()
+    assert (counts.classified, counts.out_of_scope, counts.normal, counts.pneumonia) == (
+        3, 3, 0, 0)
+    for record in [r for r in results if r["status"] == "ok"]:
+        result = result_from_json(record, Path(record["path"]))
+        banner = _banner_text(result, summary.scan.run)
+        assert banner[0].startswith("OUTSIDE INTENDED USE - no finding stated: patient aged 64")
+    from pneumoscan.dicomout.sc import FONT_SIZE, MARGIN
+    from pneumoscan.report.pictures import display_size, picture_size
+
+    for capture in outputs(summary)["SC"]:
+        shown = picture_size(*display_size(1841, 1955))  # RG1's columns and rows
+        assert capture.Columns == shown[0]
+        # Under the picture a line of the colour scale's numbers; above it the banner: the
+        # scope line (wrapped) first, then the usual two.
+        banner_lines = (capture.Rows - shown[1] - MARGIN) // (FONT_SIZE + MARGIN) - 1
+        assert banner_lines >= 3
+
+
+@pytest.mark.parametrize("which", ["first_run", "child_run"])
+def test_the_heat_map_is_a_fractional_segmentation_on_the_source_grid(which, request):
+    """highdicom reads it back: one FRACTIONAL segment "Pneumonia" at the source's rows and
+    columns, referring to the source image, its values the result's CAM stretched over
+    the image. Without --dicom-sc, no Secondary Capture."""
+    from pneumoscan.dicomout.seg import cam_on_source_grid
+
+    summary, results, _ = request.getfixturevalue(which)
+    by_sop = {r["metadata"]["SOPInstanceUID"]: r for r in results if r["status"] == "ok"}
+    got = outputs(summary)
+    assert len(got["SEG"]) == len(by_sop) and len(got["SC"]) == (3 if which == "first_run" else 0)
+    for ds in got["SEG"]:
+        seg = hd.seg.segread(ds.filename)
+        assert seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+        (reference,) = [item.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+                        for item in series.ReferencedInstanceSequence]
+        result = by_sop[reference]
+        rows, columns = int(result["metadata"]["Rows"]), int(result["metadata"]["Columns"])
+        assert (seg.Rows, seg.Columns) == (rows, columns)
+        assert seg.get_segment_description(1).segmented_property_type.meaning == "Pneumonia"
+        stored = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[reference], rescale_fractional=True)[0, :, :, 0]
+        expected = cam_on_source_grid(np.array(result["cam"]), rows, columns)
+        assert stored.shape == expected.shape
+        assert np.abs(stored.astype(np.float64) - expected).max() <= 1 / 255 + 1e-6
+        assert ds.StudyDescription == result["metadata"]["StudyDescription"]
+        assert ds.SeriesDescription.startswith("pneumoscan CAM heat map")

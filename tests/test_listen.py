@@ -166,8 +166,10 @@ def test_received_study_is_classified_once_settled_as_run_over_the_spool_would(l
     assert server.stop() == 128 + signal.SIGTERM
 
 
-def test_only_allowed_callers_and_instances_under_the_size_limit(listener):
-    server = listener("--allow", "MODALITY1", "--max-instance-mb", "1")
+def test_only_allowed_callers_as_many_at_once_as_allowed_and_instances_under_the_limit(
+        listener):
+    server = listener("--allow", "MODALITY1", "--max-instance-mb", "1",
+                      "--max-associations", "1")
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     assert not ae.associate("127.0.0.1", server.port, ae_title=AET).is_established
@@ -177,6 +179,17 @@ def test_only_allowed_callers_and_instances_under_the_size_limit(listener):
     assert send(server.port, [big], calling="MODALITY1") == [OUT_OF_RESOURCES]
     server.wait_for("over the limit")
     assert not list(server.spool.rglob("*.dcm"))
+    # One association at a time: a second one while the first is open is rejected.
+    allowed = AE(ae_title="MODALITY1")
+    allowed.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    deadline = time.monotonic() + 30  # the released association's thread may be ending
+    while not (first := allowed.associate("127.0.0.1", server.port, ae_title=AET)
+               ).is_established:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert not allowed.associate("127.0.0.1", server.port, ae_title=AET).is_established
+    server.wait_for("association rejected from MODALITY1")
+    first.release()
 
 
 def test_a_full_disk_answers_a_failure_and_keeps_nothing(listener):
@@ -229,20 +242,112 @@ def orthanc(tmp_path):
     server.kill()
 
 
-def test_orthanc_routes_a_study_and_the_results_land_back_in_it(orthanc, listener, tmp_path):
-    server = listener("--push", orthanc.cstore_url, "--state", tmp_path / "state.sqlite")
+def route(orthanc: Orthanc, port: int, tls: bool = False) -> None:
+    """Orthanc sends the RG1 study to pneumoscan, declared as one of its modalities, as a
+    routing rule would (REST /modalities/.../store)."""
     auth = (USER, PASSWORD)
     requests.put(f"{orthanc.url}/modalities/pneumoscan", auth=auth, timeout=10,
-                 json={"AET": AET, "Host": "127.0.0.1", "Port": server.port}
+                 json={"AET": AET, "Host": "127.0.0.1", "Port": port, "UseDicomTls": tls}
                  ).raise_for_status()
     study_id = requests.post(f"{orthanc.url}/tools/lookup", data=RG1_STUDY, auth=auth,
                              timeout=10).json()[0]["ID"]
-    routed = requests.post(f"{orthanc.url}/modalities/pneumoscan/store", auth=auth,
-                           timeout=120, json={"Resources": [study_id], "Synchronous": True})
-    routed.raise_for_status()
+    requests.post(f"{orthanc.url}/modalities/pneumoscan/store", auth=auth, timeout=120,
+                  json={"Resources": [study_id], "Synchronous": True}).raise_for_status()
+
+
+def test_orthanc_routes_a_study_and_the_results_land_back_in_it(orthanc, listener, tmp_path):
+    server = listener("--push", orthanc.cstore_url, "--state", tmp_path / "state.sqlite")
+    route(orthanc, server.port)
     deadline = time.monotonic() + WAIT
     while sorted(i["Modality"] for i in orthanc.instances_of_study(RG1_STUDY)) != (
-            ["CR"] * 3 + ["DOC"] + ["OT"] * 3 + ["SR"] * 3):
+            ["CR"] * 3 + ["DOC"] + ["SEG"] * 3 + ["SR"] * 3):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.5)
     assert "DICOM outputs sent for 1 studies; not sent for 0" in server.log()
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA of the test's own, and certificates it signs for the server (localhost,
+    127.0.0.1) and a client; PEM files in `folder`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    files: dict[str, Path] = {}
+
+    def issue(name: str, issuer_key, issuer_name, ca: bool = False, san=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder().subject_name(subject)
+                   .issuer_name(issuer_name or subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        certificate = builder.sign(issuer_key or key, hashes.SHA256())
+        files[f"{name}.crt"] = folder / f"{name}.crt"
+        files[f"{name}.key"] = folder / f"{name}.key"
+        files[f"{name}.crt"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        files[f"{name}.key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return key, certificate.subject
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_name = issue("ca", None, None, ca=True)
+    issue("server", ca_key, ca_name,
+          san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    issue("client", ca_key, ca_name)
+    return files
+
+
+def tls_association(port: int, pki: dict[str, Path], *, client_certificate: bool):
+    import ssl
+
+    context = ssl.create_default_context(cafile=pki["ca.crt"])
+    if client_certificate:
+        context.load_cert_chain(pki["client.crt"], pki["client.key"])
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", port, ae_title=AET, tls_args=(context, "127.0.0.1"))
+
+
+def test_dicom_tls_both_ways_with_orthanc_and_the_tests_own_ca(listener, tmp_path):
+    """Orthanc routes a study over DICOM TLS to listen, which requires a client
+    certificate its CA signed, and the results go back over TLS; a caller without a
+    certificate, or without TLS, gets no association."""
+    pki = make_pki(tmp_path / "pki")
+    orthanc = Orthanc(tmp_path / "orthanc", DicomTlsEnabled=True,
+                      DicomTlsCertificate=str(pki["server.crt"]),
+                      DicomTlsPrivateKey=str(pki["server.key"]),
+                      DicomTlsTrustedCertificates=str(pki["ca.crt"]),
+                      DicomTlsRemoteCertificateRequired=True)
+    orthanc.start()
+    try:
+        orthanc.upload(RG1)
+        server = listener("--tls-cert", pki["server.crt"], "--tls-key", pki["server.key"],
+                          "--tls-ca", pki["ca.crt"], "--state", tmp_path / "state.sqlite",
+                          "--push", orthanc.cstore_url.replace("dicom://", "dicom+tls://"))
+        assert not tls_association(server.port, pki, client_certificate=False).is_established
+        plain = AE(ae_title="TESTSCU")
+        plain.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        assert not plain.associate("127.0.0.1", server.port, ae_title=AET).is_established
+        association = tls_association(server.port, pki, client_certificate=True)
+        assert association.is_established
+        association.release()
+
+        route(orthanc, server.port, tls=True)
+        deadline = time.monotonic() + WAIT
+        while sorted(i["Modality"] for i in orthanc.instances_of_study(RG1_STUDY)) != (
+                ["CR", "DOC", "SEG", "SR"]):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.5)
+    finally:
+        orthanc.kill()

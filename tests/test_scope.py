@@ -11,20 +11,28 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from conftest import REPO, SAMPLES, invoke_cli, shared_path
 from PIL import Image
 
 from pneumoscan import api
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.inference.pipeline import read_model_input
-from pneumoscan.inference.scope import (assess, metadata_reasons, patient_age_years,
-                                        scope_threshold)
-from pneumoscan.modelling.scope_guard import (SCORE_OUTPUT, combined_scores,
-                                              fit_layer, flag_threshold, standardise,
-                                              tapped_layers)
+from pneumoscan.inference.scope import (
+    assess,
+    metadata_reasons,
+    patient_age_years,
+    scope_threshold,
+)
+from pneumoscan.modelling.scope_guard import (
+    SCORE_OUTPUT,
+    combined_scores,
+    fit_layer,
+    flag_threshold,
+    standardise,
+    tapped_layers,
+)
 from pneumoscan.records import FileResult
 from pneumoscan.results.summary import NEGATIVE, OUT_OF_SCOPE, POSITIVE, Counts, Study
-
-from conftest import REPO, SAMPLES, shared_path
 
 
 @pytest.mark.parametrize("metadata, years", [
@@ -225,7 +233,8 @@ def test_a_study_all_out_of_scope_is_never_normal():
     assert Study("s", (_result(NEGATIVE, False), _result(NEGATIVE, True))).decision == NEGATIVE
     assert Study("s", (_result(POSITIVE, False), _result(NEGATIVE, True))).decision == POSITIVE
     counts = Counts.of([_result(NEGATIVE, False), _result(POSITIVE, True)])
-    assert (counts.classified, counts.out_of_scope) == (2, 1)
+    assert (counts.classified, counts.out_of_scope, counts.pneumonia, counts.normal) == (
+        2, 1, 1, 0)  # the one out of scope counted apart, not as NORMAL
 
 
 def test_json_schema_doc_shows_every_field():
@@ -236,3 +245,15 @@ def test_json_schema_doc_shows_every_field():
     assert record.keys() <= documented, record.keys() - documented
     counts = doc[doc.index('"counts"'):doc.index('"results"')]
     assert all(f'"{name}"' in counts for name in Counts.of([]).__dict__)
+
+
+def test_the_summary_counts_out_of_scope_images_apart(tmp_path):
+    """The samples' three adult radiographs are outside the intended use: counted apart,
+    not among the NORMAL ones (the Kermany images are 8 and 8)."""
+    done = invoke_cli("run", SAMPLES, "--json", tmp_path / "r.json")
+    assert done.exit_code == 0, done.stderr
+    assert ("19 classified (3 outside the model's intended use, 8 PNEUMONIA, 8 NORMAL)"
+            in done.stderr)
+    counts = json.loads((tmp_path / "r.json").read_text())["counts"]
+    assert (counts["classified"], counts["out_of_scope"], counts["pneumonia"],
+            counts["normal"]) == (19, 3, 8, 8)

@@ -18,11 +18,12 @@ from pneumoscan.records import RunInfo
 MANUFACTURER = "pneumoscan"
 NOT_FOR_DIAGNOSIS = "NOT FOR PRIMARY DIAGNOSIS"
 # New series in the source study, numbered high to stay clear of the modality's own.
-SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "pdf": 9903}
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "pdf": 9903, "seg": 9904}
 SERIES_DESCRIPTIONS = {
     "sr": "pneumoscan AI result (research use)",
     "sc": f"pneumoscan CAM overlay ({NOT_FOR_DIAGNOSIS.lower()})",
     "pdf": "pneumoscan report (research use)",
+    "seg": f"pneumoscan CAM heat map ({NOT_FOR_DIAGNOSIS.lower()})",
 }
 
 

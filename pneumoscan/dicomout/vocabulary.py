@@ -36,9 +36,10 @@ IN_SCOPE = Code("in-scope", PRIVATE_SCHEME, "Within the model's intended use")
 # The Encapsulated PDF: LOINC 18748-4, the document type of an imaging report.
 DOCUMENT_CONCEPT = Code("18748-4", "LN", "Diagnostic imaging study")
 
-# The heat map as a segmentation.
-CAM_CATEGORY = codes.SCT.Finding
+# The heat map as a segmentation: where the model looked for pneumonia.
+CAM_CATEGORY = FINDING
 CAM_PROPERTY = PNEUMONIA
+NEURAL_NETWORK = codes.DCM.ArtificialIntelligence  # the algorithm family (CID 7162)
 
 # SOP classes of the outputs, and the prefix of their file names.
 SR_SOP_CLASS = Comprehensive3DSRStorage

@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 
 from pneumoscan.inputs.problems import DECODER_ERRORS
+from pneumoscan.tls import TlsOptions
 
 log = logging.getLogger("pneumoscan.listen")
 
@@ -167,32 +168,6 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class TlsOptions:
-    """DICOM TLS (PS3.15 B.1, IHE ATNA): TLS 1.2 or later, this node's certificate and key,
-    and with `ca` the peers' certificates verified against that CA (required of callers
-    when receiving)."""
-    certificate: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.certificate, self.key)
-        if self.ca is not None:
-            context.load_verify_locations(self.ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-    def client_context(self, host: str) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.certificate is not None:
-            context.load_cert_chain(self.certificate, self.key)
-        return context
 
 
 @dataclass(frozen=True)
