@@ -5,6 +5,7 @@ report saying "not classified" has no place in, say, a knee study."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -24,15 +25,17 @@ KIND_PREFIX = {EncapsulatedPDFStorage: "PDF", SecondaryCaptureImageStorage: "SC"
                ComprehensiveSRStorage: "SR"}
 
 
-def study_outputs(run: RunInfo, study: Study) -> list[Dataset]:
-    """The study's Encapsulated PDF report, then for each classified DICOM image its SR
-    and its CAM Secondary Capture; nothing when the study has no classified DICOM image.
-    Results need their report pictures (a run that renders)."""
+def study_outputs(run: RunInfo, study: Study,
+                  pdf: Callable[[RunInfo, Study], bytes] | None = None) -> list[Dataset]:
+    """The study's Encapsulated PDF report (`pdf`, default: rendered here), then for each
+    classified DICOM image its SR and its CAM Secondary Capture; nothing when the study
+    has no classified DICOM image. Results need their report pictures (a run that
+    renders)."""
     classified = [(r, SourceImage.of(r)) for r in study.classified]
     classified = [(r, source) for r, source in classified if source]
     if not classified:
         return []
-    outputs: list[Dataset] = [EncapsulatedPDF(study_pdf(run, study),
+    outputs: list[Dataset] = [EncapsulatedPDF((pdf or study_pdf)(run, study),
                                               [source for _, source in classified], run)]
     for result, source in classified:
         outputs += [structured_report(result, source, run), cam_capture(result, source, run)]
