@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.evaluation.datasets import list_samples, patient_id
+from pneumoscan.evaluation.datasets import list_samples, patient_id, split_by_patient
 from pneumoscan.inference.preprocess import Preprocessing
 from pneumoscan.modelling.architectures import (
     NORMALISATION,
     build_imagenet_network,
     build_network,
 )
-from training.data import split_by_patient
 from training.train import (
     AugmentedImages,
     TrainConfig,
