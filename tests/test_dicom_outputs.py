@@ -310,3 +310,17 @@ def test_the_heat_map_is_a_fractional_segmentation_on_the_source_grid(which, req
         assert np.abs(stored.astype(np.float64) - expected).max() <= 1 / 255 + 1e-6
         assert ds.StudyDescription == result["metadata"]["StudyDescription"]
         assert ds.SeriesDescription.startswith("pneumoscan CAM heat map")
+
+
+def test_results_from_the_state_get_the_same_heat_map(first_run, tmp_path):
+    """The CAM grid is kept in the state: a later run whose results all come from it
+    writes the same Segmentations (into another folder, where they are due)."""
+    summary, _, out = first_run
+    later = api.run(api.RunOptions(SAMPLES / "dicom", json=out / "r.json",
+                                   dicom_out=tmp_path / "again"))
+    assert later.scan.from_ledger == len(later.scan.results)
+    again = {ds.SOPInstanceUID: ds for ds in outputs(later)["SEG"]}
+    first = outputs(summary)["SEG"]
+    assert sorted(again) == sorted(ds.SOPInstanceUID for ds in first)
+    for ds in first:
+        assert again[ds.SOPInstanceUID].PixelData == ds.PixelData
