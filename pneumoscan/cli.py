@@ -505,6 +505,13 @@ scope_train_images_option = click.option(
     "--scope-train-images", type=click.IntRange(100), metavar="N",
     help="fit the scope guard on N training images at most, evenly spread (default: all; "
          "the network's pass over them is most of the time the fit takes)")
+scope_view_option = click.option(
+    "--scope-view", type=click.Choice(["stored", "direct"]), default="stored",
+    show_default=True,
+    help="what the scope guard reads: 'stored', the input as the training copies were "
+         "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
+         "time); 'direct', the network's own activations (next to no time: for networks "
+         "with an input low-pass, which do not tell originals from training copies)")
 
 
 @main.command("export-onnx")
@@ -535,11 +542,12 @@ scope_train_images_option = click.option(
               help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
                    "scope guard (default: the one training wrote beside the checkpoint)")
 @scope_train_images_option
+@scope_view_option
 @click.option("--no-scope-guard", is_flag=True,
               help="write the model without a scope guard (no out-of-distribution score)")
 def export_onnx(checkpoint, out, check_images, model_version, name, force, int8, fp16,
                 calibration_images, calibration_count, eval_images, scope_split,
-                scope_train_images, no_scope_guard):
+                scope_train_images, scope_view, no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
@@ -577,7 +585,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
                           log=lambda m: click.echo(m), scope_split=scope_split,
-                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images)
+                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images,
+                          scope_view=scope_view)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out}: model {name}")
@@ -606,7 +615,9 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
               default=0.15, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @scope_train_images_option
-def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images):
+@scope_view_option
+def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images,
+                scope_view):
     """Fit the scope guard of an exported ONNX model (one exported without it, or before
     it existed) on its training images; its threshold flags at most 5% of the validation
     images. `export-onnx` does this itself."""
@@ -628,7 +639,7 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
         else:
             fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
         fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
-                        max_train=scope_train_images)
+                        max_train=scope_train_images, view=scope_view)
     except (ScopeFitError, ModelError, FileNotFoundError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out or model_path}")
@@ -644,11 +655,15 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--roc", "roc_path", type=click.Path(path_type=Path, dir_okay=False),
               help="ROC curve PNG")
+@click.option("--reliability", "reliability_path",
+              type=click.Path(path_type=Path, dir_okay=False),
+              help="reliability diagram PNG (calibration curve)")
 @click.option("--bootstrap", type=click.IntRange(100, 100000), default=1000, show_default=True)
 def evaluate(data, model_path, device, batch_size, workers, threshold, json_path, roc_path,
-             bootstrap):
+             reliability_path, bootstrap):
     """Metrics of the model on a labelled DATA folder ({NORMAL,PNEUMONIA}/...) or CSV:
-    accuracy, sensitivity, specificity, AUC, F1 with bootstrap 95% CIs, confusion matrix."""
+    accuracy, sensitivity, specificity, AUC, F1 with bootstrap 95% CIs, confusion matrix;
+    calibration slope and intercept, Brier score and ECE with bootstrap 95% CIs."""
     from pneumoscan.evaluation.evaluate import evaluate_dataset, format_report
 
     try:
@@ -666,6 +681,10 @@ def evaluate(data, model_path, device, batch_size, workers, threshold, json_path
         from pneumoscan.evaluation.evaluate import write_roc
 
         write_roc(report, roc_path)
+    if reliability_path:
+        from pneumoscan.evaluation.evaluate import write_reliability
+
+        write_reliability(report, reliability_path)
 
 
 @main.command("info")
@@ -723,7 +742,8 @@ def _scope_guard_text(guard: dict | None) -> str:
     if not guard:
         return "none (DICOM age and view rules only)"
     quality = guard.get("view_jpeg_quality")
-    view = (f"through a JPEG quality {quality} round trip" if quality
+    view = ("on the network's own activations" if guard.get("view") == "direct"
+            else f"through a JPEG quality {quality} round trip" if quality
             else "through the model's own input")
     reduction = guard.get("view_reduction", 1)
     size = f" at 1/{reduction} size" if reduction > 1 else ""

@@ -123,6 +123,36 @@ def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_
     np.testing.assert_allclose(got, expected, atol=2e-3)
 
 
+def test_a_direct_guard_reads_the_networks_own_pass(small_checkpoint, val_images, tmp_path):
+    """view="direct": the guard taps the network's activations, adds no copy of the trunk
+    (no convolution), and its score is still the fit's formula on those activations."""
+    from pneumoscan.modelling.export import export_checkpoint
+    from pneumoscan.modelling.scope_guard import fit_scope_guard, layer_statistics, read_split
+
+    bare = tmp_path / "bare.onnx"
+    export_checkpoint(small_checkpoint, bare, check_images=val_images, version="test",
+                      log=lambda msg: None, scope_guard=False)
+    train, val = read_split(small_checkpoint.parent / "split.json")
+    guarded = tmp_path / "direct.onnx"
+    guard = fit_scope_guard(bare, train, val, out=guarded, log=lambda m: None, view="direct")
+    before, after = onnx.load(str(bare)), onnx.load(str(guarded))
+    assert guard.layers == tapped_layers(before)
+    assert (guard.view, guard.view_jpeg_quality, guard.view_reduction) == ("direct", None, 1)
+    convolutions = [[n for n in m.graph.node if n.op_type == "Conv"] for m in (before, after)]
+    assert len(convolutions[0]) == len(convolutions[1]) > 10
+
+    fits = [fit_layer(t, s) for t, s in zip(guard.layers, layer_statistics(
+        before, guard.layers, train, lambda m: None))]
+    for fit, stats in zip(fits, layer_statistics(before, guard.layers, val, lambda m: None)):
+        standardise(fit, stats)
+    paths = sorted(val_images.rglob("*.jpeg"))
+    expected = combined_scores(fits, layer_statistics(before, guard.layers, paths,
+                                                      lambda m: None))
+    cam_model = OnnxCamModel(guarded, device="cpu")
+    batch = np.stack([read_model_input(p, cam_model.info.preprocessing) for p in paths])
+    np.testing.assert_allclose(cam_model.predict(batch).scope_scores, expected, atol=2e-3)
+
+
 def test_one_tapped_layer_per_resolution(small_onnx):
     """The last activation before each change of resolution, and the last of all."""
     model = onnx.load(str(small_onnx))
