@@ -149,6 +149,14 @@ def test_received_study_is_classified_once_settled_as_run_over_the_spool_would(l
     assert set(results) == {ds.SOPInstanceUID for ds in datasets}
     assert {r["status"] for r in results.values()} == {"ok"}
     assert len(list((tmp_path / "dicom-out").rglob("SR-*.dcm"))) == 2
+    # More images of the study later: classified again for those, the others kept.
+    later = copies(3)[2]
+    assert send(server.port, [later]) == [SUCCESS]
+    server.wait_for("files (", count=3)
+    assert "3 files (2 unchanged since the last run)" in server.log()
+    results = server.results()
+    assert set(results) == {ds.SOPInstanceUID for ds in [*datasets, later]}
+    assert len(list((tmp_path / "dicom-out").rglob("SR-*.dcm"))) == 3
     # Cron over the same spool: the same results.
     cron = run_pneumoscan("run", server.spool, "--json", tmp_path / "cron.json")
     assert cron.returncode == 0, cron.stderr
