@@ -347,6 +347,7 @@ def test_dicom_tls_both_ways_with_orthanc_and_the_tests_own_ca(listener, tmp_pat
         plain = AE(ae_title="TESTSCU")
         plain.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
         assert not plain.associate("127.0.0.1", server.port, ae_title=AET).is_established
+        server.wait_for("TLS handshake failed", count=2)  # both refusals logged
         association = tls_association(server.port, pki, client_certificate=True)
         assert association.is_established
         association.release()
