@@ -336,3 +336,17 @@ def test_per_study_and_dicom_out_render_each_study_pdf_once(tmp_path, monkeypatc
     document = encapsulated[0]
     carried = bytes(document.EncapsulatedDocument)[:document.EncapsulatedDocumentLength]
     assert carried == study_pdf.read_bytes()
+
+
+def test_results_from_the_state_get_the_same_heat_map(first_run, tmp_path):
+    """The CAM grid is kept in the state: a later run whose results all come from it
+    writes the same Segmentations (into another folder, where they are due)."""
+    summary, _, out = first_run
+    later = api.run(api.RunOptions(SAMPLES / "dicom", json=out / "r.json",
+                                   dicom_out=tmp_path / "again"))
+    assert later.scan.from_ledger == len(later.scan.results)
+    again = {ds.SOPInstanceUID: ds for ds in outputs(later)["SEG"]}
+    first = outputs(summary)["SEG"]
+    assert sorted(again) == sorted(ds.SOPInstanceUID for ds in first)
+    for ds in first:
+        assert again[ds.SOPInstanceUID].PixelData == ds.PixelData
