@@ -54,7 +54,8 @@ def test_run_json_accounts_for_every_file(scans, shipped_model, tmp_path):
         else:
             assert r["reason"] and r["probability"] is None
     assert by_name["corrupt.jpeg"]["status"] == "error"
-    assert by_name["empty.png"]["status"] in ("error", "skipped")
+    assert (by_name["empty.png"]["status"], by_name["empty.png"]["reason"]) == (
+        "skipped", "empty file (0 bytes)")
     assert "EXTREMITY" in by_name["RG3_J2KI.dcm"]["reason"]
     assert by_name["MR2_J2KI.dcm"]["status"] == "skipped"
     assert sum(r["status"] == "ok" for r in data["results"]) == 16 + 3
