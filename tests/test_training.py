@@ -151,13 +151,13 @@ def test_the_input_low_pass_keeps_shapes_and_removes_the_finest_detail():
     assert not any(p is net.features.low_pass.kernel for p in net.parameters())  # not trained
 
 
-def test_a_low_pass_network_exports_with_its_filter(kermany_train, val_images, tmp_path):
+def test_a_low_pass_network_exports_with_its_filter(kermany224, val_images, tmp_path):
     """The low-pass is part of the network: in the checkpoint (rebuilt from its sigma), and
     in the ONNX graph, where ONNX Runtime matches PyTorch as for any export."""
     from pneumoscan.modelling.checkpoint import load_network
     from pneumoscan.modelling.export import PARITY_LIMITS, export_checkpoint
 
-    cfg = _tiny_config(kermany_train, tmp_path, low_pass_sigma=1.5, consistency=1.0)
+    cfg = _tiny_config(kermany224, tmp_path, low_pass_sigma=1.5, consistency=1.0)
     train(cfg, log=lambda m: None)
     network, payload = load_network(tmp_path / "best.pt")
     assert payload["low_pass_sigma"] == 1.5 and network.features.low_pass.sigma == 1.5
