@@ -577,10 +577,10 @@ def test_mode_can_be_widened_on_request(tmp_path):
 
 
 @pytest.mark.slow
-def test_pneumoscan_run_writes_both_reports(small_onnx, tmp_path):
+def test_pneumoscan_run_writes_both_reports(shipped_model, tmp_path):
     """End to end: real model, real CAMs, the samples folder with its DICOM files."""
     out, per_study = tmp_path / "run.pdf", tmp_path / "studies"
-    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(small_onnx),
+    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(shipped_model),
                                        "--device", "cpu", "--out", str(out),
                                        "--per-study", str(per_study)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
