@@ -275,7 +275,8 @@ def test_out_of_scope_images_are_marked_and_counted_apart(results):
     row = summary[summary.index(f'id="row-{study_file_stem(str(SAMPLES / "study-normal-1"))}"'):]
     assert re.search(r"^[^\n]*<td class=\"decision review\">review: outside the "
                      r"model&#39;s intended use</td>", row)
-    assert html.count(f'<p class="scope">OUT OF SCOPE: {reason}</p>') == 4
+    assert html.count(f'<p class="scope">OUTSIDE INTENDED USE: {reason}</p>') == 4
+    assert html.count('<span class="label">outside intended use</span> · model output') == 4
     counts = html[html.index('<table class="counts">'):]
     assert '<td class="review">4</td>' in counts[:counts.index("</table>")]
 
@@ -576,10 +577,10 @@ def test_mode_can_be_widened_on_request(tmp_path):
 
 
 @pytest.mark.slow
-def test_pneumoscan_run_writes_both_reports(small_onnx, tmp_path):
+def test_pneumoscan_run_writes_both_reports(shipped_model, tmp_path):
     """End to end: real model, real CAMs, the samples folder with its DICOM files."""
     out, per_study = tmp_path / "run.pdf", tmp_path / "studies"
-    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(small_onnx),
+    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(shipped_model),
                                        "--device", "cpu", "--out", str(out),
                                        "--per-study", str(per_study)], catch_exceptions=False)
     assert result.exit_code == 0, result.output

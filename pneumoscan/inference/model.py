@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pneumoscan.files import atomic_path, sha256_of_file
 from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.workers import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,6 @@ def model_info(path: Path, meta: dict[str, str]) -> ModelInfo:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def open_session(path: Path, device: str = "auto", threads: int | None = None,

@@ -16,7 +16,6 @@ worker thread may never end, so that the process must not wait for it when it ex
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +32,7 @@ from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
 from pneumoscan.report.pictures import render_picture
+from pneumoscan.workers import available_cores
 
 DEFAULT_BATCH_SIZE = 32
 # The longest one file may take to be read, decoded and preprocessed: a 100-megapixel
@@ -138,7 +138,7 @@ class Job:
 
 
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, available_cores())
 
 
 def prepare(item: InputFile, prep: Preprocessing) -> Prepared:
@@ -182,6 +182,14 @@ def score(chunk: list[Prepared], model: CamModel, threshold: float) -> list[Scor
     return [next(verdicts) if p.model_pixels is not None else None for p in chunk]
 
 
+CAM_DECIMALS = 4  # a colour map shows 256 levels at most
+
+
+def cam_grid(cam: np.ndarray) -> list[list[float]]:
+    """The CAM as plain data for the result (JSON, the state ledger)."""
+    return np.round(np.nan_to_num(np.asarray(cam, dtype=np.float64)), CAM_DECIMALS).tolist()
+
+
 def finish(prepared: Prepared, scored: Scored | None, threshold: float,
            picture: bytes | None = None) -> FileResult:
     """The file's result: classified when it was scored, else what loading it gave."""
@@ -195,7 +203,7 @@ def finish(prepared: Prepared, scored: Scored | None, threshold: float,
                       probability=scored.probability, label=scored.label,
                       threshold=float(threshold), metadata=img.metadata,
                       in_scope=scored.in_scope, scope_reasons=scored.scope_reasons,
-                      picture=picture,
+                      cam=cam_grid(scored.cam), picture=picture,
                       seconds=prepared.seconds + scored.seconds)
 
 
