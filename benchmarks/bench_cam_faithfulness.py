@@ -8,7 +8,7 @@ original-resolution scans, with the measures of `cam_faithfulness.py`.
         [--figure docs/model/cam-methods.png]
 
 Sets: `val`, the validation split of kermany224 (15% of patients, seed 42: the split the
-model was trained with, `training.data.split_by_patient`), `--val-limit` images of it evenly
+model was trained with, `evaluation.datasets.split_by_patient`), `--val-limit` images of it evenly
 spread over the sorted list (both classes); `originals`, kermany-original (100 TRAIN scans)
 and kermany-val-original (16), at full resolution through `run`'s decoding.
 
@@ -20,10 +20,11 @@ forward pass per channel. On a busy CPU the torch methods run on `--torch-limit`
 each set and Score-CAM on `--expensive-limit` (evenly spread over the set), each beside the
 shipped CAM on the same images.
 
-External reference: on `--reference` validation images that every method ran on, pytorch-grad-cam's own
-metrics through the torch network -- ROAD (noisy linear imputation) removing the top 20%
-of pixels, and CamMultImageConfidenceChange (the image multiplied by the map) -- beside
-this benchmark's top-20% deletion drop, and the rank correlation of the methods by each.
+External reference: on `--reference` validation images that every method ran on,
+pytorch-grad-cam's own metrics through the torch network -- ROAD (noisy linear
+imputation) removing the top 20% of pixels, and CamMultImageConfidenceChange (the image
+multiplied by the map) -- beside this benchmark's top-20% deletion drop, and the rank
+correlation of the methods by each.
 
 Maps and scores are cached per model, set and method in `--cache`: a rerun only computes
 what is missing. Timings (ms per image to compute the map) are medians over batches of 16
@@ -70,9 +71,8 @@ METHODS = {
 
 
 def image_sets(data: Path, val_limit: int) -> dict[str, list[Path]]:
-    from pneumoscan.evaluation.datasets import list_samples
+    from pneumoscan.evaluation.datasets import list_samples, split_by_patient
     from pneumoscan.modelling.export import spread
-    from training.data import split_by_patient
 
     _, val = split_by_patient(list_samples(data / "kermany224" / "train"), 0.15, 42)
     val_paths = sorted(s.path for s in val)
