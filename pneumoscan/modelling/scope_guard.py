@@ -3,7 +3,10 @@ the model computes itself, as one more ONNX output (`scope_score`, shape (N,)).
 
 The guard reads the image through its own view (modelling/stored_view.py): the model's input
 stored as the training images were (a quality-75 JPEG round trip, unless the model's own
-preprocessing has one) and averaged over 2x2 pixels, through a copy of the network's trunk.
+preprocessing has one) and averaged over 2x2 pixels, through a copy of the network's trunk;
+or, with the "direct" view, the network's own activations in the same pass (for networks
+that do not tell an original scan from a training copy by its JPEG artefacts, such as those
+with an input low-pass).
 Each tapped layer's activations are pooled to their per-channel mean and standard deviation.
 On the training images, a Gaussian per layer is fitted in the probabilistic-PCA form: the
 top principal components with their own variances, and one variance for everything outside
