@@ -510,8 +510,9 @@ scope_view_option = click.option(
     show_default=True,
     help="what the scope guard reads: 'stored', the input as the training copies were "
          "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
-         "time); 'direct', the network's own activations (next to no time: for networks "
-         "with an input low-pass, which do not tell originals from training copies)")
+         "time); 'direct', the network's own activations at its three coarsest "
+         "resolutions (next to no time: for networks with an input low-pass, which do not "
+         "tell originals from training copies)")
 
 
 @main.command("export-onnx")
