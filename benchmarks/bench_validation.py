@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pneumoscan.inference.model import default_model_path
     from pneumoscan.inference.pipeline import read_model_pixels
-    from training.data import split_by_patient
+    from pneumoscan.evaluation.datasets import split_by_patient
     from training.train import cross_fitted_probabilities
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
