@@ -35,6 +35,7 @@ def test_run_without_model_uses_the_shipped_one(shipped, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["run"]["model"]["sha256"] == shipped.info.sha256
+    assert data["run"]["model"]["cam_method"] == shipped.info.cam_method
     graded = [r for r in data["results"] if r["status"] == "ok" and r["path"].endswith(".jpeg")]
     assert len(graded) == 16
     truth = {r["path"]: "NORMAL" if "NORMAL" in r["path"].rsplit("/", 1)[-1] else "PNEUMONIA"

@@ -31,6 +31,7 @@ from pneumoscan.inputs.discover import MAX_DEPTH, discover
 from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, InputFile, RunInfo
 from pneumoscan.report import html as report
+from pneumoscan.workers import available_cores
 from pneumoscan.results.ledger import HUNG_AFTER_S, Basis, Ledger, StateLocked, describe_holder
 from pneumoscan.results.runlog import RunLog
 
@@ -454,7 +455,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-@pytest.mark.skipif(api.available_cores() < 2, reason="one core: studies render in-process")
+@pytest.mark.skipif(available_cores() < 2, reason="one core: studies render in-process")
 def test_render_workers_die_when_the_run_is_killed(tmp_path, chest, shipped_model):
     root = tmp_path / "scans"
     for study in range(api.PARALLEL_STUDIES_FROM * 2):

@@ -40,6 +40,7 @@ from pydicom.uid import JPEG2000MC
 
 from pneumoscan import api
 from pneumoscan.api import EXIT_UNREADABLE
+from pneumoscan.run import scan as folder_scan
 from pneumoscan.results.ledger import Ledger
 
 OK = ("ok", None)
@@ -189,14 +190,14 @@ def test_a_file_gone_between_discovery_and_reading(with_state, tmp_path, chest, 
     root.mkdir()
     for name in ("a.png", "gone.png", "z.png"):
         Image.fromarray(chest).save(root / name)
-    discover = api.discover
+    discover = folder_scan.discover
 
     def discover_then_delete(folder):
         items = list(discover(folder))
         (root / "gone.png").unlink()
         return items
 
-    monkeypatch.setattr(api, "discover", discover_then_delete)
+    monkeypatch.setattr(folder_scan, "discover", discover_then_delete)
     with Ledger.open(tmp_path / "state.sqlite") as ledger:
         scan = api.scan(root, model, render=False, ledger=ledger if with_state else None)
     assert [(r.path.name, r.status, r.reason) for r in scan.results] == [
