@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -45,7 +46,7 @@ from pneumoscan.inference.cam import CamModel
 from pneumoscan.inference.model import ModelError, available_cores, default_model_path
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, Engine, LocalEngine
 from pneumoscan.inference.ray_engine import EngineError, RayEngine, RayOptions
-from pneumoscan.inputs import is_dicomweb_url
+from pneumoscan.inputs import MAX_INSTANCE_BYTES, is_dicomweb_url
 from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
 from pneumoscan.results.anonymize import anonymized, anonymized_result, pseudonym_path
@@ -132,6 +133,10 @@ class RunOptions:
     dicom_out: Path | None = None
     push: str | None = None
     since: date | None = None  # a DICOMweb source: studies from this study date on
+    # A DICOMweb source: the largest instance retrieved (bytes, once decompressed), and the most seconds the run spends listing and
+    # retrieving (what is left is done by the next run).
+    max_instance_bytes: int = MAX_INSTANCE_BYTES
+    max_runtime: float | None = None
 
     @property
     def state_path(self) -> Path:
@@ -163,6 +168,10 @@ class RunOptions:
         if self.since is not None and not self.from_pacs:
             raise RunError("--since applies to a DICOMweb source (an http(s):// URL)",
                            EXIT_USAGE)
+        if self.max_runtime is not None and not self.from_pacs:
+            raise RunError("--max-runtime applies to a DICOMweb source (an http(s):// URL)",
+                           EXIT_USAGE)
+        self._check_servers()
         if self.report is not None and self.report.suffix.lower() not in REPORT_SUFFIXES:
             raise RunError(f"--out must end in .pdf or .html, not {self.report.name!r}",
                            EXIT_USAGE)
@@ -177,6 +186,23 @@ class RunOptions:
         if self.cam_backend == "torch" and self.checkpoint is None:
             raise RunError("--cam-backend torch needs --checkpoint FILE", EXIT_USAGE)
 
+    def _check_servers(self) -> None:
+        """The source URL and --push value, checked before anything is created: no
+        credentials in a URL (a log would record them) or going unencrypted to another
+        machine, a destination that parses. Nothing is connected to."""
+        if not (self.from_pacs or self.push is not None):
+            return
+        from pneumoscan.dicomout.push import destination
+        from pneumoscan.inputs.dicomweb import PacsError, session_for
+
+        try:
+            if self.from_pacs:
+                session_for(self.scans, environment_credentials=True).close()
+            if self.push is not None:
+                destination(self.push, self.scans)
+        except PacsError as exc:
+            raise RunError(str(exc), EXIT_USAGE) from None
+
     def outputs(self) -> list[tuple[str, Path]]:
         """(what, path) of every output the run writes, as given (or defaulted)."""
         given = [("report", self.report), ("json", self.json), ("per-study", self.per_study),
@@ -186,15 +212,15 @@ class RunOptions:
 
     def check_outputs(self) -> None:
         """Raises RunError naming the path as given when an output cannot be written
-        there; creates nothing."""
+        there; leaves nothing (a probe file is created and removed in each folder)."""
         for what, path in self.outputs():
             check_writable(path, what, folder=what in ("per-study", "dicom-out"))
 
 
 def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
     """Raises RunError unless `path` (a file, or with `folder` a folder) can be written:
-    it is of that kind if it exists, and the nearest folder that exists on its way can be
-    written into."""
+    it is of that kind if it exists, and a file can be created in the nearest folder that
+    exists on its way (and is removed at once)."""
     if path.exists() and path.is_dir() != folder:
         raise RunError(f"cannot write the {what} {path}: it is "
                        f"{'a file, not a folder' if folder else 'a folder'}")
@@ -207,6 +233,14 @@ def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
         raise RunError(f"cannot write the {what} {path}: {nearest} is not a folder")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise RunError(f"cannot write the {what} {path}: folder {nearest} is not writable")
+    # os.access trusts permission bits, which say yes to root everywhere (/proc, a
+    # read-only mount): a file created and removed there is the only sure answer.
+    try:
+        with tempfile.NamedTemporaryFile(dir=nearest, prefix=".pneumoscan-probe-"):
+            pass
+    except OSError as exc:
+        raise RunError(f"cannot write the {what} {path}: {exc.strerror or exc} "
+                       f"(in {nearest})") from None
 
 
 class RunEvents:
@@ -218,6 +252,9 @@ class RunEvents:
 
     def model_opened(self, model: CamModel) -> None:
         pass
+
+    def listing(self, done: int, total: int) -> None:
+        """A DICOMweb source: `done` of `total` studies listed (their instances found)."""
 
     def discovered(self, total: int) -> None:
         pass
@@ -249,11 +286,14 @@ class RunSummary:
     outputs: list[tuple[str, Path]]  # (what, path) of every output, written or still current
     pushed: list[str] = field(default_factory=list)  # studies whose outputs were sent
     push_failures: list[str] = field(default_factory=list)  # "study: why", one a study
+    # "study: what": outputs of SOP classes the destination does not accept (never resent)
+    not_accepted: list[str] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)  # per-study reports of vanished studies
 
     @property
     def exit_code(self) -> int:
-        return EXIT_UNREADABLE if self.push_failures else self.scan.exit_code
+        return (EXIT_UNREADABLE if self.push_failures or self.not_accepted
+                else self.scan.exit_code)
 
 
 def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
@@ -345,7 +385,10 @@ def _run_locked(options: RunOptions, model: CamModel, engine_context, ledger: Le
         from pneumoscan.inputs.dicomweb import PacsError
 
         try:
-            scanned = scan_dicomweb(options.scans, model, since=options.since, **common)
+            scanned = scan_dicomweb(options.scans, model, since=options.since,
+                                    on_listing=events.listing,
+                                    max_instance_bytes=options.max_instance_bytes,
+                                    max_runtime=options.max_runtime, **common)
         except PacsError as exc:
             raise RunError(str(exc)) from None
     else:
@@ -360,10 +403,11 @@ def _run_locked(options: RunOptions, model: CamModel, engine_context, ledger: Le
     written, sent, removed = _write_outputs(options, scanned, ledger, destination, events)
     counts = scanned.counts()
     summary = RunSummary(scanned, written, ledger.path, runlog.path, options.outputs(),
-                         sent.pushed, sent.failures, removed)
+                         sent.pushed, sent.failures, sent.not_accepted, removed)
     runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
                  computed=counts.files - scanned.from_ledger, pushed=sent.pushed,
-                 push_failures=sent.failures, exit_code=summary.exit_code,
+                 push_failures=sent.failures, not_accepted=sent.not_accepted,
+                 exit_code=summary.exit_code,
                  removed_reports=len(removed),
                  started=scanned.run.started, finished=scanned.run.finished)
     return summary
@@ -391,6 +435,7 @@ class DicomOutputs:
     written: list[Path] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)  # study keys
     failures: list[str] = field(default_factory=list)  # "study <key>: why"
+    not_accepted: list[str] = field(default_factory=list)  # "study <key>: what"
 
 
 def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
@@ -400,8 +445,9 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
     written under `directory` and/or sent to `destination` (dicomout.push). With a ledger,
     a study's outputs are made again only when its results changed, and sent again only
     until the destination took them all; a study that could not be sent is a failure
-    (its reason), and the next run sends it again. `on_study(key)` is called before each
-    study's outputs are made."""
+    (its reason), and the next run sends it again; outputs of a SOP class the destination
+    does not accept are listed in `not_accepted` and not sent again. `on_study(key)` is
+    called before each study's outputs are made."""
     from pneumoscan.dicomout.push import PushError
     from pneumoscan.dicomout.writer import study_outputs, write_study_outputs
 
@@ -422,11 +468,13 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
                                      fingerprint, write_study_outputs(directory, study, outputs))
         if to_push and outputs:
             try:
-                destination.store(outputs)
+                refused = destination.store(outputs)
             except PushError as exc:
                 done.failures.append(f"study {study.key}: {exc}")
                 continue
-            done.pushed.append(study.key)
+            done.not_accepted += [f"study {study.key}: {what}" for what in refused]
+            if len(refused) < len({ds.SOPClassUID for ds in outputs}):
+                done.pushed.append(study.key)
         if to_push:
             _written(ledger, ("push", destination.name, study.key), fingerprint, [])
     return done
@@ -578,26 +626,52 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
                   threshold: float | None = None, render: bool = True,
                   on_result: Callable[[FileResult], None] | None = None,
                   on_discovered: Callable[[int], None] | None = None,
-                  ledger: Ledger | None = None, force: bool = False) -> Scan:
+                  on_listing: Callable[[int, int], None] | None = None,
+                  ledger: Ledger | None = None, force: bool = False,
+                  max_instance_bytes: int = MAX_INSTANCE_BYTES,
+                  max_runtime: float | None = None) -> Scan:
     """`scan` of the CR and DX studies on a DICOMweb server (from study date `since` on):
     one result per instance, each result's path <Study UID>/<SOP Instance UID>. With a
     `ledger`, only instances it has not seen (by SOP Instance UID) are retrieved, into a
-    temporary cache, each deleted once classified. A study that cannot be listed, or an
-    instance that cannot be retrieved, is an error result that the ledger does not keep:
-    the next run tries it again. Raises PacsError when the server cannot be queried."""
+    temporary cache, each deleted once classified. A study that cannot be listed, a match
+    without valid UIDs, an instance that cannot be retrieved or is not the one asked for,
+    and whatever is left when `max_runtime` seconds have passed, are error results that
+    the ledger does not keep: the next run tries them again. `on_listing(done, total)`
+    tells the studies listed so far. Raises PacsError when the server cannot be queried."""
     from pneumoscan.inputs.dicomweb import DicomWebSource, PacsError
 
     run = run_info(model, threshold)
-    source = DicomWebSource(url)
-    instances, results_by_study = [], {}
-    for study_uid in source.studies(since):
+    deadline = None if max_runtime is None else time.monotonic() + max_runtime
+    late = (f"not done: the run reached its --max-runtime of {max_runtime:g} s; the next "
+            "run does it" if max_runtime is not None else "")
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
+    source = DicomWebSource(url, max_instance_bytes=max_instance_bytes)
+    study_uids, bad_studies = source.studies(since)
+    failures = [FileResult(Path(bad.label), bad.label, "error", bad.reason)
+                for bad in bad_studies]
+    instances = []
+    for done, study_uid in enumerate(study_uids):
+        if on_listing:
+            on_listing(done, len(study_uids))
+        if out_of_time():
+            failures.append(FileResult(Path(study_uid), study_uid, "error",
+                                       f"study {study_uid} {late}"))
+            continue
         try:
-            instances += source.instances(study_uid)
+            found, bad_instances = source.instances(study_uid)
         except PacsError as exc:
-            results_by_study[study_uid] = FileResult(Path(study_uid), study_uid, "error",
-                                                     str(exc))
+            failures.append(FileResult(Path(study_uid), study_uid, "error", str(exc)))
+            continue
+        instances += found
+        failures += [FileResult(Path(study_uid, bad.label), study_uid, "error",
+                                f"study {study_uid}: {bad.reason}") for bad in bad_instances]
+    if on_listing:
+        on_listing(len(study_uids), len(study_uids))
     if on_discovered:
-        on_discovered(len(instances) + len(results_by_study))
+        on_discovered(len(instances) + len(failures))
     basis = Basis(run.model_sha256, run.threshold, render)
     items = [InputFile(instance.display_path, "dicom") for instance in instances]
     if ledger is None:
@@ -610,8 +684,11 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
     with tempfile.TemporaryDirectory(prefix="pneumoscan-dicomweb-") as cache:
 
         def fetch(plan: Planned) -> InputFile:
+            instance = by_path[plan.item.path]
             try:
-                return InputFile(source.retrieve(by_path[plan.item.path], Path(cache)), "dicom")
+                if out_of_time():
+                    raise PacsError(f"instance {instance.sop_uid} {late}")
+                return InputFile(source.retrieve(instance, Path(cache)), "dicom")
             except PacsError as exc:
                 plan.key = None  # not kept: retrieved again next run
                 return InputFile(plan.item.path, None, str(exc), unreadable=True)
@@ -622,7 +699,7 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
                 on_result(result)
 
         results = _merge_with_ledger(plans, classify, ledger, basis, on_instance, fetch)
-    for failure in results_by_study.values():
+    for failure in failures:
         if on_result:
             on_result(failure)
         results.append(failure)

@@ -167,8 +167,15 @@ def test_anonymize_puts_the_pseudonym_of_the_json_in_every_output(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     (pseudonym,) = {r["metadata"]["PatientID"] for r in results if r["status"] == "ok"}
     assert pseudonym.startswith(PSEUDONYM_PREFIX)
-    for kind in outputs(summary).values():
-        for ds in kind:
-            assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
-            assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
-            assert "CompressedSamples" not in str(ds)
+    got = outputs(summary)
+    # The outputs exist: 3 SR, 3 SC and the PDF, as without --anonymize (they were none).
+    assert [len(got[kind]) for kind in ("SR", "SC", "PDF")] == [3, 3, 1]
+    studies = {r["metadata"]["StudyInstanceUID"] for r in results if r["status"] == "ok"}
+    assert len(studies) == 1 and RG1_STUDY not in studies
+    for ds in got["SR"] + got["SC"] + got["PDF"]:
+        assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
+        assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
+        assert not ds.get("AccessionNumber") and not ds.get("StudyDate")
+        assert ds.StudyInstanceUID in studies  # the pseudonymous study, not the source's
+        assert "CompressedSamples" not in str(ds) and "9RG1" not in str(ds)
+        assert RG1_STUDY not in str(ds)

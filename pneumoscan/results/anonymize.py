@@ -11,7 +11,10 @@ of each attribute pneumoscan shows:
 | AccessionNumber                    | empty (Z)                   | removed                     |
 | StudyDate                          | empty (Z); shifting is the  | removed (no date shifting)  |
 |                                    | Modified Dates option       |                             |
-| StudyInstanceUID, SOPInstanceUID   | replace consistently (U)    | `2.25.` UID from its HMAC   |
+| StudyInstanceUID, SeriesInstance-  | replace consistently (U)    | `2.25.` UID from its HMAC   |
+| UID, SOPInstanceUID                |                             |                             |
+| SOPClassUID                        | kept                        | kept when a UID (it names   |
+|                                    |                             | a kind of object, no one)   |
 | Modality, ViewPosition,            | kept                        | kept when a defined term,   |
 | BodyPartExamined                   |                             | else removed (free text)    |
 | anything else                      |                             | removed                     |
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +42,10 @@ from pathlib import Path
 from pneumoscan.inputs.dicom import BODY_PARTS, MODALITIES, VIEW_POSITIONS
 from pneumoscan.records import FileResult
 
-PSEUDONYMISED_UIDS = ("StudyInstanceUID", "SOPInstanceUID")
+# The anonymised DICOM outputs refer to their source by these (dicomout.source.REQUIRED).
+PSEUDONYMISED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+KEPT_UIDS = ("SOPClassUID",)
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # Attributes kept only when their value is one of the standard's defined terms.
 DEFINED_TERMS = {"Modality": MODALITIES, "ViewPosition": VIEW_POSITIONS,
                  "BodyPartExamined": BODY_PARTS}
@@ -89,7 +96,8 @@ def anonymized_result(result: FileResult, key: bytes) -> FileResult:
 
 def _anonymized_metadata(metadata: dict[str, str], key: bytes) -> dict[str, str]:
     """Only what the table above keeps: any other attribute is left out."""
-    kept = {k: v for k, v in metadata.items() if v in DEFINED_TERMS.get(k, ())}
+    kept = {k: v for k, v in metadata.items()
+            if v in DEFINED_TERMS.get(k, ()) or (k in KEPT_UIDS and UID.fullmatch(v))}
     for keyword in PSEUDONYMISED_UIDS:
         if metadata.get(keyword):
             kept[keyword] = pseudonym_uid(key, metadata[keyword])
