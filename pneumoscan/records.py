@@ -38,8 +38,13 @@ DICOM_FIELDS = {
     "SeriesInstanceUID": "Series UID",
     "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
+    "Rows": "Rows",
+    "Columns": "Columns",
+    "ImagerPixelSpacing": "Imager pixel spacing",
+    "FrameOfReferenceUID": "Frame of reference UID",
 }
-NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation", "Rows",
+                       "Columns", "ImagerPixelSpacing", "FrameOfReferenceUID"})
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class FileResult:
     # inference/scope.py), and why not, one line per reason.
     in_scope: bool | None = None
     scope_reasons: list[str] = field(default_factory=list)
+    # Classified images: the class activation map of the decided class, the network's
+    # coarse grid (e.g. 7 x 7) in 0..1, rows of columns (the DICOM heat map is made of it).
+    cam: list[list[float]] | None = None
     # For the report only (not serialised): the X-ray and its CAM overlay side by side,
     # JPEG (report.pictures.render_picture), or what gives its bytes when asked (a picture
     # kept in the state ledger).
@@ -102,6 +110,7 @@ class FileResult:
             "threshold": self.threshold,
             "in_scope": self.in_scope,
             "scope_reasons": self.scope_reasons,
+            "cam": self.cam,
             "metadata": self.metadata,
         }
 

@@ -208,7 +208,7 @@ def test_anonymized_outputs_are_sent_and_carry_only_the_pseudonym(server, tmp_pa
                                      anonymize=True))
     (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
     sent = [pydicom.dcmread(io.BytesIO(part)) for body in pacs.stored for part in _parts(body)]
-    assert sorted(ds.Modality for ds in sent) == ["DOC", "OT", "SR"]  # they were none
+    assert sorted(ds.Modality for ds in sent) == ["DOC", "SEG", "SR"]  # they were none
     assert summary.pushed == [result["study"]] and summary.exit_code == api.EXIT_OK
     source = pacs.instances[0]
     for ds in sent:
@@ -251,16 +251,19 @@ class StoreSCP:
 def test_c_store_sends_what_the_peer_accepts_and_warnings_mean_stored(tmp_path):
     from pydicom.uid import SecondaryCaptureImageStorage
 
+    # Secondary Capture only, a common configuration: no SR, PDF or Segmentation.
     scp = StoreSCP([SecondaryCaptureImageStorage], [0xB000, 0xB006, 0xB007])
     try:
-        options = api.RunOptions(SAMPLES / "dicom", json=tmp_path / "r.json", push=scp.url)
+        options = api.RunOptions(SAMPLES / "dicom", json=tmp_path / "r.json", push=scp.url,
+                                 dicom_sc=True)
         first = api.run(options)
         assert scp.received == [SecondaryCaptureImageStorage] * 3
         study = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
         assert first.pushed == [study] and first.push_failures == []
         assert sorted(first.not_accepted) == [
-            f"study {study}: {scp.url} does not accept Comprehensive SR Storage (3 instances)",
-            f"study {study}: {scp.url} does not accept Encapsulated PDF Storage (1 instances)"]
+            f"study {study}: {scp.url} does not accept Comprehensive 3D SR Storage (3 instances)",
+            f"study {study}: {scp.url} does not accept Encapsulated PDF Storage (1 instances)",
+            f"study {study}: {scp.url} does not accept Segmentation Storage (3 instances)"]
         assert first.exit_code == api.EXIT_UNREADABLE
         second = api.run(options)  # nothing again: stored, or never to be accepted
         assert second.pushed == [] and second.not_accepted == [] and len(scp.received) == 3
@@ -274,7 +277,8 @@ def test_a_c_store_failure_status_is_a_failure_sent_again(tmp_path):
 
     scp = StoreSCP([SecondaryCaptureImageStorage], [0xA700])
     try:
-        options = api.RunOptions(SAMPLES / "dicom", json=tmp_path / "r.json", push=scp.url)
+        options = api.RunOptions(SAMPLES / "dicom", json=tmp_path / "r.json", push=scp.url,
+                                 dicom_sc=True)
         (failure,) = api.run(options).push_failures
         assert "failed with status 0xA700" in failure
         assert api.run(options).push_failures and len(scp.received) == 2

@@ -1,16 +1,17 @@
 """Sending DICOM outputs to a PACS: STOW-RS to a DICOMweb server (the source server with
 `--push`, or another with `--push URL`), or C-STORE (pynetdicom) to one without DICOMweb with
-`--push dicom://AET@host:port`. A study's outputs are sent together. `store` says truthfully
-what happened: instances the destination did not store (a STOW-RS FailedSOPSequence, a
-C-STORE failure status, no answer) make a `PushError` for the study, which the next run
-sends again; SOP classes the destination does not accept at all (C-STORE presentation
-contexts it rejects) are told as such and not sent again, since it never will take them.
-A C-STORE warning status (0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does
-not match the SOP class) means stored."""
+`--push dicom://AET@host:port`, over DICOM TLS with `dicom+tls://AET@host:port`. A study's
+outputs are sent together. `store` says truthfully what happened: instances the destination
+did not store (a STOW-RS FailedSOPSequence, a C-STORE failure status, no answer) make a
+`PushError` for the study, which the next run sends again; SOP classes the destination does
+not accept at all (C-STORE presentation contexts it rejects) are told as such and not sent
+again, since it never will take them. A C-STORE warning status (0xB000 coercion, 0xB006
+elements discarded, 0xB007 data set does not match the SOP class) means stored."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import uuid
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -31,6 +32,7 @@ from pneumoscan.inputs.dicomweb import (
     session_for,
 )
 from pneumoscan.text import printable
+from pneumoscan.tls import TlsOptions
 
 CALLING_AET = "PNEUMOSCAN"
 ACSE_TIMEOUT = NETWORK_TIMEOUT = 30  # seconds
@@ -107,8 +109,9 @@ def _failure_text(item: object) -> str:
 
 
 class CStoreDestination:
-    def __init__(self, url: str):
+    def __init__(self, url: str, tls: TlsOptions | None = None):
         self.name, self.aet, self.host, self.port = url, *parse_cstore_url(url)
+        self.tls = tls
 
     def store(self, datasets: Sequence[Dataset]) -> list[str]:
         """Sends each data set whose SOP class the destination accepts; raises PushError
@@ -120,9 +123,15 @@ class CStoreDestination:
         ae.acse_timeout, ae.network_timeout = ACSE_TIMEOUT, NETWORK_TIMEOUT
         for sop_class in sorted({ds.SOPClassUID for ds in datasets}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        association = ae.associate(self.host, self.port, ae_title=self.aet)
+        try:
+            tls = (self.tls.client_context(), self.host) if self.tls else None
+        except (OSError, ssl.SSLError) as exc:
+            raise PushError(f"C-STORE to {self.name}: cannot set up TLS: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+        association = ae.associate(self.host, self.port, ae_title=self.aet, tls_args=tls)
         if not association.is_established:
-            raise PushError(f"C-STORE to {self.name}: association refused or no answer")
+            raise PushError(f"C-STORE to {self.name}: association refused or no answer"
+                            + (" (or the TLS handshake failed)" if tls else ""))
         try:
             accepted = {context.abstract_syntax for context in association.accepted_contexts}
             for dataset in datasets:
@@ -143,10 +152,12 @@ class CStoreDestination:
 
 
 def parse_cstore_url(url: str) -> tuple[str, str, int]:
-    """(called AE title, host, port) of dicom://AET@host:port; raises PushError else."""
+    """(called AE title, host, port) of dicom://AET@host:port (or dicom+tls://); raises
+    PushError else."""
     parts = urlsplit(url)
     shown = url.replace(f":{parts.password}@", ":...@") if parts.password else url
-    usage = f"a C-STORE destination is dicom://AET@host:port, not {printable(shown, 200)!r}"
+    usage = (f"a C-STORE destination is {parts.scheme}://AET@host:port, not "
+             f"{printable(shown, 200)!r}")
     try:
         port = parts.port
     except ValueError:  # out of range, not a number
@@ -173,17 +184,20 @@ def check_push(spec: str, source: object) -> None:
             check_url(spec, "the --push URL")
         except PacsError as exc:
             raise PushError(str(exc)) from None
-    elif spec.startswith("dicom://"):
+    elif spec.startswith(("dicom://", "dicom+tls://")):
         parse_cstore_url(spec)
     else:
-        raise PushError(f"--push takes a DICOMweb URL or dicom://AET@host:port, not "
-                        f"{printable(spec, 200)!r}")
+        raise PushError("--push takes a DICOMweb URL or dicom://AET@host:port (dicom+tls:// "
+                        f"for DICOM TLS), not {printable(spec, 200)!r}")
 
 
-def destination(spec: str, source: object) -> StowDestination | CStoreDestination:
+def destination(spec: str, source: object, tls: TlsOptions | None = None
+                ) -> StowDestination | CStoreDestination:
     """`--push` alone (spec "source"): the DICOMweb server the run reads from; an http(s)
-    URL: that DICOMweb server; dicom://AET@host:port: that C-STORE SCP. Raises PushError
-    for a value that names none (`check_push`) or credentials that cannot be sent."""
+    URL: that DICOMweb server; dicom://AET@host:port: that C-STORE SCP; dicom+tls://...:
+    that C-STORE SCP over DICOM TLS (`tls`: this node's certificate, the CA). Raises
+    PushError for a value that names none (`check_push`) or credentials that cannot be
+    sent."""
     check_push(spec, source)
     try:
         if spec == "source":
@@ -192,4 +206,5 @@ def destination(spec: str, source: object) -> StowDestination | CStoreDestinatio
             return StowDestination(spec, source)
     except PacsError as exc:
         raise PushError(str(exc)) from None
-    return CStoreDestination(spec)
+    return CStoreDestination(spec, (tls or TlsOptions()) if spec.startswith("dicom+tls://")
+                             else None)

@@ -182,6 +182,14 @@ def score(chunk: list[Prepared], model: CamModel, threshold: float) -> list[Scor
     return [next(verdicts) if p.model_pixels is not None else None for p in chunk]
 
 
+CAM_DECIMALS = 4  # a colour map shows 256 levels at most
+
+
+def cam_grid(cam: np.ndarray) -> list[list[float]]:
+    """The CAM as plain data for the result (JSON, the state ledger)."""
+    return np.round(np.nan_to_num(np.asarray(cam, dtype=np.float64)), CAM_DECIMALS).tolist()
+
+
 def finish(prepared: Prepared, scored: Scored | None, threshold: float,
            picture: bytes | None = None) -> FileResult:
     """The file's result: classified when it was scored, else what loading it gave."""
@@ -195,7 +203,7 @@ def finish(prepared: Prepared, scored: Scored | None, threshold: float,
                       probability=scored.probability, label=scored.label,
                       threshold=float(threshold), metadata=img.metadata,
                       in_scope=scored.in_scope, scope_reasons=scored.scope_reasons,
-                      picture=picture,
+                      cam=cam_grid(scored.cam), picture=picture,
                       seconds=prepared.seconds + scored.seconds)
 
 

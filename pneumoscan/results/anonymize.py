@@ -17,6 +17,7 @@ of each attribute pneumoscan shows:
 |                                    |                             | a kind of object, no one)   |
 | Modality, ViewPosition,            | kept                        | kept when a defined term,   |
 | BodyPartExamined                   |                             | else removed (free text)    |
+| Rows, Columns, ImagerPixelSpacing  | kept                        | kept (the heat map's grid)  |
 | anything else                      |                             | removed                     |
 
 The file's path and its study label are replaced by pseudonyms too (real exports name
@@ -49,6 +50,8 @@ UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # Attributes kept only when their value is one of the standard's defined terms.
 DEFINED_TERMS = {"Modality": MODALITIES, "ViewPosition": VIEW_POSITIONS,
                  "BodyPartExamined": BODY_PARTS}
+# Kept as they are: the image's size says nothing of the patient.
+GEOMETRY = ("Rows", "Columns", "ImagerPixelSpacing")
 PSEUDONYM_PREFIX = "anon-"
 # Suffixes kept on a pseudonymised file name: they say the type, not who.
 KNOWN_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -97,7 +100,8 @@ def anonymized_result(result: FileResult, key: bytes) -> FileResult:
 def _anonymized_metadata(metadata: dict[str, str], key: bytes) -> dict[str, str]:
     """Only what the table above keeps: any other attribute is left out."""
     kept = {k: v for k, v in metadata.items()
-            if v in DEFINED_TERMS.get(k, ()) or (k in KEPT_UIDS and UID.fullmatch(v))}
+            if v in DEFINED_TERMS.get(k, ()) or k in GEOMETRY
+            or (k in KEPT_UIDS and UID.fullmatch(v))}
     for keyword in PSEUDONYMISED_UIDS:
         if metadata.get(keyword):
             kept[keyword] = pseudonym_uid(key, metadata[keyword])
