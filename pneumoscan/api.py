@@ -644,9 +644,11 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
     temporary cache, each deleted once classified. A study that cannot be listed, a match
     without valid UIDs, an instance that cannot be retrieved or is not the one asked for,
     and whatever is left when `max_runtime` seconds have passed, are error results that
-    the ledger does not keep: the next run tries them again. `on_listing(done, total)`
+    the ledger does not keep: the next run tries them again. With a ledger, a study whose
+    number of instances is what it was when last listed is not listed again (its
+    instances come from the ledger; `force` lists every study). `on_listing(done, total)`
     tells the studies listed so far. Raises PacsError when the server cannot be queried."""
-    from pneumoscan.inputs.dicomweb import DicomWebSource, PacsError
+    from pneumoscan.inputs.dicomweb import DicomWebSource, PacsError, RemoteInstance
 
     run = run_info(model, threshold)
     deadline = None if max_runtime is None else time.monotonic() + max_runtime
@@ -657,13 +659,19 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
         return deadline is not None and time.monotonic() >= deadline
 
     source = DicomWebSource(url, max_instance_bytes=max_instance_bytes)
-    study_uids, bad_studies = source.studies(since)
+    studies, bad_studies = source.studies(since)
     failures = [FileResult(Path(bad.label), bad.label, "error", bad.reason)
                 for bad in bad_studies]
     instances = []
-    for done, study_uid in enumerate(study_uids):
+    for done, (study_uid, instances_in_study) in enumerate(studies.items()):
         if on_listing:
-            on_listing(done, len(study_uids))
+            on_listing(done, len(studies))
+        # A study listed before, holding as many instances now as then, is not listed again.
+        known = (ledger.study_listing(source.url, study_uid, instances_in_study)
+                 if ledger is not None and instances_in_study and not force else None)
+        if known is not None:
+            instances += [RemoteInstance(study_uid, *uids) for uids in known]
+            continue
         if out_of_time():
             failures.append(FileResult(Path(study_uid), study_uid, "error",
                                        f"study {study_uid} {late}"))
@@ -676,8 +684,11 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
         instances += found
         failures += [FileResult(Path(study_uid, bad.label), study_uid, "error",
                                 f"study {study_uid}: {bad.reason}") for bad in bad_instances]
+        if ledger is not None and instances_in_study and not bad_instances:
+            ledger.record_study_listing(source.url, study_uid, instances_in_study,
+                                        [(i.series_uid, i.sop_uid) for i in found])
     if on_listing:
-        on_listing(len(study_uids), len(study_uids))
+        on_listing(len(studies), len(studies))
     if on_discovered:
         on_discovered(len(instances) + len(failures))
     basis = Basis(run.model_sha256, run.threshold, render)

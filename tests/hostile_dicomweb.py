@@ -117,7 +117,9 @@ class HostileServer:
             if int(query.get("offset", ["0"])[0]) > 0:
                 return send(handler, 200, "application/dicom+json", b"[]")
             studies = dict.fromkeys(i.study for i in self.instances)
-            matches = [{"0020000D": {"vr": "UI", "Value": [s]}} for s in studies]
+            matches = [{"0020000D": {"vr": "UI", "Value": [s]},
+                        "00201208": {"vr": "IS", "Value": [
+                            sum(i.study == s for i in self.instances)]}} for s in studies]
             matches += self.bad_study_matches if "CR" in query.get("ModalitiesInStudy") else []
             return send(handler, 200, "application/dicom+json", json.dumps(matches).encode())
         if len(path) == 3 and path[0] == "studies" and path[2] == "instances":

@@ -14,9 +14,10 @@ import threading
 import pydicom
 import pytest
 from conftest import CLI_CWD, CLI_ENV, SAMPLES, invoke_cli, pneumoscan_command
-from hostile_dicomweb import HostileServer, hostile
+from hostile_dicomweb import HostileServer, Instance, hostile
 
 from pneumoscan import api
+from pneumoscan.dicomout.source import derived_uid
 from pneumoscan.inputs import dicomweb
 from pneumoscan.inputs.dicomweb import (
     ALLOW_HTTP_ENV,
@@ -134,7 +135,7 @@ def test_max_runtime_leaves_what_is_left_to_the_next_run(server, tmp_path):
     assert rest.scan.from_ledger == 1 and rest.exit_code == api.EXIT_OK
 
 
-def test_listing_is_told_and_takes_two_queries_a_study(server, tmp_path):
+def test_listing_is_told_and_a_study_unchanged_since_is_not_listed_again(server, tmp_path):
     pacs = server(["ok", "legacy"])
     told = []
 
@@ -142,11 +143,22 @@ def test_listing_is_told_and_takes_two_queries_a_study(server, tmp_path):
         def listing(self, done, total):
             told.append((done, total))
 
-    api.run(api.RunOptions(pacs.url, json=tmp_path / "r.json"), Events())
+    options = api.RunOptions(pacs.url, json=tmp_path / "r.json")
+    api.run(options, Events())
     assert told == [(0, 1), (1, 1)]
     queries = [p for p in pacs.requests if "/instances/" not in p]
     # CR and DX studies, then the study's CR and DX instances: no series query.
     assert len(queries) == 4 and not [p for p in queries if "/series" in p]
+    assert all("includefield=00201208" in p for p in queries[:2])
+
+    pacs.requests.clear()
+    again = api.run(options)  # the study holds as many instances: not listed again
+    assert again.scan.from_ledger == 2 and len(pacs.requests) == 2
+    first = pacs.instances[0]
+    pacs.instances.append(Instance(first.study, first.series, derived_uid("new", "1")))
+    grown = api.run(options)  # one more instance: listed again, the new one retrieved
+    assert grown.scan.from_ledger == 2 and len(grown.scan.results) == 3
+    assert [r.status for r in grown.scan.results] == ["ok"] * 3
 
 
 def test_peak_memory_against_a_hostile_server_stays_under_1_gib(server, tmp_path):

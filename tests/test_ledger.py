@@ -220,7 +220,7 @@ def test_a_state_file_of_the_first_format_is_upgraded_and_its_scores_kept(scans,
         assert [bytes(r.picture) for r in rendered.results] == first_pictures
     assert len(decoded) == 2 * PER_STUDY
     with sqlite3.connect(state) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 def test_a_state_file_of_the_second_format_gains_the_scope_and_keeps_its_scores(
@@ -244,7 +244,7 @@ def test_a_state_file_of_the_second_format_gains_the_scope_and_keeps_its_scores(
     # Plain images have no metadata to rule them out; their pixels were never checked.
     assert all(r.in_scope is True and r.scope_reasons == [] for r in upgraded.results)
     with sqlite3.connect(state) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 def test_a_report_run_after_a_json_only_run_makes_the_images(scans, model, tmp_path, decoded):

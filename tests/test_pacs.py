@@ -114,7 +114,7 @@ def test_credentials_in_the_url_are_refused(orthanc, tmp_path):
 def test_since_limits_the_query_to_studies_from_that_date(orthanc, tmp_path):
     source = DicomWebSource(orthanc.dicomweb_url)
     assert set(source.studies(date(2004, 8, 26))[0]) == {RG1_STUDY, KNEE_STUDY}
-    assert source.studies(date(2004, 8, 27)) == ([], [])
+    assert source.studies(date(2004, 8, 27)) == ({}, [])
     later = api.run(api.RunOptions(orthanc.dicomweb_url, json=tmp_path / "a.json",
                                    since=date(2004, 8, 27)))
     assert later.scan.results == [] and later.exit_code == api.EXIT_OK

@@ -61,6 +61,7 @@ INFLATE_CHUNK = 2**20  # bytes inflated at a time
 COPY_CHUNK = 2**20
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
+INSTANCES_IN_STUDY = "00201208"  # NumberOfStudyRelatedInstances
 UID_KEYWORDS = {STUDY_UID: "Study Instance UID", SERIES_UID: "Series Instance UID",
                 SOP_UID: "SOP Instance UID"}
 # PS3.5 9.1: digits in components separated by periods, no leading zero, 64 characters.
@@ -253,21 +254,24 @@ class DicomWebSource:
         self.max_instance_bytes = max_instance_bytes
         self.request_seconds = request_seconds or REQUEST_DEADLINE
 
-    def studies(self, since: date | None = None) -> tuple[list[str], list[BadMatch]]:
-        """Study Instance UIDs of the CR and DX studies (from study date `since` on), and
-        the matches that named no valid study UID."""
-        found: dict[str, None] = {}
+    def studies(self, since: date | None = None
+                ) -> tuple[dict[str, str | None], list[BadMatch]]:
+        """The CR and DX studies (from study date `since` on): Study Instance UID -> its
+        number of instances (NumberOfStudyRelatedInstances, None when the server does not
+        say), and the matches that named no valid study UID."""
+        found: dict[str, str | None] = {}
         bad: list[BadMatch] = []
         for modality in MODALITIES:
             filters = {"ModalitiesInStudy": modality}
             if since:
                 filters["StudyDate"] = f"{since:%Y%m%d}-"
-            uids, invalid = self._search(f"cannot query {self.url} for {modality} studies",
-                                         "/studies", filters, [STUDY_UID])
-            found.update(dict.fromkeys(uid for uid, in uids))
+            matches, invalid = self._search(
+                f"cannot query {self.url} for {modality} studies", "/studies", filters,
+                [STUDY_UID], counted=INSTANCES_IN_STUDY)
+            found.update(matches)
             bad += [BadMatch(f"(study match {len(bad) + i + 1} without a valid UID)", why)
                     for i, why in enumerate(invalid)]
-        return list(found), bad
+        return found, bad
 
     def instances(self, study_uid: str) -> tuple[list[RemoteInstance], list[BadMatch]]:
         """The CR and DX instances of a study (not the SR, SC or PDF outputs sent to it),
@@ -311,22 +315,26 @@ class DicomWebSource:
             raise PacsError(f"{what}: cannot store it: {exc.strerror or exc}") from None
         return path
 
-    def _search(self, what: str, path: str, filters: dict[str, str], tags: list[str]
-                ) -> tuple[list[tuple[str, ...]], list[str]]:
-        """The values of `tags` in each QIDO-RS match, page by page, and a reason for each
-        match without a valid UID in one of them. Not a `next` link or dicomweb-client's
-        get_remaining: a server that ignores `offset` (Orthanc's plugin 1.7) would send
-        the first page for ever, so paging stops at a page with nothing new."""
+    def _search(self, what: str, path: str, filters: dict[str, str], tags: list[str],
+                counted: str | None = None) -> tuple[list[tuple[str, ...]], list[str]]:
+        """The values of the UID `tags` in each QIDO-RS match, page by page (and of the
+        number `counted`, as text or None), and a reason for each match without a valid
+        UID in one of them. Not a `next` link or dicomweb-client's get_remaining: a server
+        that ignores `offset` (Orthanc's plugin 1.7) would send the first page for ever,
+        so paging stops at a page with nothing new."""
         found: dict[tuple[str, ...], None] = {}
         invalid: list[str] = []
         offset = 0
         while True:
-            params = {**filters, "limit": PAGE, "offset": offset, "includefield": tags}
+            params = {**filters, "limit": PAGE, "offset": offset,
+                      "includefield": tags + ([counted] if counted else [])}
             page = self._query(what, f"{self.url}{path}", params)
             new = 0
             for match in page:
                 values = [uid_of(match, tag) for tag in tags]
-                problems = [value for value in values if value.startswith("no valid")]
+                if counted:
+                    values.append(number_of(match, counted))
+                problems = [value for value in values if value and value.startswith("no valid")]
                 if problems:
                     invalid.append("; ".join(problems))
                 elif tuple(values) not in found:
@@ -394,6 +402,17 @@ def uid_of(match: dict, tag: str) -> str:
     if not is_uid(value):
         return f"no valid {name} ({printable(repr(value), 80)} is not a DICOM UID)"
     return value
+
+
+def number_of(match: dict, tag: str) -> str | None:
+    """An IS value of a DICOM JSON match as text (a number, or digits), else None."""
+    values = (match.get(tag) or {}).get("Value") if isinstance(match.get(tag), dict) else None
+    value = values[0] if isinstance(values, list) and values else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip().isdigit() and len(value) <= 12:
+        return value.strip()
+    return None
 
 
 def _kind_text(kind: email.message.Message | None) -> str:
