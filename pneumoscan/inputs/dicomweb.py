@@ -145,6 +145,8 @@ def session_for(url: str, *, environment_credentials: bool) -> requests.Session:
     # Set explicitly, so that a redirect to another host never carries it (requests drops
     # Authorization then, and asks netrc for that host only).
     session.auth = auth
+    # Only the encodings `_Inflater` undoes (requests offers br and zstd when installed).
+    session.headers["Accept-Encoding"] = "gzip, deflate"
     retry = Retry(total=ATTEMPTS - 1, backoff_factor=0.5, status_forcelist=RETRY_STATUS,
                   allowed_methods=None, raise_on_status=False)
     for prefix in ("http://", "https://"):
