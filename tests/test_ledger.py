@@ -29,23 +29,24 @@ PER_STUDY = 6
 
 
 @pytest.fixture(scope="module")
-def model(small_onnx):
-    return api.open_model(small_onnx, "cpu")
+def model(shipped_model):
+    return api.open_model(shipped_model, "cpu")
 
 
 @pytest.fixture(scope="module")
-def spare_images(kermany_train) -> list[Path]:
-    """Real images to add to a folder or to change a file into."""
-    return sorted((kermany_train / "NORMAL").iterdir())[-4:]
+def spare_images(kermany224) -> list[Path]:
+    """Real images to add to a folder or to change a file into: none of them in `scans`."""
+    return [path for label in ("NORMAL", "PNEUMONIA")
+            for path in sorted((kermany224 / label).iterdir())[PER_STUDY:]]
 
 
 @pytest.fixture
-def scans(tmp_path, kermany_train) -> Path:
+def scans(tmp_path, kermany224) -> Path:
     """Two study folders of real images, one NORMAL and one PNEUMONIA."""
     root = tmp_path / "scans"
     for label in ("NORMAL", "PNEUMONIA"):
         (root / label.lower()).mkdir(parents=True)
-        for source in sorted((kermany_train / label).iterdir())[:PER_STUDY]:
+        for source in sorted((kermany224 / label).iterdir())[:PER_STUDY]:
             shutil.copy(source, root / label.lower() / source.name)
     return root
 
@@ -115,9 +116,9 @@ def test_a_touched_or_rewritten_file_is_hashed_not_decoded(scans, model, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def other_model(small_onnx, tmp_path_factory):
+def other_model(shipped_model, tmp_path_factory):
     """The same network under another version: another file, another SHA-256."""
-    proto = onnx.load(str(small_onnx))
+    proto = onnx.load(str(shipped_model))
     for prop in proto.metadata_props:
         if prop.key == "pneumoscan.version":
             prop.value = "test-2"
@@ -223,10 +224,10 @@ def test_a_state_file_of_the_first_format_is_upgraded_and_its_scores_kept(scans,
         assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
-def test_a_state_file_of_the_second_format_gains_the_scope_and_keeps_its_scores(
+def test_a_state_file_of_the_second_format_has_its_results_computed_again_with_scope(
         scans, model, tmp_path, decoded):
-    """Format 2 results have no in_scope/scope_reasons: the upgrade adds them (from the
-    metadata rules, as the models of that time had no scope guard) and keeps every score."""
+    """Format 2 results have no in_scope/scope_reasons: the ledger does not classify, so
+    the upgrade has them computed again (the same scores), now with their scope."""
     state = tmp_path / "state.sqlite"
     with Ledger.open(state) as ledger:
         first = api.scan(scans, model, ledger=ledger)
@@ -238,11 +239,13 @@ def test_a_state_file_of_the_second_format_gains_the_scope_and_keeps_its_scores(
         db.execute("PRAGMA user_version = 2")
     decoded.clear()
     upgraded = scan_with_state(state, scans, model)
-    assert decoded == [] and upgraded.from_ledger == 2 * PER_STUDY
-    assert [(r.path, r.probability, r.label) for r in upgraded.results] == \
-        [(r.path, r.probability, r.label) for r in first.results]
-    # Plain images have no metadata to rule them out; their pixels were never checked.
-    assert all(r.in_scope is True and r.scope_reasons == [] for r in upgraded.results)
+    assert len(decoded) == 2 * PER_STUDY and upgraded.from_ledger == 0
+    assert [(r.path, r.probability, r.label, r.in_scope, r.scope_reasons)
+            for r in upgraded.results] == [
+        (r.path, r.probability, r.label, r.in_scope, r.scope_reasons) for r in first.results]
+    assert all(r.in_scope is not None for r in upgraded.results)
+    # Computed again, recorded with their scope: the next run takes them all from the state.
+    assert scan_with_state(state, scans, model).from_ledger == 2 * PER_STUDY
     with sqlite3.connect(state) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (4,)
 

@@ -63,7 +63,8 @@ class StowDestination:
         answer = BoundedBuffer()
         try:
             response = send(self.session, "POST", f"{self.name}/studies", answer,
-                            limit=MAX_STOW_ANSWER_BYTES, seconds=dicomweb.REQUEST_DEADLINE, data=body,
+                            limit=MAX_STOW_ANSWER_BYTES, seconds=dicomweb.REQUEST_DEADLINE,
+                            data=body,
                             headers={"Content-Type": f'multipart/related; type="application/'
                                                      f'dicom"; boundary={boundary}',
                                      "Accept": "application/dicom+json"})

@@ -32,7 +32,7 @@ from pathlib import Path
 from pneumoscan.files import open_private, sha256_of_stream
 from pneumoscan.inputs.reading import open_input
 from pneumoscan.records import FileResult, InputFile
-from pneumoscan.text import printable
+from pneumoscan.text import format_duration, printable
 
 SCHEMA_VERSION = 4
 
@@ -72,33 +72,17 @@ CREATE TABLE IF NOT EXISTS study_listings (
 """
 SCHEMA = SCHEMA.replace("{STUDY_LISTINGS}", STUDY_LISTINGS.strip())
 
-
-
-def _add_scope(db: sqlite3.Connection) -> None:
-    """Format 2 results have no scope: those models had no scope guard, so what the same
-    model would say now comes from the metadata rules alone."""
-    from pneumoscan.inference.scope import assess
-
-    rows = db.execute("SELECT path, result FROM files").fetchall()
-    for path, text in rows:
-        result = json.loads(text)
-        if "in_scope" in result:
-            continue
-        result["in_scope"], result["scope_reasons"] = (
-            assess(result["metadata"], None, None) if result["status"] == "ok" else (None, []))
-        db.execute("UPDATE files SET result = ? WHERE path = ?", (json.dumps(result), path))
-
-
-# Format N -> N + 1 (SQL, or a function of the connection). Format 1 kept the X-ray and its
-# overlay as two images; its scores stay valid, and the pictures are made again when a
-# report next needs them. Format 2 had no scope (in_scope, scope_reasons) in its results.
-# Format 3 had no study listings.
+# Format N -> N + 1, in SQL. Format 1 kept the X-ray and its overlay as two images; its
+# scores stay valid, and the pictures are made again when a report next needs them.
+# Format 2 had no scope (in_scope, scope_reasons) in its results: results without one are
+# computed again (the ledger records results, it does not classify), while the files'
+# content hashes are kept, so nothing is hashed again. Format 3 had no study listings.
 MIGRATIONS = {
     1: """ALTER TABLE files DROP COLUMN image_png;
           ALTER TABLE files DROP COLUMN overlay_png;
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
-    2: _add_scope,
+    2: "UPDATE files SET model_sha256 = '' WHERE json_type(result, '$.in_scope') IS NULL;",
     3: STUDY_LISTINGS,
 }
 
@@ -559,39 +543,18 @@ def describe_holder(holder: dict | None, now: float) -> str:
         return ""
     where = "" if holder["host"] == os.uname().nodename else f" on {printable(holder['host'], 64)}"
     started = datetime.fromtimestamp(holder["started"], timezone.utc).isoformat(timespec="seconds")
-    text = (f" (PID {holder['pid']}{where}, started {started}, {_age(now - holder['started'])} "
-            f"ago; last progress {_age(now - holder['progress'])} ago")
+    text = (f" (PID {holder['pid']}{where}, started {started}, {format_duration(now - holder['started'])} "
+            f"ago; last progress {format_duration(now - holder['progress'])} ago")
     if now - holder["progress"] > HUNG_AFTER_S:
-        text += (f": it looks hung, as no run goes {_age(HUNG_AFTER_S)} without progress; "
+        text += (f": it looks hung, as no run goes {format_duration(HUNG_AFTER_S)} without progress; "
                  f"check that process and stop it (kill {holder['pid']}), the next run then "
                  "catches up")
     return text + ")"
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 120:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
-
-
 def _migrate(db: sqlite3.Connection, version: int) -> None:
     """Format `version` -> `version` + 1, in one transaction."""
-    step = MIGRATIONS[version]
-    if isinstance(step, str):
-        db.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
-        return
-    db.execute("BEGIN")
-    try:
-        step(db)
-        db.execute(f"PRAGMA user_version = {version + 1}")
-    except BaseException:
-        db.rollback()
-        raise
-    db.commit()
+    db.executescript(f"BEGIN; {MIGRATIONS[version]} PRAGMA user_version = {version + 1}; COMMIT;")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
