@@ -169,7 +169,8 @@ HOSTILE_TEXT = "\n\x1b[2J\x1b]0;owned\x07\r\x00\x9b2J"
 
 def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, shipped_model, pdftotext):
     """A 100,000-character StudyInstanceUID and 300 KB values took `run --out x.pdf`
-    606 s; every value shown is now within its VR's length."""
+    606 s; every value shown is now within its VR's length (run_pneumoscan's 300 s limit,
+    not a tighter one that a loaded machine could miss, would catch that again)."""
     root, out = tmp_path / "scans", tmp_path / "out"
     root.mkdir()
     huge = "1." + "2" * 100_000
@@ -180,7 +181,7 @@ def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, shipped_mode
                         AccessionNumber="A" * 150_000, ViewPosition="P" + "A" * 150_000),
              root / "huge.dcm")
     run = run_pneumoscan("run", root, "--out", out / "x.pdf", "--per-study", out / "studies",
-                         "--json", out / "x.json", "--model", shipped_model, timeout=120)
+                         "--json", out / "x.json", "--model", shipped_model)
     assert run.returncode == 0, run.stderr
     [result] = json.loads((out / "x.json").read_text())["results"]
     limits = {"StudyInstanceUID": 64, "SOPInstanceUID": 64, "PatientName": 194,

@@ -63,30 +63,17 @@ INSERT INTO settings VALUES ('pseudonym_key', randomblob(32));
 
 
 
-def _add_scope(db: sqlite3.Connection) -> None:
-    """Format 2 results have no scope: those models had no scope guard, so what the same
-    model would say now comes from the metadata rules alone."""
-    from pneumoscan.inference.scope import assess
-
-    rows = db.execute("SELECT path, result FROM files").fetchall()
-    for path, text in rows:
-        result = json.loads(text)
-        if "in_scope" in result:
-            continue
-        result["in_scope"], result["scope_reasons"] = (
-            assess(result["metadata"], None, None) if result["status"] == "ok" else (None, []))
-        db.execute("UPDATE files SET result = ? WHERE path = ?", (json.dumps(result), path))
-
-
-# Format N -> N + 1 (SQL, or a function of the connection). Format 1 kept the X-ray and its
-# overlay as two images; its scores stay valid, and the pictures are made again when a
-# report next needs them. Format 2 had no scope (in_scope, scope_reasons) in its results.
+# Format N -> N + 1, in SQL. Format 1 kept the X-ray and its overlay as two images; its
+# scores stay valid, and the pictures are made again when a report next needs them.
+# Format 2 had no scope (in_scope, scope_reasons) in its results: results without one are
+# computed again (the ledger records results, it does not classify), while the files'
+# content hashes are kept, so nothing is hashed again.
 MIGRATIONS = {
     1: """ALTER TABLE files DROP COLUMN image_png;
           ALTER TABLE files DROP COLUMN overlay_png;
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
-    2: _add_scope,
+    2: "UPDATE files SET model_sha256 = '' WHERE json_type(result, '$.in_scope') IS NULL;",
 }
 
 # Tables and columns a state file of SCHEMA_VERSION must have.
@@ -535,18 +522,7 @@ def describe_holder(holder: dict | None, now: float) -> str:
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
     """Format `version` -> `version` + 1, in one transaction."""
-    step = MIGRATIONS[version]
-    if isinstance(step, str):
-        db.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
-        return
-    db.execute("BEGIN")
-    try:
-        step(db)
-        db.execute(f"PRAGMA user_version = {version + 1}")
-    except BaseException:
-        db.rollback()
-        raise
-    db.commit()
+    db.executescript(f"BEGIN; {MIGRATIONS[version]} PRAGMA user_version = {version + 1}; COMMIT;")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
