@@ -22,8 +22,8 @@ from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.inputs import MAX_INSTANCE_BYTES, is_dicomweb_url
-from pneumoscan.listening import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.run.exits import exit_codes_help
+from pneumoscan.run.listen import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.text import format_duration, printable
 
 log = logging.getLogger("pneumoscan")
@@ -404,7 +404,8 @@ def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
         if r.status != "ok":
             click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
         elif r.in_scope is False:
-            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
+            click.echo(f"  out of scope: {printable(str(r.path))}: "
+                       f"{'; '.join(r.scope_reasons)}", err=True)
     if pushed:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
@@ -489,8 +490,8 @@ def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_i
     until SIGTERM or Ctrl-C (a systemd unit is in docs/PACS.md); started again after a
     crash, it finishes what was received but not classified or sent."""
     from pneumoscan.inputs.receiver import ReceiverOptions
-    from pneumoscan.listening import ListenOptions
-    from pneumoscan.listening import listen as listen_until_stopped
+    from pneumoscan.run.listen import ListenOptions
+    from pneumoscan.run.listen import listen as listen_until_stopped
 
     _setup_logging(verbose)
     logging.getLogger("pneumoscan.listen").setLevel(logging.INFO)
