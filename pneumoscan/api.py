@@ -48,6 +48,7 @@ from pneumoscan.inference.ray_engine import EngineError, RayEngine, RayOptions
 from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.inputs.discover import discover
 from pneumoscan.records import FileResult, InputFile, RunInfo
+from pneumoscan.report.pictures import DISPLAY_SIZE, drawn
 from pneumoscan.results.anonymize import anonymized, anonymized_result, pseudonym_path
 from pneumoscan.results.ledger import Basis, Ledger, Planned, StateError, StateLocked
 from pneumoscan.results.runlog import RunLog
@@ -524,8 +525,8 @@ def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
     if on_discovered:
         on_discovered(len(items))
     engine = engine or LocalEngine()
-    classify = functools.partial(engine.classify, model=model, batch_size=batch_size,
-                                 workers=workers, threshold=run.threshold, render=render)
+    classify = classifier(engine, model, batch_size=batch_size, workers=workers,
+                          threshold=run.threshold, render=render)
     if ledger is None:
         results = list(classify(items, on_result=on_result))
     else:
@@ -535,6 +536,21 @@ def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
     run.provider = engine.provider(model)
     run.finished = now_iso()
     return Scan(run, results)
+
+
+def classifier(engine: Engine, model: CamModel, *, render: bool, workers: int | None,
+               **options) -> Callable[..., Iterator[FileResult]]:
+    """classify(items, on_result=None): one result per item, in order, from `engine`;
+    with `render`, each classified one with its report picture, drawn in this process as
+    the results come (report.pictures.drawn: the engines draw nothing)."""
+
+    def classify(items: Iterable[InputFile], on_result: Callable[[FileResult], None] | None
+                 = None) -> Iterator[FileResult]:
+        results = engine.classify(items, model, workers=workers, on_result=on_result,
+                                  view_size=DISPLAY_SIZE if render else None, **options)
+        return drawn(results, workers or available_cores()) if render else results
+
+    return classify
 
 
 def _scan_incrementally(root: Path, items: list[InputFile],
@@ -605,8 +621,8 @@ def scan_dicomweb(url: str, model: CamModel, *, since: date | None = None,
     else:
         plans = ledger.plan_remote(items, [i.sop_uid for i in instances], basis, force=force)
     by_path = {item.path: instance for item, instance in zip(items, instances)}
-    classify = functools.partial(LocalEngine().classify, model=model, batch_size=batch_size,
-                                 workers=workers, threshold=run.threshold, render=render)
+    classify = classifier(LocalEngine(), model, batch_size=batch_size, workers=workers,
+                          threshold=run.threshold, render=render)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-dicomweb-") as cache:
 
         def fetch(plan: Planned) -> InputFile:

@@ -61,11 +61,21 @@ class LoadedImage:
 
     `pixels` is greyscale uint8 (H, W) with 0 = black, after the modality LUT, VOI window
     and MONOCHROME1 inversion for DICOM. It may be decoded at reduced resolution (JPEG
-    DCT scaling, JPEG 2000 wavelet levels) when the full size is not needed."""
+    DCT scaling, JPEG 2000 wavelet levels) when the full size is not needed. None once the
+    pipeline has made what it needs of them (inference.pipeline.prepare)."""
     path: Path
     study: str
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CamView:
+    """What the outputs draw a classified image's picture from, when a run makes pictures:
+    the X-ray reduced to the size they show it at (greyscale uint8 (H, W), 0 = black) and
+    the CAM of the decided class ((h, w) float32 in [0, 1], e.g. 7 x 7)."""
+    pixels: np.ndarray
+    cam: np.ndarray
 
 
 @dataclass
@@ -84,9 +94,12 @@ class FileResult:
     # inference/scope.py), and why not, one line per reason.
     in_scope: bool | None = None
     scope_reasons: list[str] = field(default_factory=list)
-    # For the report only (not serialised): the X-ray and its CAM overlay side by side,
-    # JPEG (report.pictures.render_picture), or what gives its bytes when asked (a picture
-    # kept in the state ledger).
+    # For the outputs only (not serialised). `view`: what the engine hands the output
+    # stage to draw the picture from, when pictures are asked for (dropped once drawn).
+    # `picture`: the X-ray and its CAM overlay side by side, JPEG
+    # (report.pictures.render_picture), or what gives its bytes when asked (a picture kept
+    # in the state ledger).
+    view: CamView | None = None
     picture: bytes | SupportsBytes | None = None
     seconds: float | None = None
     from_ledger: bool = False  # taken from the state ledger, not computed in this run
