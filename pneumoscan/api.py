@@ -54,6 +54,7 @@ from pneumoscan.results.ledger import Basis, Ledger, Planned, StateError, StateL
 from pneumoscan.results.runlog import RunLog
 from pneumoscan.results.summary import Counts, group_studies
 from pneumoscan.text import one_line
+from pneumoscan.tls import TlsOptions
 from pneumoscan.workers import die_with_parent
 
 EXIT_OK = 0  # every file classified, or skipped for a stated reason
@@ -127,11 +128,15 @@ class RunOptions:
     anonymize: bool = False
     engine: str = "local"
     ray: RayOptions = RayOptions()  # for engine "ray"
-    # DICOM outputs (pip install .[pacs]): SR, CAM Secondary Capture and Encapsulated PDF
+    # DICOM outputs (pip install .[pacs]): SR, CAM Segmentation and Encapsulated PDF
     # report per study, into this folder, and/or sent to a PACS: "source" (the DICOMweb
     # server `scans` names), a DICOMweb URL, or dicom://AET@host:port (C-STORE).
     dicom_out: Path | None = None
     push: str | None = None
+    # The CAM goes as a Segmentation a viewer overlays; also as a Secondary Capture
+    # picture (the X-ray beside its overlay) for PACS that cannot show segmentations.
+    dicom_sc: bool = False
+    tls: TlsOptions | None = None  # DICOM TLS of --push dicom+tls://
     since: date | None = None  # a DICOMweb source: studies from this study date on
 
     @property
@@ -382,7 +387,7 @@ def _push_destination(options: RunOptions):
     from pneumoscan.dicomout.push import PushError, destination
 
     try:
-        return destination(options.push, options.scans)
+        return destination(options.push, options.scans, options.tls)
     except PushError as exc:
         raise RunError(str(exc), EXIT_USAGE) from None
 
@@ -396,19 +401,20 @@ class DicomOutputs:
 
 def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
                         directory: Path | None = None, destination=None, *,
+                        capture: bool = False,
                         on_study: Callable[[str], None] | None = None) -> DicomOutputs:
     """The DICOM outputs of each study with a classified DICOM image (dicomout.writer),
     written under `directory` and/or sent to `destination` (dicomout.push). With a ledger,
     a study's outputs are made again only when its results changed, and sent again only
     until the destination took them all; a study that could not be sent is a failure
-    (its reason), and the next run sends it again. `on_study(key)` is called before each
-    study's outputs are made."""
+    (its reason), and the next run sends it again. `capture`: the CAM as a Secondary
+    Capture too. `on_study(key)` is called before each study's outputs are made."""
     from pneumoscan.dicomout.push import PushError
     from pneumoscan.dicomout.writer import study_outputs, write_study_outputs
 
     done = DicomOutputs()
     for study in group_studies(scanned.results):
-        fingerprint = shown_fingerprint(scanned.run, study.files)
+        fingerprint = shown_fingerprint(scanned.run, study.files) + ("+sc" if capture else "")
         to_folder = directory is not None and _due(
             ledger, ("dicom", os.path.abspath(directory), study.key), fingerprint)
         to_push = destination is not None and _due(
@@ -417,7 +423,7 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
             continue
         if on_study:
             on_study(study.key)
-        outputs = study_outputs(scanned.run, study)
+        outputs = study_outputs(scanned.run, study, capture)
         if to_folder:
             done.written += _written(ledger, ("dicom", os.path.abspath(directory), study.key),
                                      fingerprint, write_study_outputs(directory, study, outputs))
@@ -453,6 +459,7 @@ def _write_outputs(options: RunOptions, scanned: Scan, ledger: Ledger, destinati
     if options.dicom_outputs:
         with _naming_errors("dicom-out", options.dicom_out):
             sent = write_dicom_outputs(scanned, ledger, options.dicom_out, destination,
+                                       capture=options.dicom_sc,
                                        on_study=events.dicom_outputs)
         written += sent.written
     for path in written:  # what killed runs left; no other run writes them: we hold the lock

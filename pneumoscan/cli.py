@@ -29,6 +29,7 @@ from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.inputs import is_dicomweb_url
+from pneumoscan.listening import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
 from pneumoscan.text import printable
 
@@ -90,6 +91,71 @@ batch_option = click.option("--batch-size", type=click.IntRange(1, 4096),
                             show_default=True)
 workers_option = click.option("--workers", type=click.IntRange(1, 64),
                               help="decoding threads (default: up to 4, one per core)")
+
+threshold_option = click.option("--threshold", type=click.FloatRange(0, 1),
+                                help="decision threshold (default: the model's own, chosen "
+                                     "on validation)")
+
+
+def _options(*decorators):
+    """Several click options as one decorator, in the order given."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+# How `run` and `listen` classify.
+classify_options = _options(model_option, device_option, batch_option, workers_option,
+                            threshold_option)
+
+# DICOM TLS: listen's server, and the client of --push dicom+tls://.
+tls_options = _options(
+    click.option("--tls-cert", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+                 help="DICOM TLS: this node's certificate (PEM), with --tls-key: listen "
+                      "serves with it, --push dicom+tls:// presents it"),
+    click.option("--tls-key", type=click.Path(exists=True, path_type=Path, dir_okay=False)),
+    click.option("--tls-ca", type=click.Path(exists=True, path_type=Path, dir_okay=False),
+                 help="DICOM TLS: the CA that signs the peers' certificates (listen: callers "
+                      "must present one; --push dicom+tls://: the server's is checked "
+                      "against it, else against the system's CAs)"))
+
+
+def _tls(certificate: Path | None, key: Path | None, ca: Path | None):
+    """TlsOptions from the --tls-* options, or None when none is given."""
+    from pneumoscan.tls import TlsOptions
+
+    if (certificate is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    return TlsOptions(certificate, key, ca) if certificate or ca else None
+
+
+# The outputs of `run` and of `listen` (whose runs are `run`s of its spool).
+outputs_options = _options(
+    click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+                 help="report file: .pdf (PDF/A) or .html (one file for the whole run)"),
+    click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="machine-readable results (schema in docs/RESULTS_JSON.md)"),
+    click.option("--per-study", type=click.Path(path_type=Path, file_okay=False),
+                 help="also write one HTML and one PDF per study into this folder"))
+state_options = _options(
+    click.option("--state", "state_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="state ledger (SQLite) of earlier runs: only new or changed files are "
+                      "computed (default: beside the JSON or report, NAME.pneumoscan.sqlite)"),
+    click.option("--log", "log_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="append this run's JSON-lines log here (default: beside the state "
+                      "file, NAME.log.jsonl)"),
+    click.option("--anonymize", is_flag=True,
+                 help="a stable pseudonym instead of patient name, ID and birth date in the "
+                      "reports and JSON"),
+    click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
+                 help="write DICOM outputs into this folder: per study an Encapsulated PDF "
+                      "report, per classified DICOM image an SR and its CAM as a "
+                      "Segmentation"),
+    click.option("--dicom-sc", is_flag=True,
+                 help="DICOM outputs: the CAM also as a Secondary Capture picture, for PACS "
+                      "that cannot show segmentations"))
 
 
 class Progress(api.RunEvents):
@@ -212,40 +278,20 @@ class Source(click.ParamType):
 
 @main.command()
 @click.argument("scans", type=Source())
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
-              help="report file: .pdf (PDF/A) or .html (one file for the whole run)")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="machine-readable results (schema in docs/RESULTS_JSON.md)")
-@click.option("--per-study", type=click.Path(path_type=Path, file_okay=False),
-              help="also write one HTML and one PDF per study into this folder")
-@model_option
-@device_option
-@batch_option
-@workers_option
-@click.option("--threshold", type=click.FloatRange(0, 1),
-              help="decision threshold (default: the model's own, chosen on validation)")
+@outputs_options
+@classify_options
 @click.option("--cam-backend", type=click.Choice(["onnx", "torch"]), default="onnx",
               show_default=True, help="torch: CAMs via forward hooks from --checkpoint")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path, dir_okay=False),
               help="training checkpoint for --cam-backend torch")
-@click.option("--state", "state_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="state ledger (SQLite) of earlier runs: only new or changed files are "
-                   "computed (default: beside the JSON or report, NAME.pneumoscan.sqlite)")
+@state_options
 @click.option("--force", is_flag=True, help="compute every file again, ignoring the state")
 @click.option("--wait", is_flag=True,
               help="when another run holds the state file, wait for it (default: exit 4)")
-@click.option("--log", "log_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="append this run's JSON-lines log here (default: beside the state file, "
-                   "NAME.log.jsonl)")
-@click.option("--anonymize", is_flag=True,
-              help="a stable pseudonym instead of patient name, ID and birth date in the "
-                   "reports and JSON")
-@click.option("--dicom-out", type=click.Path(path_type=Path, file_okay=False),
-              help="write DICOM outputs into this folder: per study an Encapsulated PDF "
-                   "report, per classified DICOM image an SR and a CAM Secondary Capture")
 @click.option("--push", is_flag=False, flag_value="source", metavar="[URL]",
               help="send the DICOM outputs to a PACS: alone, the DICOMweb server SCANS "
                    "names (STOW-RS); or a DICOMweb URL; or dicom://AET@host:port (C-STORE)")
+@tls_options
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
               help="a DICOMweb SCANS: only studies from this study date on")
 @click.option("--engine", type=click.Choice(api.ENGINES), default="local", show_default=True,
@@ -270,7 +316,8 @@ class Source(click.ParamType):
 @click.option("-v", "--verbose", count=True,
               help="log each file and output (-vv: debug, and the libraries' and Ray's logs)")
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
-        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out, push,
+        cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out,
+        dicom_sc, push, tls_cert, tls_key, tls_ca,
         since, engine, ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus,
         ray_decode_cpus, verbose):
     """Classify every image (PNG, JPEG, TIFF, DICOM) under SCANS and write a report and/or
@@ -295,7 +342,8 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                              workers=workers, threshold=threshold, cam_backend=cam_backend,
                              checkpoint=checkpoint, state=state_path, log=log_path,
                              force=force, wait=wait, anonymize=anonymize,
-                             dicom_out=dicom_out, push=push,
+                             dicom_out=dicom_out, dicom_sc=dicom_sc, push=push,
+                             tls=_tls(tls_cert, tls_key, tls_ca),
                              since=since.date() if since else None, engine=engine,
                              ray=RayOptions(ray_address, ray_actors, ray_actor_cpus,
                                             ray_actor_gpus, ray_decode_cpus, logs=verbose > 1))
@@ -315,25 +363,7 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
         click.echo(f"pneumoscan: {exc}; what was computed is kept in {options.state_path} "
                    "for the next run", err=True)
         sys.exit(exc.exit_code)
-    scan = summary.scan
-    c = scan.counts()
-    click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
-               f"{c.classified} classified ({c.pneumonia} PNEUMONIA, {c.normal} NORMAL; "
-               f"{c.out_of_scope} of them out of the model's scope), "
-               f"{c.skipped} skipped, {c.errors} unreadable", err=True)
-    for r in scan.results:
-        if r.status != "ok":
-            click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
-        elif r.in_scope is False:
-            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
-    if push:
-        click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
-                   f"{len(summary.push_failures)} (the next run tries again)", err=True)
-        for failure in summary.push_failures:
-            click.echo(f"  not sent: {failure}", err=True)
-    if summary.removed:
-        click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
-                   "longer found", err=True)
+    _tell_summary(summary, push is not None)
     for what, path in summary.outputs:
         click.echo(f"{what}: {path}")
     if stuck():
@@ -343,6 +373,29 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
         sys.stderr.flush()
         os._exit(summary.exit_code)
     sys.exit(summary.exit_code)
+
+
+def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
+    """The counts, each file not classified or out of scope, and what was sent, on stderr."""
+    scan = summary.scan
+    c = scan.counts()
+    click.echo(f"{c.files} files ({scan.from_ledger} unchanged since the last run): "
+               f"{c.classified} classified ({c.out_of_scope} outside the model's intended "
+               f"use, {c.pneumonia} PNEUMONIA, {c.normal} NORMAL), "
+               f"{c.skipped} skipped, {c.errors} unreadable", err=True)
+    for r in scan.results:
+        if r.status != "ok":
+            click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
+        elif r.in_scope is False:
+            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
+    if pushed:
+        click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
+                   f"{len(summary.push_failures)} (the next run tries again)", err=True)
+        for failure in summary.push_failures:
+            click.echo(f"  not sent: {failure}", err=True)
+    if summary.removed:
+        click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
+                   "longer found", err=True)
 
 
 @contextlib.contextmanager
@@ -361,10 +414,104 @@ def _signals_interrupt():
             signal.signal(signum, handler)
 
 
+class ListenProgress(ListenEvents):
+    """What `listen` tells on stderr: each association, instance and refusal (the
+    pneumoscan.listen log), each study published and each run's summary."""
+
+    def listening(self, port: int) -> None:
+        click.echo(f"listening on port {port}", err=True)
+
+    def published(self, study_uid: str, instances: int) -> None:
+        click.echo(f"study {study_uid}: {instances} new instances settled; classifying",
+                   err=True)
+
+    def ran(self, summary: api.RunSummary) -> None:
+        _tell_summary(summary, bool(summary.pushed or summary.push_failures))
+
+    def run_failed(self, error: api.RunError) -> None:
+        click.echo(f"pneumoscan: error: {error} (kept; tried again later)", err=True)
+
+
+@main.command()
+@click.argument("spool", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--port", type=click.IntRange(0, 65535), default=11112, show_default=True,
+              help="TCP port of the C-STORE SCP (0: any free port, told on stderr)")
+@click.option("--host", default="", help="address to listen on (default: every interface)")
+@click.option("--ae-title", default="PNEUMOSCAN", show_default=True,
+              help="this node's AE title: callers must call it")
+@click.option("--allow", "allowed", multiple=True, metavar="AET",
+              help="calling AE title allowed to associate (repeat; default: any)")
+@click.option("--settle", type=click.FloatRange(0.1), default=DEFAULT_SETTLE,
+              show_default=True,
+              help="seconds without a new instance of a study before it is classified")
+@click.option("--max-associations", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--max-instance-mb", type=click.IntRange(1), default=256, show_default=True,
+              help="instances larger than this are refused (0xA700)")
+@tls_options
+@outputs_options
+@classify_options
+@state_options
+@click.option("--push", metavar="URL",
+              help="send the DICOM outputs of each study to a PACS: a DICOMweb URL "
+                   "(STOW-RS) or dicom://AET@host:port (C-STORE; dicom+tls:// over DICOM TLS)")
+@click.option("-v", "--verbose", count=True,
+              help="log each file and output (-vv: debug, and the libraries' logs)")
+def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_instance_mb,
+           tls_cert, tls_key, tls_ca, out, json_path, per_study, model_path, device,
+           batch_size, workers, threshold, state_path, log_path, anonymize, dicom_out, dicom_sc,
+           push,
+           verbose):
+    """Receive images by DICOM C-STORE into SPOOL and classify each study once it has
+    settled, as `pneumoscan run SPOOL` would (the same outputs, state and --push).
+
+    Each instance is on disk (fsync) before its C-STORE is answered with success; a full
+    disk answers 0xA700. Only CR and DX images are accepted (other SOP classes: 0x0122).
+    Every association, instance and refusal is logged on stderr. Runs in the foreground
+    until SIGTERM or Ctrl-C (a systemd unit is in docs/PACS.md); started again after a
+    crash, it finishes what was received but not classified or sent."""
+    from pneumoscan.inputs.receiver import ReceiverOptions
+    from pneumoscan.listening import ListenOptions
+    from pneumoscan.listening import listen as listen_until_stopped
+
+    _setup_logging(verbose)
+    logging.getLogger("pneumoscan.listen").setLevel(logging.INFO)
+    tls = _tls(tls_cert, tls_key, tls_ca)
+    if tls and not tls.certificate:
+        raise click.UsageError("listen serves DICOM TLS with --tls-cert and --tls-key")
+    receiver = ReceiverOptions(port=port, ae_title=ae_title, host=host, allow=tuple(allowed),
+                               max_associations=max_associations,
+                               max_instance_bytes=max_instance_mb * 1024 * 1024, tls=tls)
+    run_options = api.RunOptions(spool, report=out, json=json_path, per_study=per_study,
+                                 model=model_path, device=device, batch_size=batch_size,
+                                 workers=workers, threshold=threshold, state=state_path,
+                                 log=log_path, anonymize=anonymize, dicom_out=dicom_out,
+                                 dicom_sc=dicom_sc, push=push, tls=tls)
+    try:
+        run_options.check()
+    except api.RunError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        with _signals_interrupt():
+            listen_until_stopped(ListenOptions(spool, receiver, settle), run_options,
+                                 ListenProgress())
+    except api.RunError as exc:
+        fail(str(exc), exc.exit_code)
+    except api.Interrupted as exc:
+        click.echo(f"pneumoscan: {exc}; what was received is kept in {spool}", err=True)
+        sys.exit(exc.exit_code)
+
+
 scope_train_images_option = click.option(
     "--scope-train-images", type=click.IntRange(100), metavar="N",
     help="fit the scope guard on N training images at most, evenly spread (default: all; "
          "the network's pass over them is most of the time the fit takes)")
+scope_view_option = click.option(
+    "--scope-view", type=click.Choice(["stored", "direct"]), default="stored",
+    show_default=True,
+    help="what the scope guard reads: 'stored', the input as the training copies were "
+         "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
+         "time); 'direct', the network's own activations (next to no time: for networks "
+         "with an input low-pass, which do not tell originals from training copies)")
 
 
 @main.command("export-onnx")
@@ -395,11 +542,12 @@ scope_train_images_option = click.option(
               help="split.json ({\"train\": [...], \"val\": [...]}) whose images fit the "
                    "scope guard (default: the one training wrote beside the checkpoint)")
 @scope_train_images_option
+@scope_view_option
 @click.option("--no-scope-guard", is_flag=True,
               help="write the model without a scope guard (no out-of-distribution score)")
 def export_onnx(checkpoint, out, check_images, model_version, name, force, int8, fp16,
                 calibration_images, calibration_count, eval_images, scope_split,
-                scope_train_images, no_scope_guard):
+                scope_train_images, scope_view, no_scope_guard):
     """Export a training CHECKPOINT to the ONNX model that `run` uses, and check that ONNX
     Runtime matches PyTorch on real images (class scores to < 1e-4, normalised CAMs to
     < 1e-3).
@@ -437,7 +585,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
     try:
         export_checkpoint(checkpoint, out, check_images, model_version, name,
                           log=lambda m: click.echo(m), scope_split=scope_split,
-                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images)
+                          scope_guard=not no_scope_guard, scope_train_images=scope_train_images,
+                          scope_view=scope_view)
     except (ExportError, ModelError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out}: model {name}")
@@ -466,11 +615,17 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
               default=0.15, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @scope_train_images_option
-def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images):
+@scope_view_option
+def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images,
+                scope_view):
     """Fit the scope guard of an exported ONNX model (one exported without it, or before
     it existed) on its training images; its threshold flags at most 5% of the validation
     images. `export-onnx` does this itself."""
-    from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
+    from pneumoscan.modelling.scope_guard import (
+        ScopeFitError,
+        fit_scope_guard,
+        read_split,
+    )
 
     try:
         if split_path is not None:
@@ -484,7 +639,7 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
         else:
             fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
         fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
-                        max_train=scope_train_images)
+                        max_train=scope_train_images, view=scope_view)
     except (ScopeFitError, ModelError, FileNotFoundError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out or model_path}")
@@ -500,11 +655,15 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--roc", "roc_path", type=click.Path(path_type=Path, dir_okay=False),
               help="ROC curve PNG")
+@click.option("--reliability", "reliability_path",
+              type=click.Path(path_type=Path, dir_okay=False),
+              help="reliability diagram PNG (calibration curve)")
 @click.option("--bootstrap", type=click.IntRange(100, 100000), default=1000, show_default=True)
 def evaluate(data, model_path, device, batch_size, workers, threshold, json_path, roc_path,
-             bootstrap):
+             reliability_path, bootstrap):
     """Metrics of the model on a labelled DATA folder ({NORMAL,PNEUMONIA}/...) or CSV:
-    accuracy, sensitivity, specificity, AUC, F1 with bootstrap 95% CIs, confusion matrix."""
+    accuracy, sensitivity, specificity, AUC, F1 with bootstrap 95% CIs, confusion matrix;
+    calibration slope and intercept, Brier score and ECE with bootstrap 95% CIs."""
     from pneumoscan.evaluation.evaluate import evaluate_dataset, format_report
 
     try:
@@ -522,6 +681,10 @@ def evaluate(data, model_path, device, batch_size, workers, threshold, json_path
         from pneumoscan.evaluation.evaluate import write_roc
 
         write_roc(report, roc_path)
+    if reliability_path:
+        from pneumoscan.evaluation.evaluate import write_reliability
+
+        write_reliability(report, reliability_path)
 
 
 @main.command("info")
@@ -579,7 +742,8 @@ def _scope_guard_text(guard: dict | None) -> str:
     if not guard:
         return "none (DICOM age and view rules only)"
     quality = guard.get("view_jpeg_quality")
-    view = (f"through a JPEG quality {quality} round trip" if quality
+    view = ("on the network's own activations" if guard.get("view") == "direct"
+            else f"through a JPEG quality {quality} round trip" if quality
             else "through the model's own input")
     reduction = guard.get("view_reduction", 1)
     size = f" at 1/{reduction} size" if reduction > 1 else ""

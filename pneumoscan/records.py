@@ -38,8 +38,13 @@ DICOM_FIELDS = {
     "SeriesInstanceUID": "Series UID",
     "SOPClassUID": "SOP class UID",
     "SOPInstanceUID": "SOP instance UID",
+    "Rows": "Rows",
+    "Columns": "Columns",
+    "ImagerPixelSpacing": "Imager pixel spacing",
+    "FrameOfReferenceUID": "Frame of reference UID",
 }
-NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation"})
+NOT_SHOWN = frozenset({"SeriesInstanceUID", "SOPClassUID", "PatientOrientation", "Rows",
+                       "Columns", "ImagerPixelSpacing", "FrameOfReferenceUID"})
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,6 @@ class LoadedImage:
 
 
 @dataclass
-class CamView:
-    """What the outputs draw a classified image's picture from, when a run makes pictures:
-    the X-ray reduced to the size they show it at (greyscale uint8 (H, W), 0 = black) and
-    the CAM of the decided class ((h, w) float32 in [0, 1], e.g. 7 x 7)."""
-    pixels: np.ndarray
-    cam: np.ndarray
-
-
-@dataclass
 class FileResult:
     """The outcome for one input file; errors are values here, not exceptions. `study` is
     None for a file that is not an image (it belongs to no study)."""
@@ -94,12 +90,15 @@ class FileResult:
     # inference/scope.py), and why not, one line per reason.
     in_scope: bool | None = None
     scope_reasons: list[str] = field(default_factory=list)
-    # For the outputs only (not serialised). `view`: what the engine hands the output
-    # stage to draw the picture from, when pictures are asked for (dropped once drawn).
-    # `picture`: the X-ray and its CAM overlay side by side, JPEG
-    # (report.pictures.render_picture), or what gives its bytes when asked (a picture kept
-    # in the state ledger).
-    view: CamView | None = None
+    # Classified images: the class activation map of the decided class, the network's
+    # coarse grid (e.g. 7 x 7) in 0..1, rows of columns (the DICOM heat map is made of it).
+    cam: list[list[float]] | None = None
+    # For the outputs only (not serialised). `view`: the X-ray reduced to the size the
+    # pictures show it (greyscale uint8 (H, W), 0 = black), kept by the engine when an
+    # output draws pictures, dropped once drawn. `picture`: the X-ray and its CAM overlay
+    # side by side, JPEG (report.pictures.render_picture), or what gives its bytes when
+    # asked (a picture kept in the state ledger).
+    view: np.ndarray | None = None
     picture: bytes | SupportsBytes | None = None
     seconds: float | None = None
     from_ledger: bool = False  # taken from the state ledger, not computed in this run
@@ -115,6 +114,7 @@ class FileResult:
             "threshold": self.threshold,
             "in_scope": self.in_scope,
             "scope_reasons": self.scope_reasons,
+            "cam": self.cam,
             "metadata": self.metadata,
         }
 

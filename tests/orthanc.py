@@ -49,9 +49,10 @@ def free_port() -> int:
 
 
 class Orthanc:
-    """One server; `start` and `kill` it as often as a test needs, on the same storage."""
+    """One server; `start` and `kill` it as often as a test needs, on the same storage.
+    `configuration`: more of Orthanc's settings (DICOM TLS, say)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, **configuration):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -69,6 +70,7 @@ class Orthanc:
             "OverwriteInstances": True,
             "Plugins": [str(dicomweb_plugin())],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **configuration,
         }, indent=1))
         self.process: subprocess.Popen | None = None
         self.log = folder / "orthanc.log"

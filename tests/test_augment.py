@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.augment import FILTERS, Storage, apply, draw
+from training.augment import FILTERS, Storage, apply, draw, draw_pair
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,31 @@ def test_a_marker_is_burnt_in_where_drawn(xray):
     changed = np.argwhere(marked != xray)
     assert len(changed) > 20
     assert changed.max(0).tolist() < [xray.shape[0] // 3, xray.shape[1] // 2]
+
+
+def test_a_pair_differs_only_in_storage_noise(xray):
+    """draw_pair: the two copies of a consistency pair share what a reader could see (crop,
+    rotation, window, marker, ...) and differ in the last resampling filter, a shift of at
+    most one output pixel, JPEG quality 60-95 or none, and about one grey level of noise."""
+    rng = np.random.default_rng(0)
+    shared = ("sixteen_bit", "window", "gamma", "rotation", "shift", "intermediate", "blur",
+              "sharpen", "marker")
+    pair_gaps, independent_gaps = [], []
+    for _ in range(40):
+        a, b = draw_pair(rng, 96, hflip=True)
+        assert all(getattr(a, name) == getattr(b, name) for name in shared)
+        assert a.filters[0] == b.filters[0]
+        width, height = abs(a.crop[2] - a.crop[0]), abs(a.crop[3] - a.crop[1])
+        assert width == pytest.approx(abs(b.crop[2] - b.crop[0]))
+        for k, size in enumerate((width, height, width, height)):
+            # each moved <= 1 px of the box before it lost a pixel at each side
+            assert abs(a.crop[k] - b.crop[k]) <= 2 * size / (96 - 2) + 1e-12
+            assert 0 <= min(a.crop[k], b.crop[k]) and max(a.crop[k], b.crop[k]) <= 1
+        for copy in (a, b):
+            assert copy.jpeg_quality is None or 60 <= copy.jpeg_quality <= 95
+            assert copy.noise <= 1.5
+        pair = [apply(xray, s, 96).astype(float) for s in (a, b)]
+        pair_gaps.append(np.abs(pair[0] - pair[1]).mean())
+        other = apply(xray, draw(rng), 96).astype(float)
+        independent_gaps.append(np.abs(pair[0] - other).mean())
+    assert np.median(pair_gaps) < 8 and np.median(pair_gaps) * 3 < np.median(independent_gaps)

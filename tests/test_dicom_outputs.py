@@ -9,15 +9,29 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
-from conftest import SAMPLES, installed_program
-from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
+from conftest import (
+    PNEUMONIA_JPEG,
+    SAMPLE_JPEG,
+    SAMPLES,
+    cr_dataset,
+    installed_program,
+    save,
+)
+from PIL import Image
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from pneumoscan import api
 from pneumoscan.results.anonymize import PSEUDONYM_PREFIX
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+CHILD_STUDY = "1.2.826.0.1.3680043.8.498.4242"
 
 
 def tool(name: str, package: str) -> str:
@@ -37,79 +51,148 @@ def run_dicom_out(out: Path, **options) -> api.RunSummary:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
+    """The sample DICOM files, with the CAM as a Secondary Capture too (--dicom-sc)."""
     out = tmp_path_factory.mktemp("dicom-out")
-    summary = run_dicom_out(out)
+    summary = run_dicom_out(out, dicom_sc=True)
     results = json.loads((out / "r.json").read_text())["results"]
     return summary, results, out
 
 
 def outputs(summary: api.RunSummary) -> dict[str, list[pydicom.Dataset]]:
-    """Output data sets by kind (SR, SC, PDF), read back from the files written."""
-    by_kind: dict[str, list] = {"SR": [], "SC": [], "PDF": []}
+    """Output data sets by kind (SR, SEG, SC, PDF), read back from the files written."""
+    by_kind: dict[str, list] = {"SR": [], "SEG": [], "SC": [], "PDF": []}
     for path in summary.written:
         if path.suffix == ".dcm":
             by_kind[path.name.split("-")[0]].append(pydicom.dcmread(path))
     return by_kind
 
 
-def test_each_classified_image_gets_an_sr_and_an_sc_and_its_study_one_pdf(first_run):
+def test_each_classified_image_gets_an_sr_a_seg_and_an_sc_and_its_study_one_pdf(first_run):
     summary, results, _ = first_run
     classified = [r for r in results if r["status"] == "ok"]
     assert {r["metadata"]["StudyInstanceUID"] for r in classified} == {RG1_STUDY}
     got = outputs(summary)
-    assert len(got["SR"]) == len(got["SC"]) == len(classified) == 3
+    assert len(got["SR"]) == len(got["SEG"]) == len(got["SC"]) == len(classified) == 3
     assert len(got["PDF"]) == 1  # the knee and the MR study get none: nothing classified
-    for ds in got["SR"] + got["SC"] + got["PDF"]:
+    for ds in got["SR"] + got["SEG"] + got["SC"] + got["PDF"]:
         assert ds.StudyInstanceUID == RG1_STUDY
         assert ds.PatientName == "CompressedSamples^RG1" and ds.PatientID == "9RG1"
         assert ds.PatientBirthDate == "19400305" and ds.AccessionNumber == "exam Number"
         assert ds.SeriesInstanceUID != classified[0]["metadata"]["SeriesInstanceUID"]
-    # One new series per kind.
-    for kind in ("SR", "SC"):
+    # One new series per kind, its instances numbered apart.
+    for kind in ("SR", "SEG", "SC"):
         assert len({ds.SeriesInstanceUID for ds in got[kind]}) == 1
+        assert sorted(ds.InstanceNumber for ds in got[kind]) == [1, 2, 3]
 
 
-def test_outputs_pass_dciodvfy_without_errors(first_run):
+@pytest.mark.parametrize("which", ["first_run", "child_run"])
+def test_outputs_pass_dciodvfy_and_dcentvfy_without_errors(which, request):
     dciodvfy = tool("dciodvfy", "dicom3tools")
-    for path in [p for p in first_run[0].written if p.suffix == ".dcm"]:
+    written = [p for p in request.getfixturevalue(which)[0].written if p.suffix == ".dcm"]
+    assert written
+    for path in written:
         checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True,
                                  check=False)  # its status counts warnings too
         errors = [line for line in (checked.stdout + checked.stderr).splitlines()
                   if line.startswith("Error")]
         assert errors == [], f"{path.name}: {errors}"
+    # Across the outputs of a study: one patient, one study (description and all).
+    dcentvfy = tool("dcentvfy", "dicom3tools")
+    checked = subprocess.run([dcentvfy, *map(str, written)], capture_output=True, text=True,
+                             check=False)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines()
+              if line.startswith("Error")]
+    assert errors == []
 
 
-def test_sr_says_probability_threshold_decision_model_and_source_image(first_run):
+@pytest.fixture(scope="module")
+def child_run(tmp_path_factory):
+    """Two frontal chest CRs of a 4-year-old (the samples' Kermany images), inside the
+    model's intended use: one NORMAL, one PNEUMONIA."""
+    out = tmp_path_factory.mktemp("dicom-out-child")
+    scans = out / "scans"
+    scans.mkdir()
+    for number, jpeg in enumerate((SAMPLE_JPEG, PNEUMONIA_JPEG), start=1):
+        with Image.open(jpeg) as image:
+            pixels = np.asarray(image.convert("L"))
+        save(cr_dataset(pixels, PatientAge="004Y", PatientID="CHILD-1",
+                        StudyInstanceUID=CHILD_STUDY, SeriesInstanceUID=CHILD_STUDY + ".1",
+                        StudyDescription="Chest PA", PatientOrientation=["L", "F"]),
+             scans / f"image-{number}.dcm")
+    summary = api.run(api.RunOptions(scans, json=out / "r.json", dicom_out=out / "dicom"))
+    results = json.loads((out / "r.json").read_text())["results"]
+    assert [r["in_scope"] for r in results] == [True, True]
+    assert {r["label"] for r in results} == {"NORMAL", "PNEUMONIA"}
+    return summary, results, out
+
+
+@pytest.mark.parametrize("which", ["first_run", "child_run"])
+def test_sr_is_an_ihe_air_result_read_back_by_highdicom(which, request):
+    """Adults (the samples) are out of scope: no finding stated, the reason in a Comment;
+    the children's SRs state the Presence of pneumonia as the model decided."""
     dsrdump = tool("dsrdump", "dcmtk")
-    summary, results, _ = first_run
+    summary, results, out = request.getfixturevalue(which)
     by_sop = {r["metadata"]["SOPInstanceUID"]: r for r in results if r["status"] == "ok"}
-    run = json.loads((first_run[2] / "r.json").read_text())["run"]
-    for ds in outputs(summary)["SR"]:
-        assert isinstance(hd.sr.srread(ds.filename), hd.sr.ComprehensiveSR)  # highdicom reads it
+    run = json.loads((out / "r.json").read_text())["run"]
+    srs = outputs(summary)["SR"]
+    assert len(srs) == len(by_sop)
+    assert sorted(ds.InstanceNumber for ds in srs) == list(range(1, len(srs) + 1))
+    for ds in srs:
+        assert ds.SOPClassUID == Comprehensive3DSRStorage
+        sr = hd.sr.srread(ds.filename)
+        assert isinstance(sr, hd.sr.Comprehensive3DSR)
+        (group,) = sr.content.get_image_measurement_groups()
+        assert group.finding_type.meaning == "Pneumonia"
+        assert group.finding_category.meaning == "Finding"
+        assert [site.value.meaning for site in group.finding_sites] == ["Lung"]
         items = {item.ConceptNameCodeSequence[0].CodeMeaning: item
                  for item in _walk(ds.ContentSequence)}
         source = items["Source of Measurement"].ReferencedSOPSequence[0]
         result = by_sop[source.ReferencedSOPInstanceUID]
         assert source.ReferencedSOPClassUID == result["metadata"]["SOPClassUID"]
+        library = items["Image Library"]
+        assert library.ContentSequence[0].ContentSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID == source.ReferencedSOPInstanceUID
         probability = items["Probability"].MeasuredValueSequence[0].NumericValue
         threshold = items["Threshold Value"].MeasuredValueSequence[0].NumericValue
         assert float(probability) == pytest.approx(result["probability"], abs=1e-6)
         assert float(threshold) == pytest.approx(result["threshold"], abs=1e-6)
-        decision = items["Pneumonia"].ConceptCodeSequence[0].CodeMeaning
-        assert decision == ("Present" if result["label"] == "PNEUMONIA" else "Absent")
+        presence = [e for e in group.get_qualitative_evaluations()
+                    if e.name.meaning == "Presence"]
+        if result["in_scope"]:
+            assert [e.value.meaning for e in presence] == [
+                "Present" if result["label"] == "PNEUMONIA" else "Absent"]
+            assert "Comment" not in items
+        else:
+            assert presence == []  # no finding asserted
+            comment = items["Comment"].TextValue
+            assert comment.startswith("Outside the model's intended use")
+            assert result["scope_reasons"][0] in comment
+        # The algorithm: observer device named after it, and its Contributing Equipment
+        # item as IHE AIR has it, the same UID.
+        assert items["Device Observer Name"].TextValue == run["model"]["name"]
+        (algorithm,) = [e for e in ds.ContributingEquipmentSequence
+                        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+        purpose = algorithm.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+            "99IHE", "Processing Algorithm")
+        assert algorithm.DeviceUID == items["Device Observer UID"].UID
+        assert algorithm.Manufacturer == "pneumoscan"
+        assert algorithm.ManufacturerModelName == run["model"]["name"]
+        assert f"{run['model']['name']} {run['model']['version']}" in algorithm.SoftwareVersions
+        assert algorithm.ContributionDateTime.startswith(run["started"][:10].replace("-", ""))
         assert items["Algorithm Name"].TextValue == run["model"]["name"]
         assert items["Algorithm Version"].TextValue == run["model"]["version"]
         parameters = {item.TextValue for item in _walk(ds.ContentSequence)
                       if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"}
         assert f"sha256={run['model']['sha256']}" in parameters
-        equipment = ds.ContributingEquipmentSequence[0]
-        assert run["model"]["sha256"] in equipment.ContributionDescription
-        # The evidence lists the source image, and dcmtk reads the document through.
+        assert ds.StudyDescription == result["metadata"]["StudyDescription"]
         evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
-        assert evidence.StudyInstanceUID == RG1_STUDY
+        assert evidence.StudyInstanceUID == result["metadata"]["StudyInstanceUID"]
         dumped = subprocess.run([dsrdump, str(ds.filename)], capture_output=True, text=True,
                                 check=True).stdout
-        assert "Imaging Measurement Report" in dumped and '"Pneumonia")=' in dumped
+        assert "Imaging Measurement Report" in dumped
+        assert ('"Presence")=' in dumped) == result["in_scope"]
 
 
 def _walk(sequence):
@@ -150,7 +233,7 @@ def test_cam_capture_is_derived_with_the_warning_burned_in(first_run):
 
 
 def test_a_rerun_replaces_the_same_instances(first_run, tmp_path):
-    again = run_dicom_out(tmp_path, force=True)
+    again = run_dicom_out(tmp_path, force=True, dicom_sc=True)
 
     def names(summary):
         return sorted(p.name for p in summary.written if p.suffix == ".dcm")
@@ -172,3 +255,58 @@ def test_anonymize_puts_the_pseudonym_of_the_json_in_every_output(tmp_path):
             assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
             assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
             assert "CompressedSamples" not in str(ds)
+
+
+def test_out_of_scope_images_are_counted_apart_and_the_capture_says_so_first(first_run):
+    """The three adult radiographs of the samples: outside the intended use, counted in
+    neither PNEUMONIA nor NORMAL, and their CAM capture's banner opens with it."""
+    from pneumoscan.dicomout.sc import _banner_text
+    from pneumoscan.results.ledger import result_from_json
+
+    summary, results, _ = first_run
+    counts = summary.scan.counts()
+    assert (counts.classified, counts.out_of_scope, counts.normal, counts.pneumonia) == (
+        3, 3, 0, 0)
+    for record in [r for r in results if r["status"] == "ok"]:
+        result = result_from_json(record, Path(record["path"]))
+        banner = _banner_text(result, summary.scan.run)
+        assert banner[0].startswith("OUTSIDE INTENDED USE - no finding stated: patient aged 64")
+    from pneumoscan.dicomout.sc import FONT_SIZE, MARGIN
+    from pneumoscan.report.pictures import display_size, picture_size
+
+    for capture in outputs(summary)["SC"]:
+        shown = picture_size(*display_size(1841, 1955))  # RG1's columns and rows
+        assert capture.Columns == shown[0]
+        # Under the picture a line of the colour scale's numbers; above it the banner: the
+        # scope line (wrapped) first, then the usual two.
+        banner_lines = (capture.Rows - shown[1] - MARGIN) // (FONT_SIZE + MARGIN) - 1
+        assert banner_lines >= 3
+
+
+@pytest.mark.parametrize("which", ["first_run", "child_run"])
+def test_the_heat_map_is_a_fractional_segmentation_on_the_source_grid(which, request):
+    """highdicom reads it back: one FRACTIONAL segment "Pneumonia" at the source's rows and
+    columns, referring to the source image, its values the result's CAM stretched over
+    the image. Without --dicom-sc, no Secondary Capture."""
+    from pneumoscan.dicomout.seg import cam_on_source_grid
+
+    summary, results, _ = request.getfixturevalue(which)
+    by_sop = {r["metadata"]["SOPInstanceUID"]: r for r in results if r["status"] == "ok"}
+    got = outputs(summary)
+    assert len(got["SEG"]) == len(by_sop) and len(got["SC"]) == (3 if which == "first_run" else 0)
+    for ds in got["SEG"]:
+        seg = hd.seg.segread(ds.filename)
+        assert seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+        (reference,) = [item.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+                        for item in series.ReferencedInstanceSequence]
+        result = by_sop[reference]
+        rows, columns = int(result["metadata"]["Rows"]), int(result["metadata"]["Columns"])
+        assert (seg.Rows, seg.Columns) == (rows, columns)
+        assert seg.get_segment_description(1).segmented_property_type.meaning == "Pneumonia"
+        stored = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[reference], rescale_fractional=True)[0, :, :, 0]
+        expected = cam_on_source_grid(np.array(result["cam"]), rows, columns)
+        assert stored.shape == expected.shape
+        assert np.abs(stored.astype(np.float64) - expected).max() <= 1 / 255 + 1e-6
+        assert ds.StudyDescription == result["metadata"]["StudyDescription"]
+        assert ds.SeriesDescription.startswith("pneumoscan CAM heat map")

@@ -63,7 +63,7 @@ def test_pull_classify_push_and_a_second_run_fetches_and_sends_nothing(orthanc, 
     assert "sent for 1 studies; not sent for 0" in first.stderr
     # The chest study gets a PDF, and an SR and a CAM capture per image; the knee (not a
     # chest) and the MR (not queried) nothing.
-    assert kinds(orthanc, RG1_STUDY) == ["CR"] * 3 + ["DOC"] + ["OT"] * 3 + ["SR"] * 3
+    assert kinds(orthanc, RG1_STUDY) == ["CR"] * 3 + ["DOC"] + ["SEG"] * 3 + ["SR"] * 3
     assert kinds(orthanc, KNEE_STUDY) == ["CR"]
     assert kinds(orthanc, MR_STUDY) == ["MR"]
     instances = orthanc.instances_of_study(RG1_STUDY)
@@ -124,7 +124,7 @@ def test_c_store_to_another_pacs(orthanc, tmp_path):
         summary = api.run(api.RunOptions(orthanc.dicomweb_url, json=tmp_path / "r.json",
                                          push=archive.cstore_url))
         assert summary.pushed == [RG1_STUDY] and summary.push_failures == []
-        assert kinds(archive, RG1_STUDY) == ["DOC"] + ["OT"] * 3 + ["SR"] * 3
+        assert kinds(archive, RG1_STUDY) == ["DOC"] + ["SEG"] * 3 + ["SR"] * 3
     finally:
         archive.kill()
 
@@ -159,6 +159,6 @@ def test_server_killed_mid_run_gives_clear_errors_and_the_next_run_completes(ort
     assert recovered.scan.from_ledger == len(done)  # only what failed is retrieved again
     assert sorted(recovered.pushed) == sorted([RG1_STUDY, derived_uid("test-study")])
     assert kinds(orthanc, derived_uid("test-study")) == (
-        ["CR"] * SECOND_STUDY_IMAGES + ["DOC"] + ["OT"] * SECOND_STUDY_IMAGES
+        ["CR"] * SECOND_STUDY_IMAGES + ["DOC"] + ["SEG"] * SECOND_STUDY_IMAGES
         + ["SR"] * SECOND_STUDY_IMAGES)
     assert api.run(options).pushed == []

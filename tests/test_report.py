@@ -272,7 +272,8 @@ def test_out_of_scope_images_are_marked_and_counted_apart(results):
     row = summary[summary.index(f'id="row-{study_file_stem(str(SAMPLES / "study-normal-1"))}"'):]
     assert re.search(r"^[^\n]*<td class=\"decision review\">review: outside the "
                      r"model&#39;s intended use</td>", row)
-    assert html.count(f'<p class="scope">OUT OF SCOPE: {reason}</p>') == 4
+    assert html.count(f'<p class="scope">OUTSIDE INTENDED USE: {reason}</p>') == 4
+    assert html.count('<span class="label">outside intended use</span> · model output') == 4
     counts = html[html.index('<table class="counts">'):]
     assert '<td class="review">4</td>' in counts[:counts.index("</table>")]
 

@@ -11,20 +11,28 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from conftest import REPO, SAMPLES, invoke_cli, shared_path
 from PIL import Image
 
 from pneumoscan import api
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.inference.pipeline import read_model_input
-from pneumoscan.inference.scope import (assess, metadata_reasons, patient_age_years,
-                                        scope_threshold)
-from pneumoscan.modelling.scope_guard import (SCORE_OUTPUT, combined_scores,
-                                              fit_layer, flag_threshold, standardise,
-                                              tapped_layers)
+from pneumoscan.inference.scope import (
+    assess,
+    metadata_reasons,
+    patient_age_years,
+    scope_threshold,
+)
+from pneumoscan.modelling.scope_guard import (
+    SCORE_OUTPUT,
+    combined_scores,
+    fit_layer,
+    flag_threshold,
+    standardise,
+    tapped_layers,
+)
 from pneumoscan.records import FileResult
 from pneumoscan.results.summary import NEGATIVE, OUT_OF_SCOPE, POSITIVE, Counts, Study
-
-from conftest import REPO, SAMPLES, shared_path
 
 
 @pytest.mark.parametrize("metadata, years", [
@@ -115,6 +123,36 @@ def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_
     np.testing.assert_allclose(got, expected, atol=2e-3)
 
 
+def test_a_direct_guard_reads_the_networks_own_pass(small_checkpoint, val_images, tmp_path):
+    """view="direct": the guard taps the network's activations, adds no copy of the trunk
+    (no convolution), and its score is still the fit's formula on those activations."""
+    from pneumoscan.modelling.export import export_checkpoint
+    from pneumoscan.modelling.scope_guard import fit_scope_guard, layer_statistics, read_split
+
+    bare = tmp_path / "bare.onnx"
+    export_checkpoint(small_checkpoint, bare, check_images=val_images, version="test",
+                      log=lambda msg: None, scope_guard=False)
+    train, val = read_split(small_checkpoint.parent / "split.json")
+    guarded = tmp_path / "direct.onnx"
+    guard = fit_scope_guard(bare, train, val, out=guarded, log=lambda m: None, view="direct")
+    before, after = onnx.load(str(bare)), onnx.load(str(guarded))
+    assert guard.layers == tapped_layers(before)
+    assert (guard.view, guard.view_jpeg_quality, guard.view_reduction) == ("direct", None, 1)
+    convolutions = [[n for n in m.graph.node if n.op_type == "Conv"] for m in (before, after)]
+    assert len(convolutions[0]) == len(convolutions[1]) > 10
+
+    fits = [fit_layer(t, s) for t, s in zip(guard.layers, layer_statistics(
+        before, guard.layers, train, lambda m: None))]
+    for fit, stats in zip(fits, layer_statistics(before, guard.layers, val, lambda m: None)):
+        standardise(fit, stats)
+    paths = sorted(val_images.rglob("*.jpeg"))
+    expected = combined_scores(fits, layer_statistics(before, guard.layers, paths,
+                                                      lambda m: None))
+    cam_model = OnnxCamModel(guarded, device="cpu")
+    batch = np.stack([read_model_input(p, cam_model.info.preprocessing) for p in paths])
+    np.testing.assert_allclose(cam_model.predict(batch).scope_scores, expected, atol=2e-3)
+
+
 def test_one_tapped_layer_per_resolution(small_onnx):
     """The last activation before each change of resolution, and the last of all."""
     model = onnx.load(str(small_onnx))
@@ -195,7 +233,8 @@ def test_a_study_all_out_of_scope_is_never_normal():
     assert Study("s", (_result(NEGATIVE, False), _result(NEGATIVE, True))).decision == NEGATIVE
     assert Study("s", (_result(POSITIVE, False), _result(NEGATIVE, True))).decision == POSITIVE
     counts = Counts.of([_result(NEGATIVE, False), _result(POSITIVE, True)])
-    assert (counts.classified, counts.out_of_scope) == (2, 1)
+    assert (counts.classified, counts.out_of_scope, counts.pneumonia, counts.normal) == (
+        2, 1, 1, 0)  # the one out of scope counted apart, not as NORMAL
 
 
 def test_json_schema_doc_shows_every_field():
@@ -206,3 +245,15 @@ def test_json_schema_doc_shows_every_field():
     assert record.keys() <= documented, record.keys() - documented
     counts = doc[doc.index('"counts"'):doc.index('"results"')]
     assert all(f'"{name}"' in counts for name in Counts.of([]).__dict__)
+
+
+def test_the_summary_counts_out_of_scope_images_apart(tmp_path):
+    """The samples' three adult radiographs are outside the intended use: counted apart,
+    not among the NORMAL ones (the Kermany images are 8 and 8)."""
+    done = invoke_cli("run", SAMPLES, "--json", tmp_path / "r.json")
+    assert done.exit_code == 0, done.stderr
+    assert ("19 classified (3 outside the model's intended use, 8 PNEUMONIA, 8 NORMAL)"
+            in done.stderr)
+    counts = json.loads((tmp_path / "r.json").read_text())["counts"]
+    assert (counts["classified"], counts["out_of_scope"], counts["pneumonia"],
+            counts["normal"]) == (19, 3, 8, 8)

@@ -121,6 +121,38 @@ def test_progressive_unfreezing_freezes_exactly_the_closed_stages():
         assert frozen_stats == (n_open < 4), "frozen BatchNorm statistics must not move"
 
 
+def test_the_input_low_pass_keeps_shapes_and_removes_the_finest_detail():
+    from pneumoscan.modelling.architectures import GaussianLowPass
+
+    blur = GaussianLowPass(1.5)
+    flat = torch.full((1, 3, 32, 32), 0.7)
+    torch.testing.assert_close(blur(flat), flat)  # weights sum to 1, reflect padding
+    checks = torch.ones(32, 32)
+    checks[::2] *= -1
+    checks[:, ::2] *= -1  # 0.5 cycles/pixel, the finest pattern an image holds
+    assert blur(checks.expand(1, 3, 32, 32)).abs().max() < 1e-3
+    slow = torch.cos(torch.arange(32.0) * 2 * torch.pi / 32).expand(1, 3, 32, 32)
+    assert blur(slow).std() > 0.9 * slow.std()  # 1/32 cycles/pixel passes
+    net = build_network("efficientnet_lite0", pretrained=False, low_pass_sigma=1.5)
+    assert "features.low_pass.kernel" in net.state_dict()
+    assert not any(p is net.features.low_pass.kernel for p in net.parameters())  # not trained
+
+
+def test_a_low_pass_network_exports_with_its_filter(kermany_train, val_images, tmp_path):
+    """The low-pass is part of the network: in the checkpoint (rebuilt from its sigma), and
+    in the ONNX graph, where ONNX Runtime matches PyTorch as for any export."""
+    from pneumoscan.modelling.checkpoint import load_network
+    from pneumoscan.modelling.export import PARITY_LIMITS, export_checkpoint
+
+    cfg = _tiny_config(kermany_train, tmp_path, low_pass_sigma=1.5, consistency=1.0)
+    train(cfg, log=lambda m: None)
+    network, payload = load_network(tmp_path / "best.pt")
+    assert payload["low_pass_sigma"] == 1.5 and network.features.low_pass.sigma == 1.5
+    diffs = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onnx",
+                              check_images=val_images, log=lambda m: None, scope_guard=False)
+    assert all(diffs[k] < PARITY_LIMITS[k] for k in ("probabilities", "normalised_cams")), diffs
+
+
 def test_unfreezing_schedule_and_discriminative_learning_rates():
     assert [open_stages_at(e, (2, 3, 4, 5), 4) for e in range(1, 7)] == [0, 1, 2, 3, 4, 4]
     net = build_network("efficientnet_lite0", pretrained=False)

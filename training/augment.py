@@ -17,7 +17,7 @@ next to the network's forward and backward pass.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -83,6 +83,31 @@ def draw(rng: np.random.Generator, hflip: bool = False) -> Storage:
         jpeg_quality=int(rng.integers(30, 96)) if maybe(0.6) else None,
         seed=int(rng.integers(2**31)),
     )
+
+
+def draw_pair(rng: np.random.Generator, size: int, hflip: bool = False) -> tuple[Storage, Storage]:
+    """Two copies of one drawn storage that differ only in what nobody can see: the last
+    resampling filter, a sub-pixel shift (up to one output pixel each way), a JPEG re-encode
+    at quality 60-95 or none, and noise of about one grey level. The consistency loss asks
+    the network to score both the same."""
+    base = draw(rng, hflip)
+    x0, y0, x1, y1 = base.crop
+    px, py = abs(x1 - x0) / size, abs(y1 - y0) / size  # one output pixel, as a fraction
+    # The box loses a pixel at each side so that either copy can move a pixel either way
+    # without leaving the image (which would add a black border).
+    inward = px if x1 > x0 else -px  # a mirrored box runs from right to left
+    x0, y0, x1, y1 = x0 + inward, y0 + py, x1 - inward, y1 - py
+
+    def copy() -> Storage:
+        dx, dy = float(rng.uniform(-1, 1)) * px, float(rng.uniform(-1, 1)) * py
+        return replace(
+            base, crop=(x0 + dx, y0 + dy, x1 + dx, y1 + dy),
+            filters=(base.filters[0], str(rng.choice(list(FILTERS)[:4]))),
+            jpeg_quality=int(rng.integers(60, 96)) if rng.random() < 0.7 else None,
+            noise=float(rng.uniform(0.3, 1.5)) if rng.random() < 0.5 else 0.0,
+            seed=int(rng.integers(2**31)))
+
+    return copy(), copy()
 
 
 def _near_an_edge(rng: np.random.Generator) -> tuple[float, float]:

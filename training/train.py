@@ -31,11 +31,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples
+from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples, patient_id
 from pneumoscan.evaluation.metrics import (
     binary_metrics,
     bootstrap_intervals,
+    calibration_intervals,
+    calibration_metrics,
     choose_threshold,
+    cross_fitted_operating_point,
     expected_calibration_error,
 )
 from pneumoscan.inference.preprocess import Preprocessing, normalise
@@ -99,9 +102,13 @@ class TrainConfig:
     init_from: str | None = option(None, "start from this training checkpoint's weights "
                                          "(fine-tuning; its calibration is refitted)")
     consistency: float = option(
-        0.0, "weight of a consistency loss: each image is drawn stored two ways and the "
-             "squared difference of their logit margins is added to the loss (doubles the "
-             "images per step); 0 to disable")
+        0.0, "weight of a consistency loss: each image is drawn stored two ways that differ "
+             "only in storage noise (augment.draw_pair) and the squared difference of their "
+             "logit margins is added to the loss (each batch holds --batch-size such pairs); "
+             "0 to disable")
+    low_pass_sigma: float = option(
+        0.0, "sigma in pixels of a fixed Gaussian low-pass at the network's input "
+             "(architectures.GaussianLowPass; exported with the network); 0 for none")
     max_steps_per_epoch: int | None = option(None, "for smoke tests")
     limit_samples: int | None = option(None, "for smoke tests: first N of each class")
     progress_seconds: float = option(30.0, "seconds between progress lines")
@@ -164,8 +171,12 @@ class AugmentedImages(torch.utils.data.Dataset):
         """(C, H, W), or (2, C, H, W) with `consistency`: the image stored two ways."""
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
         views = 2 if self.cfg.consistency else 1
-        storages = [augment.draw(rng, self.cfg.hflip) if self.cfg.storage_augment
-                    else augment.Storage() for _ in range(views)]
+        if not self.cfg.storage_augment:
+            storages = [augment.Storage()] * views
+        elif views == 2:
+            storages = list(augment.draw_pair(rng, self.prep.height, self.cfg.hflip))
+        else:
+            storages = [augment.draw(rng, self.cfg.hflip)]
         pixels = np.stack([augment.apply(self.images[i], storage, self.prep.height)
                            for storage in storages])
         x = torch.from_numpy(normalise(pixels, self.prep))
@@ -321,6 +332,7 @@ def checkpoint_payload(state_dict, cfg, prep, epoch, history, threshold, val_met
         "class_names": list(CLASS_NAMES),
         "preprocessing": asdict(prep),
         "dropout": cfg.dropout,
+        "low_pass_sigma": cfg.low_pass_sigma,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "weights": weights,
         "threshold": threshold,
@@ -370,6 +382,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
     t0 = time.time()
     train_x, train_y, problems = load_cached(train_samples, prep)
     val_x, val_y, val_problems = load_cached(val_samples, prep)
+    val_patients = np.array([s.patient for s in val_samples  # those load_cached kept
+                             if not any(p.startswith(f"{s.path}: ") for p in val_problems)])
     for p in problems + val_problems:
         log(f"left out {p}")
     log(f"data: {len(train_y)} train ({np.bincount(train_y, minlength=2).tolist()}), "
@@ -379,7 +393,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
 
     model = build_network(cfg.arch, num_classes=len(CLASS_NAMES), dropout=cfg.dropout,
                           weights=cfg.pretrained_weights, download=cfg.download_weights,
-                          pretrained=cfg.pretrained)
+                          pretrained=cfg.pretrained, low_pass_sigma=cfg.low_pass_sigma)
     if cfg.init_from is not None:
         model.load_state_dict(read_checkpoint(Path(cfg.init_from))["state_dict"])
         log(f"weights from {cfg.init_from}")
@@ -403,7 +417,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
     history: list[dict] = []
     best_auc, best_epoch, start_epoch = -1.0, 0, 1
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = read_checkpoint(resume)
         model.load_state_dict(state["model_state_dict"])
         if ema is not None:
             ema.load_state_dict(state["ema_state_dict"])
@@ -448,7 +462,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
         if row["auc"] > best_auc:
             best_auc, best_epoch = row["auc"], epoch
             save_atomic(payload, out / "best.pt")
-            np.savez(out / "val_predictions.npz", labels=val_y, logits=logits[chosen])
+            np.savez(out / "val_predictions.npz", labels=val_y, logits=logits[chosen],
+                     patients=val_patients)
         write_history(history, out)
         if epoch - best_epoch >= cfg.patience:
             log(f"early stopping: no AUC gain for {cfg.patience} epochs (best epoch {best_epoch})")
@@ -475,27 +490,38 @@ def finalize(out: Path, cfg: TrainConfig) -> dict:
     on the recalibrated probabilities, which keep their order."""
     from pneumoscan.evaluation.plots import write_plots
 
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    best = read_checkpoint(out / "best.pt")
     preds = np.load(out / "val_predictions.npz")
     labels, logits = preds["labels"], preds["logits"]
+    patients = preds["patients"] if "patients" in preds else split_patients(out)
     temperature, bias = fit_calibration(logits, labels)
     uncalibrated = pneumonia_probability(logits)
     probs = pneumonia_probability(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, cfg.min_sensitivity)
+    # Judged on patients it was not fitted on: fitted on the same images, Platt scaling
+    # has calibration slope 1 and intercept 0 by construction.
+    held_out = cross_fitted_probabilities(logits, labels, patients, cfg.seed)
     calibration = {"method": "Platt scaling of the logit margin (temperature and bias), "
                              "fitted on the validation split",
                    "temperature": temperature, "bias": bias,
                    "ece_before": expected_calibration_error(labels, uncalibrated),
                    "ece_after": expected_calibration_error(labels, probs),
-                   "ece_after_cross_fitted": cross_fitted_ece(logits, labels, cfg.seed)}
+                   "ece_after_cross_fitted": expected_calibration_error(labels, held_out)}
     summary = {
         "arch": cfg.arch, "best_epoch": best["epoch"], "weights": best["weights"],
         "threshold": threshold,
         "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.min_sensitivity}",
         "calibration": calibration,
+        "calibration_cross_fitted": {
+            "method": "each half of the validation patients recalibrated with what was "
+                      "fitted on the other half; 95% CIs by patient bootstrap",
+            **calibration_metrics(labels, held_out),
+            "ci95": calibration_intervals(labels, held_out, groups=patients)},
         "validation": binary_metrics(labels, probs, threshold),
-        "validation_ci95": bootstrap_intervals(labels, probs, threshold),
-        "n_val": int(len(labels)),
+        "validation_ci95": bootstrap_intervals(labels, probs, threshold, groups=patients),
+        "validation_cross_fitted_threshold": cross_fitted_operating_point(
+            labels, probs, patients, cfg.min_sensitivity, seed=cfg.seed),
+        "n_val": int(len(labels)), "n_val_patients": int(len(set(patients.tolist()))),
     }
     best["threshold"], best["calibration"] = threshold, calibration
     best["metrics"] = {"at_0.5": binary_metrics(labels, probs, 0.5),
@@ -507,15 +533,24 @@ def finalize(out: Path, cfg: TrainConfig) -> dict:
     return summary
 
 
-def cross_fitted_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """ECE of the recalibration judged on images it was not fitted on: two halves, each
-    recalibrated with what was fitted on the other."""
-    half = np.random.default_rng(seed).permutation(len(labels)) < len(labels) // 2
+def cross_fitted_probabilities(logits: np.ndarray, labels: np.ndarray, patients: np.ndarray,
+                               seed: int) -> np.ndarray:
+    """Calibrated probabilities judged on patients the recalibration was not fitted on: the
+    patients cut in two halves, each half recalibrated with what was fitted on the other."""
+    _, inverse = np.unique(patients, return_inverse=True)
+    half = (np.random.default_rng(seed).permutation(inverse.max() + 1) % 2)[inverse] == 1
     probs = np.empty(len(labels))
     for fit, judge in ((half, ~half), (~half, half)):
         probs[judge] = pneumonia_probability(logits[judge],
                                              *fit_calibration(logits[fit], labels[fit]))
-    return expected_calibration_error(labels, probs)
+    return probs
+
+
+def split_patients(out: Path) -> np.ndarray:
+    """The validation images' patients, from the split.json of a run whose predictions
+    file predates recording them (every validation image was readable)."""
+    val = json.loads((out / "split.json").read_text())["val"]
+    return np.array([patient_id(Path(path)) for path in val])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:

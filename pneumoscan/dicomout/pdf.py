@@ -8,17 +8,19 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import highdicom as hd
-from pydicom.sr.coding import Code
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from pneumoscan.dicomout.equipment import (contributing_equipment, new_instance,
-                                           software_versions)
+from pneumoscan.dicomout.equipment import (
+    complete,
+    contributing_equipment,
+    new_instance,
+    software_versions,
+)
 from pneumoscan.dicomout.source import SourceImage
+from pneumoscan.dicomout.vocabulary import DOCUMENT_CONCEPT
 from pneumoscan.records import RunInfo
 
 DOCUMENT_TITLE = "Chest X-ray pneumonia screening report (research use)"
-# LOINC 18748-4, the document type of an imaging report.
-DOCUMENT_CONCEPT = Code("18748-4", "LN", "Diagnostic imaging study")
 
 
 class EncapsulatedPDF(hd.SOPClass):
@@ -35,6 +37,7 @@ class EncapsulatedPDF(hd.SOPClass):
             content_date=now.date(), content_time=now.time(),
             **first.patient_and_study())
         self._add_contributing_equipment(contributing_equipment(run))
+        complete(self, first, run)
         # SC Equipment module: a workstation made it.
         self.ConversionType = "WSD"
         # Encapsulated Document module.

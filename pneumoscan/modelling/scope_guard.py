@@ -31,6 +31,7 @@ import numpy as np
 
 from pneumoscan.inference.model import META_PREFIX, open_session
 from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.modelling.onnx_files import save_checked
 from pneumoscan.modelling.stored_view import StoredViewError, add_stored_view
 
 SCORE_OUTPUT = "scope_score"
@@ -46,6 +47,11 @@ ACTIVATIONS = ("Clip", "Relu")
 # see; the trunk's copy costs a quarter of the network).
 TRAINING_JPEG_QUALITY = 75
 VIEW_REDUCTION = 2
+# What the guard reads: "stored", the view above through a copy of the trunk (for networks
+# whose activations tell an original scan from a training copy by its missing JPEG
+# artefacts); "direct", the network's own activations in the same pass (next to no cost; for
+# networks that do not, such as those with an input low-pass, architectures.GaussianLowPass).
+VIEWS = ("stored", "direct")
 
 
 class ScopeFitError(RuntimeError):
@@ -310,8 +316,10 @@ class ScopeGuard:
     train_images: int
     val_images: int
     val_flagged: float
-    # The guard's view (stored_view.py): the input through a JPEG round trip at this
-    # quality (None: the model's preprocessing has its own), averaged over pixel squares
+    view: str  # one of VIEWS
+    # The stored view (stored_view.py): the input through a JPEG round trip at this
+    # quality (None: the model's preprocessing has its own, or the view is direct),
+    # averaged over pixel squares
     view_jpeg_quality: int | None
     view_reduction: int
 
@@ -321,38 +329,42 @@ class ScopeGuard:
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
-                    max_train: int | None = None) -> ScopeGuard:
+                    max_train: int | None = None, view: str = "stored") -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
     threshold on `val`, and write the model with the `scope_score` output and the guard in
-    its metadata to `out` (default: in place)."""
+    its metadata to `out` (default: in place). `view` is what the guard reads (VIEWS)."""
     import onnx
 
-    from pneumoscan.modelling.export import save_checked
-
+    if view not in VIEWS:
+        raise ScopeFitError(f"unknown scope guard view {view!r}: one of {', '.join(VIEWS)}")
     model = onnx.load(str(model_path))
     if any(o.name == SCORE_OUTPUT for o in model.graph.output):
         raise ScopeFitError(f"{model_path} already has a scope guard")
     prep = model_preprocessing(model)
-    quality = None if prep.jpeg_quality is not None else TRAINING_JPEG_QUALITY
-    try:
-        tensors = add_stored_view(model, model.graph.input[0].name, prep, quality,
-                                  tapped_layers(model), VIEW_REDUCTION)
-    except StoredViewError as exc:
-        raise ScopeFitError(str(exc)) from exc
+    if view == "direct":
+        quality, reduction, tensors = None, 1, tapped_layers(model)
+    else:
+        quality = None if prep.jpeg_quality is not None else TRAINING_JPEG_QUALITY
+        reduction = VIEW_REDUCTION
+        try:
+            tensors = add_stored_view(model, model.graph.input[0].name, prep, quality,
+                                      tapped_layers(model), reduction)
+        except StoredViewError as exc:
+            raise ScopeFitError(str(exc)) from exc
     if max_train is not None and len(train) > max_train:
         train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
     train_stats = layer_statistics(model, tensors, train, log)
     val_stats = layer_statistics(model, tensors, val, log)
-    guard = add_fitted_guard(model, tensors, train_stats, val_stats, quality)
+    guard = add_fitted_guard(model, tensors, train_stats, val_stats, view, quality, reduction)
     save_checked(model, out or model_path)
-    log(f"scope guard: {len(tensors)} layers, threshold {guard.threshold:.4f}, "
+    log(f"scope guard: {len(tensors)} layers ({view}), threshold {guard.threshold:.4f}, "
         f"{guard.val_flagged:.1%} of {guard.val_images} validation images flagged")
     return guard
 
 
 def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.ndarray],
-                     val_stats: Sequence[np.ndarray],
-                     view_jpeg_quality: int | None) -> ScopeGuard:
+                     val_stats: Sequence[np.ndarray], view: str,
+                     view_jpeg_quality: int | None, view_reduction: int) -> ScopeGuard:
     """Fit on the layers' statistics and add the guard to `model` (graph and metadata)."""
     fits = [fit_layer(t, s) for t, s in zip(tensors, train_stats)]
     for fit, stats in zip(fits, val_stats):
@@ -362,7 +374,8 @@ def add_fitted_guard(model, tensors: Sequence[str], train_stats: Sequence[np.nda
     guard = ScopeGuard(threshold=threshold, layers=list(tensors), components=COMPONENTS,
                        train_images=len(train_stats[0]), val_images=len(val_scores),
                        val_flagged=float((val_scores > threshold).mean()),
-                       view_jpeg_quality=view_jpeg_quality, view_reduction=VIEW_REDUCTION)
+                       view=view, view_jpeg_quality=view_jpeg_quality,
+                       view_reduction=view_reduction)
     add_score_output(model, fits)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_PREFIX + METADATA_KEY, guard.to_json()

@@ -14,6 +14,7 @@ of each attribute pneumoscan shows:
 | StudyInstanceUID, SOPInstanceUID   | replace consistently (U)    | `2.25.` UID from its HMAC   |
 | Modality, ViewPosition,            | kept                        | kept when a defined term,   |
 | BodyPartExamined                   |                             | else removed (free text)    |
+| Rows, Columns, ImagerPixelSpacing  | kept                        | kept (the heat map's grid)  |
 | anything else                      |                             | removed                     |
 
 The file's path and its study label are replaced by pseudonyms too (real exports name
@@ -42,6 +43,8 @@ PSEUDONYMISED_UIDS = ("StudyInstanceUID", "SOPInstanceUID")
 # Attributes kept only when their value is one of the standard's defined terms.
 DEFINED_TERMS = {"Modality": MODALITIES, "ViewPosition": VIEW_POSITIONS,
                  "BodyPartExamined": BODY_PARTS}
+# Kept as they are: the image's size says nothing of the patient.
+GEOMETRY = ("Rows", "Columns", "ImagerPixelSpacing")
 PSEUDONYM_PREFIX = "anon-"
 # Suffixes kept on a pseudonymised file name: they say the type, not who.
 KNOWN_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -89,7 +92,8 @@ def anonymized_result(result: FileResult, key: bytes) -> FileResult:
 
 def _anonymized_metadata(metadata: dict[str, str], key: bytes) -> dict[str, str]:
     """Only what the table above keeps: any other attribute is left out."""
-    kept = {k: v for k, v in metadata.items() if v in DEFINED_TERMS.get(k, ())}
+    kept = {k: v for k, v in metadata.items()
+            if v in DEFINED_TERMS.get(k, ()) or k in GEOMETRY}
     for keyword in PSEUDONYMISED_UIDS:
         if metadata.get(keyword):
             kept[keyword] = pseudonym_uid(key, metadata[keyword])

@@ -435,6 +435,7 @@ def result_from_json(data: dict, path: Path, **extra) -> FileResult:
                       probability=data["probability"], label=data["label"],
                       threshold=data["threshold"], metadata=data["metadata"],
                       in_scope=data["in_scope"], scope_reasons=data["scope_reasons"],
+                      cam=data.get("cam"),  # not in results recorded before it was kept
                       from_ledger=True, **extra)
 
 

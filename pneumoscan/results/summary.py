@@ -20,23 +20,25 @@ OUT_OF_SCOPE = "review: outside the model's intended use"
 class Counts:
     files: int
     classified: int
-    pneumonia: int
+    pneumonia: int  # classified within the model's intended use, and so labelled
     normal: int
     skipped: int
     errors: int
-    out_of_scope: int  # classified (and counted above), but not what the model is made for
+    # Classified, but not what the model is made for: counted apart, in neither of the
+    # above (classified = pneumonia + normal + out_of_scope).
+    out_of_scope: int
 
     @classmethod
     def of(cls, results: Iterable[FileResult]) -> Counts:
         results = list(results)
-        statuses = [(r.status, r.label) for r in results]
+        in_scope = [r.label for r in results if r.status == "ok" and r.in_scope is not False]
         return cls(
-            files=len(statuses),
-            classified=sum(status == "ok" for status, _ in statuses),
-            pneumonia=sum(status == "ok" and label == POSITIVE for status, label in statuses),
-            normal=sum(status == "ok" and label == NEGATIVE for status, label in statuses),
-            skipped=sum(status == "skipped" for status, _ in statuses),
-            errors=sum(status == "error" for status, _ in statuses),
+            files=len(results),
+            classified=sum(r.status == "ok" for r in results),
+            pneumonia=in_scope.count(POSITIVE),
+            normal=in_scope.count(NEGATIVE),
+            skipped=sum(r.status == "skipped" for r in results),
+            errors=sum(r.status == "error" for r in results),
             out_of_scope=sum(r.status == "ok" and r.in_scope is False for r in results),
         )
 

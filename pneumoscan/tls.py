@@ -1,0 +1,36 @@
+"""DICOM TLS (PS3.15 B.1, the IHE ATNA secure node): TLS 1.2 or later, each node with its
+certificate, peers verified against a CA. `listen` serves with it (and may require callers'
+certificates); `--push dicom+tls://AET@host:port` calls with it."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    certificate: Path | None = None  # this node's, PEM; with `key`
+    key: Path | None = None
+    ca: Path | None = None  # the CA that signs the peers' certificates
+
+    def server_context(self) -> ssl.SSLContext:
+        """For listening: this node's certificate; with `ca`, callers must present a
+        certificate that CA signed."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.certificate, self.key)
+        if self.ca is not None:
+            context.load_verify_locations(self.ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """For calling: the server's certificate verified (against `ca`, else the system's
+        CAs) and its host name checked; this node's certificate presented when given."""
+        context = ssl.create_default_context(cafile=self.ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.certificate is not None:
+            context.load_cert_chain(self.certificate, self.key)
+        return context
