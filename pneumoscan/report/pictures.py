@@ -3,8 +3,8 @@ over it, side by side in one JPEG at the size the report shows them.
 
 Pictures are drawn in the output stage, only for runs whose outputs show them (a report,
 per-study reports, DICOM outputs): the engine hands over each classified image's view (the
-X-ray reduced to DISPLAY_SIZE and its CAM, records.CamView) and `drawn` turns it into the
-picture as the results stream to the state and the outputs. `render_picture` runs once per
+X-ray reduced to DISPLAY_SIZE) and `drawn` makes the picture of it and the result's CAM as
+the results stream to the state and the outputs. `render_picture` runs once per
 image in threads, so it uses only numpy and Pillow (whose resize, blend and encode release
 the GIL) on uint8 / float32 arrays at display size; of matplotlib, only its colour map
 table is used.
@@ -50,8 +50,9 @@ def display_size(width: int, height: int) -> tuple[int, int]:
 
 def drawn(results: Generator[FileResult, None, None], threads: int
           ) -> Generator[FileResult, None, None]:
-    """`results` in their order, the picture of each one with a view drawn from it (in
-    `threads` threads, a few results ahead of the one given out) and its view dropped.
+    """`results` in their order, the picture of each one with a view drawn from it and its
+    CAM (in `threads` threads, a few results ahead of the one given out), the view then
+    dropped.
     Closing this closes `results` (the engine's run)."""
     with contextlib.closing(results):
         yield from in_threads(_with_picture, results, threads, "pneumoscan-picture")
@@ -59,7 +60,7 @@ def drawn(results: Generator[FileResult, None, None], threads: int
 
 def _with_picture(result: FileResult) -> FileResult:
     if result.view is not None:
-        result.picture = render_picture(result.view.pixels, result.view.cam)
+        result.picture = render_picture(result.view, np.asarray(result.cam, np.float32))
         result.view = None
     return result
 
@@ -70,7 +71,7 @@ def render_picture(pixels: np.ndarray, cam: np.ndarray) -> bytes:
     map blended over it, and the colour scale (low to high) under that. One picture rather
     than two: every image is a box for WeasyPrint to lay out and an object in the PDF.
 
-    pixels: greyscale uint8 (H, W), 0 = black (a CamView's, or any LoadedImage's).
+    pixels: greyscale uint8 (H, W), 0 = black (a result's view, or a LoadedImage's).
     cam: float32 (h, w), any small grid (e.g. 7 x 7), normalised to 0..1 for the predicted
     class; it is stretched over the whole image.
     """
