@@ -26,7 +26,7 @@ import numpy as np
 
 from pneumoscan.api import Scan, write_per_study
 from pneumoscan.evaluation.datasets import patient_id
-from pneumoscan.inference.model import available_cores
+from pneumoscan.workers import available_cores
 from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.report.html import render_html

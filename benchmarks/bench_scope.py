@@ -61,8 +61,7 @@ def extremity_folder(data: Path, folder: Path) -> Path:
 
 
 def kermany_val_folder(data: Path, folder: Path) -> Path:
-    from pneumoscan.evaluation.datasets import list_samples
-    from training.data import split_by_patient
+    from pneumoscan.evaluation.datasets import list_samples, split_by_patient
 
     _, val = split_by_patient(list_samples(data / "kermany224"), 0.15, 42)
     for sample in val:

@@ -1,14 +1,6 @@
-"""Command line: a thin layer over `pneumoscan.api`.
-
-Exit codes of `pneumoscan run` (docs/CRON.md):
-  0  every file classified, or skipped for a stated reason
-  1  fatal error: the run could not be done (bad model, unusable state file, unwritable output)
-  2  usage error (bad command line)
-  3  the run completed, but some files could not be read (listed with reasons), or some
-     studies' DICOM outputs could not be sent (--push)
-  4  another run holds the state file: this run did nothing (see --wait)
-  130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: what was computed is kept
-"""
+"""Command line: a thin layer over `pneumoscan.api`. The exit codes of `pneumoscan run` are
+those of `pneumoscan.run.exits` (its --help lists them; docs/CRON.md says what to do about
+each)."""
 
 from __future__ import annotations
 
@@ -25,13 +17,14 @@ from pathlib import Path
 import click
 
 from pneumoscan import __version__, api
+from pneumoscan.files import write_atomic
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.inputs import is_dicomweb_url
 from pneumoscan.listening import DEFAULT_SETTLE, ListenEvents
-from pneumoscan.modelling.quantize import CALIBRATION_IMAGES
-from pneumoscan.text import printable
+from pneumoscan.run.exits import exit_codes_help
+from pneumoscan.text import format_duration, printable
 
 log = logging.getLogger("pneumoscan")
 
@@ -256,16 +249,6 @@ class ProgressBar:
         self.bar.__exit__(None, None, None)
 
 
-def format_duration(seconds: float) -> str:
-    """12 s, 3 min 05 s, 2 h 07 min."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 class Source(click.ParamType):
     """A folder or file that exists, or a DICOMweb base URL (kept as text)."""
     name = "FOLDER|URL"
@@ -276,7 +259,7 @@ class Source(click.ParamType):
         return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
 
 
-@main.command()
+@main.command(epilog=f"\b\nExit codes:\n{exit_codes_help()}")
 @click.argument("scans", type=Source())
 @outputs_options
 @classify_options
@@ -331,11 +314,7 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
     Safe to run from cron: each run computes only the files that are new or changed since
     the last one (recorded in the state file), and the outputs still cover all of SCANS.
     Progress and diagnostics go to stderr; the last lines on stdout name every output
-    ("report: PATH", "json: PATH", "per-study: DIR", "state: PATH", "log: PATH").
-
-    Exit codes: 0 done; 3 done, but some files could not be read; 1 fatal error; 2 usage
-    error; 4 another run holds the state file; 130 interrupted (SIGINT, Ctrl-C), 143
-    terminated (SIGTERM): what was computed is kept for the next run."""
+    ("report: PATH", "json: PATH", "per-study: DIR", "state: PATH", "log: PATH")."""
     _setup_logging(verbose)
     options = api.RunOptions(scans, report=out, json=json_path, per_study=per_study,
                              model=model_path, device=device, batch_size=batch_size,
@@ -532,8 +511,8 @@ scope_view_option = click.option(
 @click.option("--fp16", is_flag=True, help="also write OUT.fp16.onnx: half precision, for GPUs")
 @click.option("--calibration-images", type=click.Path(exists=True, path_type=Path),
               help="--int8 calibration images (default: the checkpoint's training split)")
-@click.option("--calibration-count", type=click.IntRange(1), default=CALIBRATION_IMAGES,
-              show_default=True, help="how many calibration images, evenly spread")
+@click.option("--calibration-count", type=click.IntRange(1),
+              help="how many calibration images, evenly spread (default: 200)")
 @click.option("--eval-images", type=click.Path(exists=True, path_type=Path),
               help="labelled folder ({NORMAL,PNEUMONIA}/...) or CSV on which --int8/--fp16 "
                    "models are compared with float32 (default: the checkpoint's validation "
@@ -631,8 +610,7 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
         if split_path is not None:
             train, val = read_split(split_path)
         elif data is not None:
-            from pneumoscan.evaluation.datasets import list_samples
-            from training.data import split_by_patient
+            from pneumoscan.evaluation.datasets import list_samples, split_by_patient
 
             parts = split_by_patient(list_samples(data), val_fraction, seed)
             train, val = ([s.path for s in part] for part in parts)
@@ -676,7 +654,7 @@ def evaluate(data, model_path, device, batch_size, workers, threshold, json_path
     if json_path:
         import json
 
-        api.write_atomic(json_path, json.dumps(report, indent=1).encode(), mode=0o644)
+        write_atomic(json_path, json.dumps(report, indent=1).encode(), mode=0o644)
     if roc_path:
         from pneumoscan.evaluation.evaluate import write_roc
 

@@ -69,3 +69,13 @@ def defined_term(value: str, defined_terms: set[str]) -> str:
     not: reasons never echo a file's own text, which may hold a patient's name or control
     sequences."""
     return value if value in defined_terms else "of an unlisted value"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: 12 s, 3 min 05 s, 2 h 07 min (negative: 0 s)."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -1,5 +1,5 @@
-"""Workers: processes that never outlive the run that started them, and threads that map
-a stream in order."""
+"""Workers: processes that never outlive the run that started them, threads that map a
+stream in order, and how many cores this process may use."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ Out = TypeVar("Out")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # How often a worker without prctl looks whether its parent is still there.
 _PARENT_POLL_S = 1.0
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as set by taskset, cgroups'
+    cpusets or a batch scheduler), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def die_with_parent(parent: int) -> None:

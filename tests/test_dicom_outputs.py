@@ -310,3 +310,43 @@ def test_the_heat_map_is_a_fractional_segmentation_on_the_source_grid(which, req
         assert np.abs(stored.astype(np.float64) - expected).max() <= 1 / 255 + 1e-6
         assert ds.StudyDescription == result["metadata"]["StudyDescription"]
         assert ds.SeriesDescription.startswith("pneumoscan CAM heat map")
+
+
+def test_per_study_and_dicom_out_render_each_study_pdf_once(tmp_path, monkeypatch):
+    """With --per-study and --dicom-out, the Encapsulated PDF carries the per-study PDF
+    this run rendered: the same bytes, rendered once."""
+    from pneumoscan.report import html as report
+
+    rendered: list[int] = []
+
+    def counted(html: str) -> bytes:
+        pdf = render_pdf(html)
+        rendered.append(len(pdf))
+        return pdf
+
+    render_pdf = report.render_pdf
+    monkeypatch.setattr(report, "render_pdf", counted)
+    summary = run_dicom_out(tmp_path, per_study=tmp_path / "studies")
+    per_study_pdfs = [p for p in summary.written if p.suffix == ".pdf"]
+    encapsulated = outputs(summary)["PDF"]
+    # The sample DICOM folder's studies each get a per-study report; one has a classified
+    # DICOM image and so an Encapsulated PDF.
+    assert len(per_study_pdfs) == len(rendered) >= 2 and len(encapsulated) == 1
+    [study_pdf] = [p for p in per_study_pdfs if RG1_STUDY in p.name]
+    document = encapsulated[0]
+    carried = bytes(document.EncapsulatedDocument)[:document.EncapsulatedDocumentLength]
+    assert carried == study_pdf.read_bytes()
+
+
+def test_results_from_the_state_get_the_same_heat_map(first_run, tmp_path):
+    """The CAM grid is kept in the state: a later run whose results all come from it
+    writes the same Segmentations (into another folder, where they are due)."""
+    summary, _, out = first_run
+    later = api.run(api.RunOptions(SAMPLES / "dicom", json=out / "r.json",
+                                   dicom_out=tmp_path / "again"))
+    assert later.scan.from_ledger == len(later.scan.results)
+    again = {ds.SOPInstanceUID: ds for ds in outputs(later)["SEG"]}
+    first = outputs(summary)["SEG"]
+    assert sorted(again) == sorted(ds.SOPInstanceUID for ds in first)
+    for ds in first:
+        assert again[ds.SOPInstanceUID].PixelData == ds.PixelData

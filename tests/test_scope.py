@@ -181,7 +181,7 @@ def shipped():
 def test_shipped_model_flags_an_adult_dicom_and_a_photo(shipped, tmp_path):
     from skimage import data as images
 
-    rg1 = shared_path("dicom", "RG1_UNCR.dcm")
+    rg1 = SAMPLES / "dicom" / "RG1_UNCR.dcm"
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(rg1, scans / rg1.name)

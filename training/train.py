@@ -31,7 +31,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pneumoscan.evaluation.datasets import CLASS_NAMES, list_samples, patient_id
+from pneumoscan.evaluation.datasets import (
+    CLASS_NAMES,
+    list_samples,
+    patient_id,
+    split_by_patient,
+)
 from pneumoscan.evaluation.metrics import (
     binary_metrics,
     bootstrap_intervals,
@@ -49,9 +54,10 @@ from pneumoscan.modelling.architectures import (
     PneumoniaNet,
     build_network,
 )
+from pneumoscan.text import format_duration
 
 from . import augment
-from .data import load_cached, split_by_patient
+from .data import load_cached
 
 
 def option(default=MISSING, help: str = ""):
@@ -222,13 +228,8 @@ class Progress:
         epoch_left = (self.steps - step) / rate
         self.log(f"epoch {self.epoch} step {step}/{self.steps} loss {loss:.4f} "
                  f"{images / (now - self.started):.1f} images/s, epoch ETA "
-                 f"{_clock(epoch_left)}, run ETA {_clock(epoch_left + self.remaining_after / rate)}"
+                 f"{format_duration(epoch_left)}, run ETA {format_duration(epoch_left + self.remaining_after / rate)}"
                  " (at this rate)")
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def consistency_loss(logits: torch.Tensor) -> torch.Tensor:

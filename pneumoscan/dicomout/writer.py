@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -24,17 +25,19 @@ from pneumoscan.results.summary import Study
 log = logging.getLogger(__name__)
 
 
-def study_outputs(run: RunInfo, study: Study, capture: bool = False) -> list[Dataset]:
-    """The study's Encapsulated PDF report, then for each classified DICOM image its SR
-    and its CAM as a Segmentation, and with `capture` as a Secondary Capture picture too;
-    nothing when the study has no classified DICOM image. A result without its CAM grid
-    or the source's size (recorded by an older pneumoscan) gets the picture instead of
-    the Segmentation. Results need their report pictures (a run that renders)."""
+def study_outputs(run: RunInfo, study: Study, capture: bool = False,
+                  pdf: Callable[[RunInfo, Study], bytes] | None = None) -> list[Dataset]:
+    """The study's Encapsulated PDF report (`pdf`, default: rendered here), then for each
+    classified DICOM image its SR and its CAM as a Segmentation, and with `capture` as a
+    Secondary Capture picture too; nothing when the study has no classified DICOM image. A
+    result without its CAM grid or the source's size (recorded by an older pneumoscan)
+    gets the picture instead of the Segmentation. Results need their report pictures (a
+    run that renders)."""
     classified = [(r, SourceImage.of(r)) for r in study.classified]
     classified = [(r, source) for r, source in classified if source]
     if not classified:
         return []
-    outputs: list[Dataset] = [EncapsulatedPDF(study_pdf(run, study),
+    outputs: list[Dataset] = [EncapsulatedPDF((pdf or study_pdf)(run, study),
                                               [source for _, source in classified], run)]
     # Numbered in the study's order of images: distinct within each output series.
     for number, (result, source) in enumerate(classified, start=1):

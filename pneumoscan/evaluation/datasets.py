@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
 
@@ -75,3 +77,21 @@ def list_samples(source: Path) -> list[Sample]:
     if (source / "train").is_dir():
         return samples_from_folder(source / "train")
     return samples_from_folder(source)
+
+
+def split_by_patient(samples: list[Sample], val_fraction: float,
+                     seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified split with every patient's images on one side only. A patient counts as
+    PNEUMONIA if any of their images is; each stratum is shuffled and cut separately."""
+    patients: dict[str, int] = {}
+    for s in samples:
+        patients[s.patient] = max(patients.get(s.patient, 0), s.label)
+    rng = np.random.default_rng(seed)
+    val_patients: set[str] = set()
+    for label in range(len(CLASS_NAMES)):
+        group = sorted(p for p, lab in patients.items() if lab == label)
+        rng.shuffle(group)
+        val_patients.update(group[: round(len(group) * val_fraction)])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val

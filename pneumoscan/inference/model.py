@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pneumoscan.files import atomic_path, sha256_of_file
 from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.workers import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ DEFAULT_MODEL_NAME = "default.onnx"
 
 class ModelError(RuntimeError):
     """The model cannot be used (run-level error)."""
+
+
+PLAIN_CAM = "CAM"  # Zhou et al. 2016: the classifier's weights over the last conv maps
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,12 @@ class ModelInfo:
     preprocessing: Preprocessing
     extra: dict = field(default_factory=dict)
 
+
+    @property
+    def cam_method(self) -> str:
+        """How the model's `cams` output is computed (metadata `cam_method`, written by
+        export-onnx); models exported before it was recorded carry the plain CAM."""
+        return self.extra.get("cam_method", PLAIN_CAM)
 
     @property
     def validation_metrics(self) -> dict:
@@ -123,13 +133,6 @@ def model_info(path: Path, meta: dict[str, str]) -> ModelInfo:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def open_session(path: Path, device: str = "auto", threads: int | None = None,

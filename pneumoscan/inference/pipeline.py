@@ -19,7 +19,6 @@ worker thread may never end, so that the process must not wait for it when it ex
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +39,7 @@ from pneumoscan.inference.preprocess import (
 from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
+from pneumoscan.workers import available_cores
 
 DEFAULT_BATCH_SIZE = 32
 # The longest one file may take to be read, decoded and preprocessed: a 100-megapixel
@@ -149,7 +149,7 @@ class Job:
 
 
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, available_cores())
 
 
 def prepare(item: InputFile, prep: Preprocessing, view_size: int | None = None) -> Prepared:

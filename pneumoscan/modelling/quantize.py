@@ -260,11 +260,12 @@ def reduced_path(out: Path, kind: str) -> Path:
 
 def export_reduced(checkpoint: Path, fp32: Path, kinds: list[str],
                    calibration_images: Path | None = None,
-                   calibration_count: int = CALIBRATION_IMAGES, eval_images: Path | None = None,
+                   calibration_count: int | None = None, eval_images: Path | None = None,
                    max_auc_drop: float | None = None, log=print) -> dict[str, Comparison]:
     """The `kinds` copies of the float32 model exported from `checkpoint`, beside it.
     Calibration and validation images default to the checkpoint's own training and
-    validation splits; `max_auc_drop` to MAX_AUC_DROP."""
+    validation splits, `calibration_count` to CALIBRATION_IMAGES, `max_auc_drop` to
+    MAX_AUC_DROP."""
     from pneumoscan.evaluation.datasets import list_samples
     from pneumoscan.modelling.checkpoint import read_checkpoint
     from pneumoscan.modelling.export import folder_images, split_images, spread
@@ -279,7 +280,8 @@ def export_reduced(checkpoint: Path, fp32: Path, kinds: list[str],
     else:
         paths, labels = labelled_images(split_images(checkpoint, payload, "val"))
     calibration = spread(folder_images(calibration_images) if calibration_images is not None
-                         else split_images(checkpoint, payload, "train"), calibration_count)
+                         else split_images(checkpoint, payload, "train"),
+                         calibration_count or CALIBRATION_IMAGES)
     if "int8" in kinds and not calibration:
         raise QuantizeError("no training images to calibrate on: pass --calibration-images")
     limit = MAX_AUC_DROP if max_auc_drop is None else max_auc_drop

@@ -18,6 +18,7 @@ from markupsafe import Markup
 
 from pneumoscan.files import study_file_stem, write_atomic, write_atomic_chunks
 from pneumoscan.records import FileResult, RunInfo
+from pneumoscan.report import report_format
 from pneumoscan.report.headings import study_heading
 from pneumoscan.report.pdf import render_pdf
 from pneumoscan.report.pictures import colour_bar_png
@@ -84,18 +85,15 @@ def write_report(path: Path | str, run: RunInfo, results: Sequence[FileResult], 
     atomically, readable by its owner only unless `mode` says otherwise. The HTML is
     written piece by piece; a PDF of more than PDF_MAX_IMAGES images is a summary."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".pdf":
+    if report_format(path) == "pdf":
         large = Counts.of(results).classified > PDF_MAX_IMAGES
         html = render_html(run, results, title=title, pages=not large,
                            table_rows=PDF_SUMMARY_ROWS if large else None)
         write_atomic(path, render_pdf(html), mode)
-    elif suffix in (".html", ".htm"):
+    else:
         chunks = html_chunks(run, results, title=title)
         write_atomic_chunks(path, (chunk.encode("utf-8", "backslashreplace")
                                    for chunk in chunks), mode)
-    else:
-        raise ValueError(f"report file must end in .html or .pdf, not {path.suffix!r}")
     return path
 
 
@@ -126,7 +124,7 @@ def write_per_study(directory: Path | str, run: RunInfo, results: Sequence[FileR
         html = study_html(run, study)
         for name in per_study_names(study.key):
             path = directory / name
-            write_atomic(path, _encode_as(path.suffix, html), mode)
+            write_atomic(path, _encode_as(path, html), mode)
             written.append(path)
     return written
 
@@ -149,12 +147,8 @@ def _description(run: RunInfo, studies: Sequence[Study], summary: bool) -> str:
             f" run {run.started}")
 
 
-def _encode_as(suffix: str, html: str) -> bytes:
-    if suffix.lower() == ".pdf":
-        return render_pdf(html)
-    if suffix.lower() in (".html", ".htm"):
-        return html.encode("utf-8")
-    raise ValueError(f"report file must end in .html or .pdf, not {suffix!r}")
+def _encode_as(path: Path, html: str) -> bytes:
+    return render_pdf(html) if report_format(path) == "pdf" else html.encode("utf-8")
 
 
 @lru_cache(maxsize=1)

@@ -30,11 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pneumoscan.files import open_private, sha256_of_stream
-from pneumoscan.inference.model import available_cores
 from pneumoscan.inputs.reading import open_input
 from pneumoscan.records import FileResult, InputFile
-from pneumoscan.text import printable
-from pneumoscan.workers import in_threads
+from pneumoscan.text import format_duration, printable
+from pneumoscan.workers import available_cores, in_threads
 
 SCHEMA_VERSION = 3
 
@@ -537,23 +536,13 @@ def describe_holder(holder: dict | None, now: float) -> str:
         return ""
     where = "" if holder["host"] == os.uname().nodename else f" on {printable(holder['host'], 64)}"
     started = datetime.fromtimestamp(holder["started"], timezone.utc).isoformat(timespec="seconds")
-    text = (f" (PID {holder['pid']}{where}, started {started}, {_age(now - holder['started'])} "
-            f"ago; last progress {_age(now - holder['progress'])} ago")
+    text = (f" (PID {holder['pid']}{where}, started {started}, {format_duration(now - holder['started'])} "
+            f"ago; last progress {format_duration(now - holder['progress'])} ago")
     if now - holder["progress"] > HUNG_AFTER_S:
-        text += (f": it looks hung, as no run goes {_age(HUNG_AFTER_S)} without progress; "
+        text += (f": it looks hung, as no run goes {format_duration(HUNG_AFTER_S)} without progress; "
                  f"check that process and stop it (kill {holder['pid']}), the next run then "
                  "catches up")
     return text + ")"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 120:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
