@@ -4,12 +4,12 @@ The stages are plain functions, shared by both engines: `prepare` (load + prepro
 file), `score` (one batch through the model: probability, decision, CAM and scope) and
 `finish` (the file's result). `classify` is the local engine: worker threads prepare files
 ahead of the model (a bounded window, so memory stays flat however many files there are)
-while the calling thread runs batches through the model. `ray_engine` runs the same stages
-on a Ray cluster. Results come out in input order, one per input file, whatever happened
-to it. Nothing here draws: when the outputs will show pictures, they ask for each
-classified image's view (the X-ray reduced to the size they show), from which with the
-result's CAM the output stage draws them (report.pictures); a run that writes only JSON
-keeps none.
+while a thread of its own runs batches through the model, one batch ahead of the caller.
+`ray_engine` runs the same stages on a Ray cluster. Results come out in input order, one
+per input file, whatever happened to it. Nothing here draws: when the outputs will show
+pictures, they ask for each classified image's view (the X-ray reduced to the size they
+show), from which with the result's CAM the output stage draws them (report.pictures); a
+run that writes only JSON keeps none.
 
 A watchdog bounds the time one file may take in the local engine: a file whose reading and
 decoding has not ended FILE_TIMEOUT_S after it started is abandoned (an error, with the
