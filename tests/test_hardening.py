@@ -97,7 +97,7 @@ def swappable(tmp_path, chest) -> Path:
 
 def test_files_swapped_for_a_fifo_or_a_device_after_discovery_are_errors(swappable, model):
     items = swap_after_discovery(swappable)
-    results = without_hanging(lambda: list(classify(items, model, render=False)))
+    results = without_hanging(lambda: list(classify(items, model)))
     outcomes = {r.path.name: (r.status, r.reason and r.reason.split(": ", 1)[1])
                 for r in results}
     assert outcomes == SWAPPED

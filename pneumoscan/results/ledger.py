@@ -33,6 +33,7 @@ from pneumoscan.files import open_private, sha256_of_stream
 from pneumoscan.inputs.reading import open_input
 from pneumoscan.records import FileResult, InputFile
 from pneumoscan.text import format_duration, printable
+from pneumoscan.workers import available_cores, in_threads
 
 SCHEMA_VERSION = 4
 
@@ -298,20 +299,26 @@ class Ledger:
     def plan(self, items: Iterable[InputFile], basis: Basis, *,
              force: bool = False) -> list[Planned]:
         """Each item with its content hash and, when the ledger holds a result that is still
-        valid for it, that result. Reads each image whose stat changed since it was hashed;
-        decodes none. Files that are not images are recorded too (by their stat), so that
-        an unchanged one counts as unchanged."""
-        plans = []
+        valid for it, that result. Reads each image whose stat changed since it was hashed
+        (in a thread a core: on a fresh state this reads every file before the first is
+        decoded); decodes none. Files that are not images are recorded too (by their
+        stat), so that an unchanged one counts as unchanged."""
+        plans = [Planned(item) for item in items]
         with self._using("read recorded results"), self._db:
-            for item in items:
-                plan = Planned(item)
-                plans.append(plan)
-                if item.unreadable:
-                    continue
-                try:
-                    self._fingerprint(plan)
-                except OSError:
+            recorded = ((plan, self._recorded(plan.item.path))
+                        for plan in plans if not plan.item.unreadable)
+            for plan, row, read in in_threads(_fingerprint, recorded, available_cores(),
+                                              "pneumoscan-hash"):
+                if isinstance(read, OSError):
                     continue  # gone or unreadable now: the pipeline reports it, nothing is kept
+                signature, digest = read
+                key = ledger_key(plan.item.path)
+                if (row and row[0] != signature and row[1] == digest
+                        and plan.item.kind is not None):
+                    # touched, copied over, moved back: the same content
+                    self._db.execute("UPDATE files SET stat = ? WHERE path = ?",
+                                     (signature, key))
+                plan.key, plan.stat, plan.content_sha256 = key, signature, digest
                 if not force:
                     plan.cached = self._reusable(plan, basis)
                 self._beat()
@@ -330,25 +337,10 @@ class Ledger:
                 plans.append(plan)
         return plans
 
-    def _fingerprint(self, plan: Planned) -> None:
-        """Set the plan's key, stat and content hash; the hash is read again only when the
-        stat changed. Raises OSError, leaving the plan as it was, when the file cannot be
-        read (or is no longer a regular file: InputChanged)."""
-        key = ledger_key(plan.item.path)
-        with open_input(plan.item.path, follow_link=plan.item.link) as fh:
-            signature = stat_signature(os.fstat(fh.fileno()))
-            row = self._db.execute("SELECT stat, content_sha256 FROM files WHERE path = ?",
-                                   (key,)).fetchone()
-            if row and row[0] == signature:
-                digest = row[1]
-            elif plan.item.kind is None:
-                digest = NOT_AN_IMAGE
-            else:
-                digest = sha256_of_stream(fh)
-                if row and row[1] == digest:  # touched, copied over, moved back: same content
-                    self._db.execute("UPDATE files SET stat = ? WHERE path = ?",
-                                     (signature, key))
-        plan.key, plan.stat, plan.content_sha256 = key, signature, digest
+    def _recorded(self, path: Path) -> tuple[str, str] | None:
+        """(stat, content hash) recorded for the file at `path`, if any."""
+        return self._db.execute("SELECT stat, content_sha256 FROM files WHERE path = ?",
+                                (ledger_key(path),)).fetchone()
 
     def _reusable(self, plan: Planned, basis: Basis) -> FileResult | None:
         row = self._db.execute(
@@ -463,6 +455,26 @@ def result_from_json(data: dict, path: Path, **extra) -> FileResult:
                       in_scope=data["in_scope"], scope_reasons=data["scope_reasons"],
                       cam=data.get("cam"),  # not in results recorded before it was kept
                       from_ledger=True, **extra)
+
+
+def _fingerprint(planned: tuple[Planned, tuple[str, str] | None]
+                 ) -> tuple[Planned, tuple[str, str] | None, tuple[str, str] | OSError]:
+    """(plan, its recorded (stat, hash), and its (stat, content hash) now, or the OSError
+    that says it cannot be read now (or is no longer a regular file: InputChanged)). The
+    content is hashed only when the stat changed."""
+    plan, row = planned
+    try:
+        with open_input(plan.item.path, follow_link=plan.item.link) as fh:
+            signature = stat_signature(os.fstat(fh.fileno()))
+            if row and row[0] == signature:
+                digest = row[1]
+            elif plan.item.kind is None:
+                digest = NOT_AN_IMAGE
+            else:
+                digest = sha256_of_stream(fh)
+    except OSError as exc:
+        return plan, row, exc
+    return plan, row, (signature, digest)
 
 
 def _stat_unchanged(plan: Planned) -> bool:
