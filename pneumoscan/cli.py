@@ -73,7 +73,8 @@ def main() -> None:
     Research use only; not a medical diagnosis."""
 
 
-model_option = click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False),
+model_option = click.option("--model", "model_path",
+                            type=click.Path(path_type=Path, dir_okay=False),
                             help="ONNX model from `pneumoscan export-onnx` (default: the "
                                  "model shipped with pneumoscan).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
@@ -366,7 +367,8 @@ def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
         if r.status != "ok":
             click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
         elif r.in_scope is False:
-            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
+            click.echo(f"  out of scope: {printable(str(r.path))}: "
+                       f"{'; '.join(r.scope_reasons)}", err=True)
     if pushed:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)

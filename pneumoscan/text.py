@@ -72,10 +72,10 @@ def defined_term(value: str, defined_terms: set[str]) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """A duration as people read it: 12 s, 3 min 05 s, 2 h 07 min (negative: 0 s)."""
+    """A duration as people read it: 12 s, 3 min 05 s, 30 min, 2 h 07 min (negative: 0 s)."""
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
+        return f"{seconds // 60} min" + (f" {seconds % 60:02d} s" if seconds % 60 else "")
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -133,3 +133,24 @@ def test_a_bug_in_a_loader_is_not_passed_off_as_a_bad_file(monkeypatch, caplog):
     assert result.reason.startswith("unexpected error, a pneumoscan bug")
     assert "TypeError: unsupported operand" in result.reason
     assert "Traceback" in caplog.text and "broken_loader" in caplog.text
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError, EOFError, NotImplementedError])
+def test_an_error_of_our_own_pixel_code_is_a_bug_even_of_a_decoder_type(
+        error, monkeypatch, caplog):
+    """Decoders' error types raised by our own code after decoding are not "cannot read
+    this file": a warning, the traceback only with -v. (OSError stays "cannot read": the
+    file's own reads raise it.)"""
+    from pneumoscan.inputs import raster
+
+    def broken_conversion(img):
+        raise error("our own mistake")
+
+    monkeypatch.setattr(raster, "to_grey_uint8", broken_conversion)
+    with caplog.at_level("WARNING", logger="pneumoscan"):
+        result = load_path(SAMPLE_JPEG)
+    assert result.status == "error"
+    assert result.reason.startswith("unexpected error, a pneumoscan bug")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "Traceback" not in caplog.text  # -v shows it (the test above)

@@ -1,7 +1,8 @@
 """Sending DICOM outputs to a PACS: STOW-RS to a DICOMweb server (the source server with
 `--push`, or another with `--push URL`), or C-STORE (pynetdicom) to one without DICOMweb with
-`--push dicom://AET@host:port`, over DICOM TLS with `dicom+tls://AET@host:port`. A study's outputs are sent together; a failure is a
-`PushError` for that study, and the next run sends them again."""
+`--push dicom://AET@host:port`, over DICOM TLS with `dicom+tls://AET@host:port`. A study's
+outputs are sent together; a failure is a `PushError` for that study, and the next run sends
+them again."""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from pneumoscan.inputs.problems import (
     ImageProblem,
     SkipImage,
     UnreadableImage,
+    decoding,
 )
 from pneumoscan.inputs.raster import shrink_to_cover
 from pneumoscan.records import DICOM_FIELDS, LoadedImage
@@ -83,6 +84,9 @@ READ_KEYWORDS = (*DICOM_FIELDS, *DESCRIPTION_KEYWORDS, "NumberOfFrames",
                  "RescaleIntercept", "WindowCenter", "WindowWidth")
 PIXEL_MODULE_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
                          "BitsAllocated", "BitsStored", "PixelRepresentation")
+# Every attribute read here, but the pixel data (decoded by `_decode`).
+PARSED_KEYWORDS = (*READ_KEYWORDS, *PIXEL_MODULE_KEYWORDS, "ModalityLUTSequence",
+                   "VOILUTSequence")
 
 
 def load_dicom(fh: BinaryIO, path: Path,
@@ -107,14 +111,20 @@ def load_dicom(fh: BinaryIO, path: Path,
 
 
 def _read(fh: BinaryIO) -> Dataset:
+    """The data set, with every attribute this module reads parsed: pydicom parses a value
+    when it is first read, and what it raises then is said about the file here."""
     try:
-        # force: old files have neither the 128-byte preamble nor a file meta header.
-        ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_ELEMENTS_OVER)
+        with decoding("cannot read"):
+            # force: old files have neither the 128-byte preamble nor a file meta header.
+            ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_ELEMENTS_OVER)
     except InvalidDicomError as exc:
         raise UnreadableImage(f"not a DICOM file: {one_line(exc)}") from exc
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = _syntax_as_read(ds)
     _cut_read_values(ds, fh)
+    with decoding("cannot read its attributes"):
+        for keyword in PARSED_KEYWORDS:
+            ds.get(keyword)
     return ds
 
 
@@ -176,8 +186,8 @@ def _require_frontal_chest_radiograph(ds: Dataset) -> None:
     """Raise SkipImage unless the attributes describe one frontal chest radiograph."""
     modality = _text(ds, "Modality").upper()
     if modality not in RADIOGRAPH_MODALITIES:
-        raise SkipImage(f"modality {defined_term(modality, MODALITIES) if modality else 'not given'}: "
-                        "not a radiograph (CR or DX)")
+        named = defined_term(modality, MODALITIES) if modality else "not given"
+        raise SkipImage(f"modality {named}: not a radiograph (CR or DX)")
     _require_chest(ds)
     _require_frontal_view(ds)
     frames = _text(ds, "NumberOfFrames") or "1"
@@ -376,7 +386,8 @@ def _modality_values(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     Raises UnreadableImage for parameters that give no usable values (not finite, a zero
     slope, out of float32's range): such files would otherwise decode to a blank image."""
     if ds.get("ModalityLUTSequence"):
-        values = apply_modality_lut(pixels, ds).astype(np.float32)
+        with decoding("unusable ModalityLUTSequence"):
+            values = apply_modality_lut(pixels, ds).astype(np.float32)
     else:
         values = pixels.astype(np.float32)
         slope = _number(ds, "RescaleSlope", 1.0)
@@ -457,10 +468,11 @@ def _first_window(ds: Dataset) -> tuple[float, float] | None:
 def _voi_lut_values(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """The first VOI LUT, scaled by the bit depth its entries actually use: descriptors
     often declare 16 bits for 12-bit tables."""
-    entries, first_mapped = ds.VOILUTSequence[0].LUTDescriptor[:2]
-    table = apply_voi(np.arange(first_mapped, first_mapped + (entries or 2**16)), ds)
+    with decoding("unusable VOILUTSequence"):
+        entries, first_mapped = ds.VOILUTSequence[0].LUTDescriptor[:2]
+        table = apply_voi(np.arange(first_mapped, first_mapped + (entries or 2**16)), ds)
+        display = apply_voi(np.rint(values).astype(np.int32), ds).astype(np.float32)
     top = 2 ** max(int(table.max()).bit_length(), 1) - 1
-    display = apply_voi(np.rint(values).astype(np.int32), ds).astype(np.float32)
     display /= top
     return display
 

@@ -27,9 +27,12 @@ class InputChanged(OSError):
 class BoundedFile(io.FileIO):
     """A read-only file that ends at the size it had when opened, even if it grows."""
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, name: str):
         super().__init__(fd, "rb", closefd=True)
         self.size = size
+        # The path, not the descriptor FileIO names itself by: libraries put the name in
+        # their messages (pydicom failed on an int there, a TypeError of its own).
+        self.name = name
 
     def _room(self) -> int:
         return max(0, self.size - self.tell())
@@ -39,7 +42,7 @@ class BoundedFile(io.FileIO):
         view = memoryview(buffer).cast("B")
         return super().readinto(view[:room]) if room else 0
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         room = self._room()
         return super().read(room if size is None or size < 0 else min(size, room))
 
@@ -68,7 +71,7 @@ def open_input(path: Path, *, follow_link: bool = False) -> BoundedFile:
             raise InputChanged(f"{info.st_size:,} bytes, over the limit of "
                                f"{MAX_INPUT_BYTES:,} for one input file")
         os.set_blocking(fd, True)
-        return BoundedFile(fd, info.st_size)
+        return BoundedFile(fd, info.st_size, os.fsdecode(path))
     except BaseException:
         os.close(fd)
         raise
