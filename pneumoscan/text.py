@@ -27,11 +27,13 @@ DICOM_MAX_VALUES = 4
 def printable(text: str, limit: int | None = None) -> str:
     """`text` as one printable line: each run of control or invisible characters becomes
     one space, and text over `limit` characters is cut, ending in an ellipsis."""
-    cut = limit is not None and len(text) > 4 * limit
+    if limit is None:
+        return _UNPRINTABLE.sub(" ", text).strip()
+    cut = len(text) > 4 * limit
     if cut:
         text = text[:4 * limit]  # enough to fill `limit` after control runs shrink
     line = _UNPRINTABLE.sub(" ", text).strip()
-    if cut or (limit is not None and len(line) > limit):
+    if cut or len(line) > limit:
         line = line[:limit - 1].rstrip() + ELLIPSIS
     return line
 

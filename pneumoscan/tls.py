@@ -18,6 +18,8 @@ class TlsOptions:
     def server_context(self) -> ssl.SSLContext:
         """For listening: this node's certificate; with `ca`, callers must present a
         certificate that CA signed."""
+        if self.certificate is None:  # the command line asks for it (listen --tls-cert)
+            raise ValueError("a DICOM TLS listener needs its certificate and key")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.certificate, self.key)

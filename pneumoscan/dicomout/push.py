@@ -85,7 +85,7 @@ def destination(spec: str, source: object, tls: TlsOptions | None = None
         if not is_dicomweb_url(source):
             raise PushError("--push without a destination needs a DICOMweb URL as the source; "
                             "give --push URL or --push dicom://AET@host:port")
-        return StowDestination(source)
+        return StowDestination(str(source))
     if is_dicomweb_url(spec):
         return StowDestination(spec)
     if spec.startswith("dicom://"):

@@ -27,6 +27,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (
     JPEG2000,
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -144,7 +145,7 @@ def _cut_read_values(ds: Dataset, fh: BinaryIO) -> None:
                                    length=len(value[:MAX_VALUE_BYTES]))
 
 
-def _syntax_as_read(ds: Dataset) -> str:
+def _syntax_as_read(ds: Dataset) -> UID:
     """The uncompressed transfer syntax pydicom detected while parsing a file that does not
     name one; compressed pixel data cannot be decoded without the name."""
     if "PixelData" in ds and ds["PixelData"].is_undefined_length:
@@ -319,7 +320,7 @@ def _decode_jpeg2000_reduced(ds: Dataset, min_size: tuple[int, int]) -> np.ndarr
         return None
     # Pillow scales samples up to the full 8 or 16 bits; the stored values are the top
     # `precision` bits.
-    np.right_shift(pixels, pixels.dtype.itemsize * 8 - stream["precision"], out=pixels)
+    np.right_shift(pixels, pixels.dtype.itemsize * 8 - int(stream["precision"]), out=pixels)
     return pixels.astype(np.uint16 if int(ds.BitsAllocated) > 8 else np.uint8, copy=False)
 
 
@@ -341,6 +342,8 @@ class ReducedJpeg2000(Jpeg2KImagePlugin.Jpeg2KImageFile):
         super()._open()
         size = (_halved(self.size[0], self.halvings), _halved(self.size[1], self.halvings))
         tile = self.tile[0]
+        if not isinstance(tile.args, tuple):
+            raise SyntaxError("not a JPEG 2000 decoder tile")  # what Pillow's plugins raise
         codec, _, layers, *stream = tile.args
         self.tile = [tile._replace(extents=(0, 0, *size),
                                    args=(codec, self.halvings, layers, *stream))]

@@ -39,9 +39,9 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
             else:
                 loaded = load_raster(fh, item.path, min_size)
     except ImageProblem as exc:
-        status = "skipped" if isinstance(exc, SkipImage) else "error"
-        return FileResult(item.path, exc.study or study, status, reason(str(exc)),
-                          metadata=exc.metadata or {})
+        return FileResult(item.path, exc.study or study,
+                          "skipped" if isinstance(exc, SkipImage) else "error",
+                          reason(str(exc)), metadata=exc.metadata or {})
     except InputChanged as exc:
         return FileResult(item.path, study, "error", reason(f"changed since it was found: {exc}"))
     except FileNotFoundError:

@@ -23,7 +23,7 @@ def load_raster(fh: BinaryIO, path: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(fh)
+            img: Image.Image = Image.open(fh)
         except Image.DecompressionBombError as exc:
             raise UnreadableImage(f"refused: decompression bomb ({exc})") from exc
         except Image.UnidentifiedImageError as exc:

@@ -352,7 +352,7 @@ class Ledger:
             "SELECT result, seconds, rendered, picture IS NOT NULL FROM files WHERE path = ?"
             " AND content_sha256 = ? AND model_sha256 = ? AND threshold = ?",
             (plan.key, plan.content_sha256, basis.model_sha256, basis.threshold)).fetchone()
-        if row is None:
+        if row is None or plan.key is None:
             return None
         result_json, seconds, rendered, has_picture = row
         picture = self.stored_picture(plan.key) if basis.render and has_picture else None
