@@ -1,7 +1,7 @@
 """The PACS round trip per study: a real Orthanc (as in tests/test_pacs.py) holding N chest
 studies of M images each (the sample CR RG1_UNCR.dcm, 1955 x 1841, 15-bit, under new UIDs),
 then `api.run(URL, push="source")`: QIDO-RS, WADO-RS retrieval, classification with CAMs,
-the study's PDF report, SR and Secondary Capture per image, STOW-RS back. Prints, for each
+the study's PDF report, SR and Segmentation per image, STOW-RS back. Prints, for each
 repeat on a fresh state file, the seconds until every image had its result (query,
 retrieve, classify) and for the DICOM outputs and their sending, then their medians per
 study; and the time of a second run that finds nothing new.

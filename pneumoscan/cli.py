@@ -491,8 +491,9 @@ scope_view_option = click.option(
     show_default=True,
     help="what the scope guard reads: 'stored', the input as the training copies were "
          "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
-         "time); 'direct', the network's own activations (next to no time: for networks "
-         "with an input low-pass, which do not tell originals from training copies)")
+         "time); 'direct', the network's own activations at its three coarsest "
+         "resolutions (next to no time: for networks with an input low-pass, which do not "
+         "tell originals from training copies)")
 
 
 @main.command("export-onnx")
@@ -536,7 +537,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
     Prints the checkpoint's validation metrics, and refuses (exit 1, nothing written; --force
     exports anyway) a checkpoint whose validation AUC is more than 0.05 below the default
     model's. --int8 and --fp16 copies are written only if their validation AUC is at most
-    0.005 below the float32 model's; otherwise the command says by how much they missed,
+    0.005 below the float32 model's and their scope guard flags a share of the validation
+    images within 2 points of float32's; otherwise the command says by how much they missed,
     writes no copy and exits with status 1 (the float32 model is written either way)."""
     from pneumoscan.evaluation.metrics import format_validation
     from pneumoscan.modelling.checkpoint import read_checkpoint

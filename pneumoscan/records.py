@@ -126,11 +126,12 @@ class RunInfo:
     started: str
     finished: str | None = None
     threshold: float | None = None
+    cam_method: str | None = None  # how the model's heat maps are computed (ModelInfo)
 
     def to_json(self) -> dict:
         return {
             "model": {"name": self.model_name, "version": self.model_version,
-                      "sha256": self.model_sha256},
+                      "sha256": self.model_sha256, "cam_method": self.cam_method},
             "provider": self.provider,
             "version": self.pneumoscan_version,
             "threshold": self.threshold,

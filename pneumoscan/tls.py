@@ -4,9 +4,40 @@ certificates); `--push dicom+tls://AET@host:port` calls with it."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("pneumoscan.listen")
+
+# pynetdicom's server makes the TLS handshake in its accepting thread: a caller that
+# connects and says nothing would hold every other caller off. A handshake gets this long.
+HANDSHAKE_TIMEOUT = 10.0  # seconds
+
+
+class _ServerContext(ssl.SSLContext):
+    """A server context whose handshakes are bounded in time, and logged when they fail (a
+    caller without the CA's certificate, or not speaking TLS): pynetdicom drops them
+    without a word."""
+
+    def wrap_socket(self, sock: socket.socket, *args, **kwargs) -> ssl.SSLSocket:
+        try:
+            host, port = sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "a caller that left"
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            wrapped = super().wrap_socket(sock, *args, **kwargs)
+        except OSError as exc:  # ssl.SSLError, a timeout, a reset
+            log.warning("refused a connection from %s: TLS handshake failed: %s", peer,
+                        getattr(exc, "reason", None) or exc)
+            sock.close()
+            raise
+        wrapped.settimeout(None)  # as pynetdicom has its sockets: blocking, select()ed
+        return wrapped
 
 
 @dataclass(frozen=True)
@@ -20,7 +51,7 @@ class TlsOptions:
         certificate that CA signed."""
         if self.certificate is None:  # the command line asks for it (listen --tls-cert)
             raise ValueError("a DICOM TLS listener needs its certificate and key")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.certificate, self.key)
         if self.ca is not None:

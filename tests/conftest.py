@@ -1,6 +1,8 @@
-"""Shared fixtures. Test inputs are the committed `samples/` and the real data folder that
-sits beside the clone (`../shared/data`, see its README) for files that may not be
-committed; tests that need it skip with a clear reason when it is absent."""
+"""Shared fixtures. Test inputs are committed: `samples/` (the Kermany validation originals
+and pydicom-data DICOM files) and `tests/data/` (the same Kermany images at the model's
+size, see its README), or written by the tests. Only the shipped model's evaluation on
+sets that may not be committed reads the data folder beside the clone (`../shared/data`)
+and skips, saying so, without it."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import pneumoscan
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 SHARED = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"
+KERMANY224 = TEST_DATA / "kermany224"  # {NORMAL,PNEUMONIA}/*.jpeg, 224 x 224 RGB
 DICOM_SAMPLES = SAMPLES / "dicom"
 SAMPLE_JPEG = SAMPLES / "study-normal-1" / "NORMAL2-IM-1427-0001.jpeg"  # 1776 x 1416
 PNEUMONIA_JPEG = SAMPLES / "study-pneumonia-1" / "person1946_bacteria_4874.jpeg"
@@ -61,9 +65,12 @@ def invoke_cli(*args):
 
 
 def shared_path(*parts: str) -> Path:
+    """A set that may not be committed (see ../shared/data/README.md), for the shipped
+    model's evaluation only."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path} (clone beside ../shared/data)")
+        pytest.skip(f"evaluation data that may not be committed is absent: {path} "
+                    "(the data folder beside the clone, ../shared/data)")
     return path
 
 
@@ -77,9 +84,22 @@ def model_cache(tmp_path_factory) -> Path:
     patch.undo()
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return shared_path()
+def remove_tree(root: Path) -> None:
+    """Remove a folder tree of any depth with no recursion, deepest folders first (shutil's
+    rmtree recurses once per level before Python 3.12)."""
+    pending = [root]
+    while pending:
+        folder = pending[-1]
+        with os.scandir(folder) as entries:
+            subfolders = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        if subfolders:
+            pending.extend(subfolders)
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                os.unlink(entry.path)
+        os.rmdir(folder)
+        pending.pop()
 
 
 def installed_program(name: str, debian_package: str) -> str:
@@ -101,25 +121,62 @@ def pdftotext() -> str:
     return installed_program("pdftotext", "poppler-utils")
 
 
-@pytest.fixture(scope="session")
-def kermany_train() -> Path:
-    return shared_path("kermany224", "train")
+def kermany_label(path: Path) -> str:
+    """Kermany names: `NORMAL2-IM-*` and `IM-*` are NORMAL, `person*` PNEUMONIA."""
+    return "PNEUMONIA" if path.name.startswith("person") else "NORMAL"
+
+
+SAMPLE_JPEGS = sorted(SAMPLES.glob("study-*/*.jpeg"), key=lambda p: p.name)
+
+
+def copies_of_kermany224(root: Path, count: int, studies: int = 1) -> None:
+    """`count` real 224 px images in `studies` folders under `root`, NORMAL and PNEUMONIA
+    alternately: the committed ones, each copied under several names when `count` needs more
+    (every file is a path of its own to discovery, the ledger and the engines)."""
+    sources = [path for pair in zip(*(sorted((KERMANY224 / label).iterdir())
+                                      for label in ("NORMAL", "PNEUMONIA")))
+               for path in pair]
+    for index in range(count):
+        source = sources[index % len(sources)]
+        study = root / f"study-{index // 2 % studies}"  # a NORMAL and a PNEUMONIA image each
+        target = study / f"{source.stem}-{index}{source.suffix}"
+        study.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
 
 
 @pytest.fixture(scope="session")
-def val_images() -> Path:
-    return shared_path("kermany-val-original")
+def kermany224() -> Path:
+    return KERMANY224
 
 
 @pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory, kermany_train) -> Path:
+def shipped_model() -> Path:
+    """The model shipped inside the package, as `run` uses it without --model."""
+    from pneumoscan.inference.model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def val_images(tmp_path_factory) -> Path:
+    """The 16 official Kermany VAL originals of samples/, in labelled folders."""
+    root = tmp_path_factory.mktemp("kermany-val-original")
+    for path in SAMPLE_JPEGS:
+        (root / kermany_label(path)).mkdir(exist_ok=True)
+        shutil.copy(path, root / kermany_label(path) / path.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
     """A real (briefly) fine-tuned EfficientNet-Lite0 checkpoint: ImageNet weights, a few
-    steps on real chest X-rays at 128 px, so tests need neither a GPU nor the shipped model."""
+    steps on the committed chest X-rays at 128 px, for what needs a checkpoint (the torch CAM
+    backend, export, quantisation) or a model of another size than the shipped one."""
     from training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("small-model")
-    cfg = TrainConfig(data=str(kermany_train), out=str(out), image_size=128, epochs=1,
-                      batch_size=8, limit_samples=24, max_steps_per_epoch=3,
+    cfg = TrainConfig(data=str(KERMANY224), out=str(out), image_size=128, epochs=1,
+                      batch_size=8, max_steps_per_epoch=3,
                       unfreeze_epochs=(1,), warmup_steps=1, val_fraction=0.3)
     train(cfg, log=lambda msg: None)
     return out / "best.pt"

@@ -33,9 +33,9 @@ class Recorded(api.RunEvents):
         self.told.append(("classified",))
 
 
-def test_run_writes_outputs_state_and_log_and_tells_its_progress(small_onnx, tmp_path):
+def test_run_writes_outputs_state_and_log_and_tells_its_progress(shipped_model, tmp_path):
     options = api.RunOptions(SAMPLES / "study-normal-1", json=tmp_path / "r.json",
-                             model=small_onnx)
+                             model=shipped_model)
     events = Recorded()
     summary = api.run(options, events)
     assert summary.exit_code == api.EXIT_OK
@@ -54,7 +54,7 @@ def test_run_writes_outputs_state_and_log_and_tells_its_progress(small_onnx, tmp
     assert log_events(summary.log)[-1] == "summary"
 
 
-def test_run_errors_carry_their_exit_code_and_are_logged(small_onnx, tmp_path):
+def test_run_errors_carry_their_exit_code_and_are_logged(shipped_model, tmp_path):
     with pytest.raises(api.RunError) as usage:
         api.run(api.RunOptions(SAMPLES))
     assert usage.value.exit_code == api.EXIT_USAGE
@@ -66,7 +66,7 @@ def test_run_errors_carry_their_exit_code_and_are_logged(small_onnx, tmp_path):
     assert missing.value.exit_code == api.EXIT_FATAL
     assert not list(tmp_path.iterdir())  # a run that cannot start creates nothing
 
-    options = dataclasses.replace(missing_model, model=small_onnx)
+    options = dataclasses.replace(missing_model, model=shipped_model)
     with open(options.state_path, "a") as holder:  # another run holds the state
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(api.RunError) as locked:
@@ -79,7 +79,7 @@ def test_run_errors_carry_their_exit_code_and_are_logged(small_onnx, tmp_path):
     assert log_events(options.log_path) == ["locked", "failed"]
 
 
-def test_every_output_location_is_checked_before_any_work(small_onnx, tmp_path):
+def test_every_output_location_is_checked_before_any_work(shipped_model, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     for where, options in (
             ("report", {"report": tmp_path / "file" / "r.pdf"}),
@@ -89,13 +89,13 @@ def test_every_output_location_is_checked_before_any_work(small_onnx, tmp_path):
             ("log", {"json": tmp_path / "r.json", "log": tmp_path})):
         events = Recorded()
         with pytest.raises(api.RunError, match=f"cannot write the {where} ") as failed:
-            api.run(api.RunOptions(SAMPLES, model=small_onnx, **options), events)
+            api.run(api.RunOptions(SAMPLES, model=shipped_model, **options), events)
         given = options.get(where.replace("-", "_")) or options["report"]
         assert str(given) in str(failed.value)  # the path as the user gave it
         assert events.told == [] and sorted(tmp_path.iterdir()) == [tmp_path / "file"]
 
 
-def test_an_interrupted_run_is_logged_and_keeps_what_it_computed(small_onnx, tmp_path):
+def test_an_interrupted_run_is_logged_and_keeps_what_it_computed(shipped_model, tmp_path):
     class StopAfterTwo(Recorded):
         def result(self, result):
             super().result(result)
@@ -103,7 +103,7 @@ def test_an_interrupted_run_is_logged_and_keeps_what_it_computed(small_onnx, tmp
                 raise api.Interrupted(signal.SIGTERM)
 
     options = api.RunOptions(SAMPLES / "study-normal-1", json=tmp_path / "r.json",
-                             model=small_onnx)
+                             model=shipped_model)
     with pytest.raises(api.Interrupted) as stopped:
         api.run(options, StopAfterTwo())
     assert stopped.value.exit_code == 143

@@ -12,8 +12,8 @@ from training.augment import FILTERS, Storage, apply, draw, draw_pair
 
 
 @pytest.fixture(scope="module")
-def xray(kermany_train) -> np.ndarray:
-    path = sorted((kermany_train / "PNEUMONIA").glob("*.jpeg"))[0]
+def xray(kermany224) -> np.ndarray:
+    path = sorted((kermany224 / "PNEUMONIA").glob("*.jpeg"))[0]
     return np.asarray(Image.open(path).convert("L"))
 
 

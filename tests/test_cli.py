@@ -37,9 +37,9 @@ def test_version_and_help():
         assert "Usage" in invoke(command, "--help").output
 
 
-def test_run_json_accounts_for_every_file(scans, small_onnx, tmp_path):
+def test_run_json_accounts_for_every_file(scans, shipped_model, tmp_path):
     out = tmp_path / "results.json"
-    result = invoke("run", scans, "--model", small_onnx, "--json", out, "--device", "cpu")
+    result = invoke("run", scans, "--model", shipped_model, "--json", out, "--device", "cpu")
     assert result.exit_code == 3, result.output  # some files unreadable, run completed
     data = json.loads(out.read_text())
     files = sorted(str(p) for p in scans.rglob("*") if p.is_file())
@@ -54,7 +54,8 @@ def test_run_json_accounts_for_every_file(scans, small_onnx, tmp_path):
         else:
             assert r["reason"] and r["probability"] is None
     assert by_name["corrupt.jpeg"]["status"] == "error"
-    assert by_name["empty.png"]["status"] in ("error", "skipped")
+    assert (by_name["empty.png"]["status"], by_name["empty.png"]["reason"]) == (
+        "skipped", "empty file (0 bytes)")
     assert "EXTREMITY" in by_name["RG3_J2KI.dcm"]["reason"]
     assert by_name["MR2_J2KI.dcm"]["status"] == "skipped"
     assert sum(r["status"] == "ok" for r in data["results"]) == 16 + 3
@@ -69,12 +70,12 @@ def test_run_json_accounts_for_every_file(scans, small_onnx, tmp_path):
     assert "unreadable" in result.output and "corrupt.jpeg" in result.output
 
 
-def test_transfer_syntaxes_of_one_scan_agree(small_onnx, tmp_path):
+def test_transfer_syntaxes_of_one_scan_agree(shipped_model, tmp_path):
     """One scan stored three ways. JPEG 2000 is decoded from its wavelet levels at twice
     the model's size and uncompressed data box-averaged to that, so even the lossless pair
     differs a little (the wavelet's low band is not a box filter); the decision does not."""
     out = tmp_path / "r.json"
-    invoke("run", SAMPLES / "dicom", "--model", small_onnx, "--json", out)
+    invoke("run", SAMPLES / "dicom", "--model", shipped_model, "--json", out)
     by_name = {Path(r["path"]).name: r for r in json.loads(out.read_text())["results"]}
     uncr, j2kr, j2ki = (by_name[f"RG1_{s}.dcm"] for s in ("UNCR", "J2KR", "J2KI"))
     assert uncr["label"] == j2kr["label"] == j2ki["label"]
@@ -99,23 +100,23 @@ def test_missing_model_is_fatal(tmp_path):
     assert "model file not found" in result.output
 
 
-def test_device_cuda_fails_clearly_without_cuda(small_onnx, tmp_path):
-    session = ort.InferenceSession(str(small_onnx), providers=["CUDAExecutionProvider",
+def test_device_cuda_fails_clearly_without_cuda(shipped_model, tmp_path):
+    session = ort.InferenceSession(str(shipped_model), providers=["CUDAExecutionProvider",
                                                                "CPUExecutionProvider"])
     if session.get_providers()[0] == "CUDAExecutionProvider":
         pytest.skip("this machine has a working CUDA provider")
-    result = invoke("run", SAMPLES, "--model", small_onnx, "--device", "cuda",
+    result = invoke("run", SAMPLES, "--model", shipped_model, "--device", "cuda",
                     "--json", tmp_path / "r.json")
     assert result.exit_code == 1
     assert "CUDA execution provider could not be loaded" in result.output
     assert not list(tmp_path.iterdir())  # no state, no log: the run never started
 
 
-def test_failed_starts_create_nothing_and_usage_errors_exit_2(small_onnx, tmp_path):
+def test_failed_starts_create_nothing_and_usage_errors_exit_2(shipped_model, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     torch_alone = invoke("run", SAMPLES, "--cam-backend", "torch", "--json", tmp_path / "r.json")
     assert torch_alone.exit_code == 2 and "--checkpoint" in torch_alone.stderr
-    unwritable = invoke("run", SAMPLES, "--model", small_onnx, "--out",
+    unwritable = invoke("run", SAMPLES, "--model", shipped_model, "--out",
                         tmp_path / "file" / "r.pdf")
     assert unwritable.exit_code == 1
     assert unwritable.stderr == (f"pneumoscan: error: cannot write the report "
@@ -124,10 +125,10 @@ def test_failed_starts_create_nothing_and_usage_errors_exit_2(small_onnx, tmp_pa
     assert sorted(tmp_path.iterdir()) == [tmp_path / "file"]
 
 
-def test_stdout_names_every_output_and_stderr_tells_the_rest(small_onnx, tmp_path):
+def test_stdout_names_every_output_and_stderr_tells_the_rest(shipped_model, tmp_path):
     outputs = {"report": tmp_path / "r.html", "json": tmp_path / "r.json",
                "per-study": tmp_path / "studies"}
-    result = invoke("run", SAMPLES / "study-normal-1", "--model", small_onnx,
+    result = invoke("run", SAMPLES / "study-normal-1", "--model", shipped_model,
                     "--out", outputs["report"], "--json", outputs["json"],
                     "--per-study", outputs["per-study"])
     assert result.exit_code == 0, result.output
@@ -139,10 +140,10 @@ def test_stdout_names_every_output_and_stderr_tells_the_rest(small_onnx, tmp_pat
     assert "4 files (0 unchanged since the last run)" in result.stderr
 
 
-def test_dash_v_logs_pneumoscan_and_dash_vv_the_libraries_too(small_onnx, tmp_path):
+def test_dash_v_logs_pneumoscan_and_dash_vv_the_libraries_too(shipped_model, tmp_path):
     def stderr(*verbose: str) -> str:  # in a process of its own: logging as a user sees it
         out = tmp_path / f"r{''.join(verbose)}.pdf"
-        done = run_pneumoscan("run", SAMPLES / "study-normal-1", "--model", small_onnx,
+        done = run_pneumoscan("run", SAMPLES / "study-normal-1", "--model", shipped_model,
                               "--out", out, *verbose)
         assert done.returncode == 0, done.stderr
         return done.stderr
@@ -154,12 +155,12 @@ def test_dash_v_logs_pneumoscan_and_dash_vv_the_libraries_too(small_onnx, tmp_pa
     assert "INFO weasyprint.progress: Step 5 - Creating layout" in stderr("-vv")
 
 
-def test_files_of_unknown_type_count_as_unchanged_on_the_next_run(small_onnx, tmp_path):
+def test_files_of_unknown_type_count_as_unchanged_on_the_next_run(shipped_model, tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(next(SAMPLES.glob("study-normal-1/*.jpeg")), scans)
     shutil.copy(SAMPLES / "README.md", scans)
-    args = ("run", scans, "--model", small_onnx, "--json", tmp_path / "r.json")
+    args = ("run", scans, "--model", shipped_model, "--json", tmp_path / "r.json")
     assert "2 files (0 unchanged" in invoke(*args).stderr
     assert "2 files (2 unchanged" in invoke(*args).stderr
     log = [json.loads(line) for line in (tmp_path / "r.pneumoscan.log.jsonl").open()]
@@ -168,7 +169,7 @@ def test_files_of_unknown_type_count_as_unchanged_on_the_next_run(small_onnx, tm
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_the_run_with_its_exit_code_and_a_log_record(small_onnx, tmp_path,
+def test_a_signal_stops_the_run_with_its_exit_code_and_a_log_record(shipped_model, tmp_path,
                                                                      signum, code):
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -177,7 +178,7 @@ def test_a_signal_stops_the_run_with_its_exit_code_and_a_log_record(small_onnx, 
         (scans / f"{n:03d}.jpeg").symlink_to(image)
     log = tmp_path / "r.pneumoscan.log.jsonl"
     process = subprocess.Popen(pneumoscan_command(
-        "run", scans, "--model", small_onnx, "--json", tmp_path / "r.json", "-v"),
+        "run", scans, "--model", shipped_model, "--json", tmp_path / "r.json", "-v"),
         env=CLI_ENV, cwd=CLI_CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:  # classifying has begun
         if ": ok " in line:
@@ -205,8 +206,8 @@ def test_torch_cam_backend_runs_from_a_checkpoint(small_checkpoint, small_onnx, 
         assert abs(x["probability"] - y["probability"]) < 1e-5
 
 
-def test_eval_prints_metrics_with_confidence_intervals(small_onnx, val_images, tmp_path):
-    result = invoke("eval", val_images, "--model", small_onnx, "--json", tmp_path / "e.json",
+def test_eval_prints_metrics_with_confidence_intervals(shipped_model, val_images, tmp_path):
+    result = invoke("eval", val_images, "--model", shipped_model, "--json", tmp_path / "e.json",
                     "--roc", tmp_path / "roc.png", "--bootstrap", "200")
     assert result.exit_code == 0, result.output
     for name in ("accuracy", "sensitivity", "specificity", "auc", "f1"):
@@ -259,10 +260,10 @@ def test_help_names_every_input_type():
         assert "TIFF" in invoke(*command, "--help").output
 
 
-def test_scores_do_not_depend_on_rendering_a_report(small_onnx, tmp_path):
+def test_scores_do_not_depend_on_rendering_a_report(shipped_model, tmp_path):
     plain, rendered = tmp_path / "plain.json", tmp_path / "rendered.json"
-    invoke("run", SAMPLES / "study-normal-2", "--model", small_onnx, "--json", plain)
-    invoke("run", SAMPLES / "study-normal-2", "--model", small_onnx, "--json", rendered,
+    invoke("run", SAMPLES / "study-normal-2", "--model", shipped_model, "--json", plain)
+    invoke("run", SAMPLES / "study-normal-2", "--model", shipped_model, "--json", rendered,
            "--out", tmp_path / "r.html")
     a, b = (json.loads(p.read_text())["results"] for p in (plain, rendered))
     assert [r["probability"] for r in a] == [r["probability"] for r in b]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI_CWD, CLI_ENV, pneumoscan_command, run_pneumoscan
+from conftest import CLI_CWD, CLI_ENV, copies_of_kermany224, pneumoscan_command, run_pneumoscan
 
 from pneumoscan.api import EXIT_LOCKED, EXIT_OK
 from pneumoscan.results.ledger import Ledger
@@ -24,15 +25,10 @@ STUDIES, PER_STUDY = 6, 50
 
 
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory, kermany_train) -> Path:
+def scans(tmp_path_factory) -> Path:
     """300 real images in 6 study folders, NORMAL and PNEUMONIA alike."""
     root = tmp_path_factory.mktemp("cron") / "scans"
-    sources = [path for label in ("NORMAL", "PNEUMONIA")
-               for path in sorted((kermany_train / label).iterdir())[:STUDIES * PER_STUDY // 2]]
-    for index, source in enumerate(sources):
-        study = root / f"study-{index % STUDIES}"
-        study.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, study / source.name)
+    copies_of_kermany224(root, STUDIES * PER_STUDY, STUDIES)
     return root
 
 
@@ -50,11 +46,28 @@ def recorded_count(state: Path) -> int:
         return 0
 
 
-def wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for(condition, *runs: subprocess.Popen) -> None:
+    """Until `condition` holds, however long a loaded machine takes (the suite's timeout
+    bounds it), as long as one of `runs` is still running."""
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        assert any(run.poll() is None for run in runs), \
+            f"the runs ended first: {[run.communicate() for run in runs]}"
         time.sleep(0.02)
+
+
+def started_pid(log: Path) -> int | None:
+    """The process id in the run log's (whole) start record: the run that holds the state."""
+    lines = log.read_text().splitlines(keepends=True) if log.exists() else []
+    return next((json.loads(line)["pid"] for line in lines
+                 if line.endswith("\n") and '"event": "start"' in line), None)
+
+
+def wait_for_line(run: subprocess.Popen, text: str) -> None:
+    """Read the run's stderr until a line containing `text`."""
+    for line in run.stderr:
+        if text in line:
+            return
+    pytest.fail(f"the run ended without saying {text!r}: {run.communicate()}")
 
 
 def log_events(path: Path) -> list[dict]:
@@ -75,20 +88,20 @@ def report_images(report: Path) -> list[str]:
     return sorted(re.findall(r'<img src="(data:image/jpeg;base64,[^"]+)"', html))
 
 
-def test_killed_run_then_rerun_accounts_for_every_file_once(scans, small_onnx, tmp_path):
+def test_killed_run_then_rerun_accounts_for_every_file_once(scans, shipped_model, tmp_path):
     total = STUDIES * PER_STUDY
     reference = tmp_path / "reference" / "results.json"
     done = run_pneumoscan("run", scans, "--json", reference, "--out",
-                          reference.with_name("report.html"), "--model", small_onnx)
+                          reference.with_name("report.html"), "--model", shipped_model)
     assert done.returncode == EXIT_OK, done.stderr
 
     out = tmp_path / "out" / "results.json"
     report = out.with_name("report.html")
     state = out.with_name("results.pneumoscan.sqlite")  # the default places
     log = out.with_name("results.pneumoscan.log.jsonl")
-    args = [scans, "--json", out, "--out", report, "--model", small_onnx]
+    args = [scans, "--json", out, "--out", report, "--model", shipped_model]
     killed = start_run(*args)
-    wait_for(lambda: recorded_count(state) >= total // 3)
+    wait_for(lambda: recorded_count(state) >= total // 3, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     recorded_when_killed = recorded_count(state)
@@ -116,12 +129,12 @@ def test_killed_run_then_rerun_accounts_for_every_file_once(scans, small_onnx, t
     assert summary["computed"] == total - summary["from_ledger"]
 
 
-def test_a_run_finds_the_state_locked_and_exits_or_waits(scans, small_onnx, tmp_path):
+def test_a_run_finds_the_state_locked_and_exits_or_waits(scans, shipped_model, tmp_path):
     few = tmp_path / "scans"
     shutil.copytree(scans / "study-0", few / "study-0")
     out, state = tmp_path / "results.json", tmp_path / "state.sqlite"
     log = tmp_path / "log.jsonl"
-    args = [few, "--json", out, "--state", state, "--log", log, "--model", small_onnx]
+    args = [few, "--json", out, "--state", state, "--log", log, "--model", shipped_model]
     Ledger.open(state).close()
     with open(state, "a") as holder:  # stands for a run in progress
         fcntl.flock(holder, fcntl.LOCK_EX)
@@ -134,20 +147,29 @@ def test_a_run_finds_the_state_locked_and_exits_or_waits(scans, small_onnx, tmp_
         assert [e["event"] for e in log_events(log)] == ["locked"]
 
         waiting = start_run(*args, "--wait")
-        time.sleep(2)
+        wait_for_line(waiting, "waiting for the run that holds")
         assert waiting.poll() is None and not out.exists()
     _, stderr = waiting.communicate(timeout=300)
     assert waiting.returncode == EXIT_OK, stderr
-    assert "waiting for the run that holds" in stderr
     assert len(results_by_path(out)) == PER_STUDY
 
 
-def test_two_concurrent_runs_never_both_process(scans, small_onnx, tmp_path):
+def test_two_concurrent_runs_never_both_process(scans, shipped_model, tmp_path):
     log = tmp_path / "log.jsonl"
-    args = [scans, "--json", tmp_path / "results.json", "--log", log, "--model", small_onnx]
+    args = [scans, "--json", tmp_path / "results.json", "--log", log, "--model", shipped_model]
     first, second = start_run(*args), start_run(*args)
-    wait_for(lambda: log.exists() and '"event": "start"' in log.read_text())  # one has the lock
-    late = start_run(*args, "--wait")  # queues behind it
+    wait_for(lambda: started_pid(log) is not None, first, second)
+    # The run that has the lock is held still until the others have met it (on a loaded
+    # machine it could otherwise finish before the other one even starts).
+    holder = started_pid(log)
+    [other] = [run for run in (first, second) if run.pid != holder]
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        other.communicate(timeout=300)
+        late = start_run(*args, "--wait")  # queues behind it
+        wait_for_line(late, "waiting for the run that holds")
+    finally:
+        os.kill(holder, signal.SIGCONT)
     for run in (first, second, late):
         run.communicate(timeout=300)
     assert sorted([first.returncode, second.returncode]) == [EXIT_OK, EXIT_LOCKED]

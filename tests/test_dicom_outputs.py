@@ -250,7 +250,9 @@ def test_anonymize_puts_the_pseudonym_of_the_json_in_every_output(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     (pseudonym,) = {r["metadata"]["PatientID"] for r in results if r["status"] == "ok"}
     assert pseudonym.startswith(PSEUDONYM_PREFIX)
-    for kind in outputs(summary).values():
+    made = outputs(summary)
+    assert [len(made[kind]) for kind in ("SR", "SEG", "PDF")] == [3, 3, 1]
+    for kind in made.values():
         for ds in kind:
             assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
             assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")
@@ -336,3 +338,17 @@ def test_per_study_and_dicom_out_render_each_study_pdf_once(tmp_path, monkeypatc
     document = encapsulated[0]
     carried = bytes(document.EncapsulatedDocument)[:document.EncapsulatedDocumentLength]
     assert carried == study_pdf.read_bytes()
+
+
+def test_results_from_the_state_get_the_same_heat_map(first_run, tmp_path):
+    """The CAM grid is kept in the state: a later run whose results all come from it
+    writes the same Segmentations (into another folder, where they are due)."""
+    summary, _, out = first_run
+    later = api.run(api.RunOptions(SAMPLES / "dicom", json=out / "r.json",
+                                   dicom_out=tmp_path / "again"))
+    assert later.scan.from_ledger == len(later.scan.results)
+    again = {ds.SOPInstanceUID: ds for ds in outputs(later)["SEG"]}
+    first = outputs(summary)["SEG"]
+    assert sorted(again) == sorted(ds.SOPInstanceUID for ds in first)
+    for ds in first:
+        assert again[ds.SOPInstanceUID].PixelData == ds.PixelData

@@ -10,6 +10,7 @@ from conftest import invoke_cli
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.inference.pipeline import read_model_input
 from pneumoscan.modelling.scope_guard import SCORE_OUTPUT
+from pneumoscan.modelling.torch_cam import CAM_METHOD
 from pneumoscan.modelling.checkpoint import (
     checkpoint_model_info,
     load_network,
@@ -36,6 +37,7 @@ def test_metadata_round_trip(small_checkpoint, small_onnx):
     assert info.version == "test"
     assert "auc" in info.extra["validation_metrics"]
     assert "kermany224" in info.extra["training_data"]
+    assert info.cam_method == CAM_METHOD == expected.cam_method
 
 
 def test_graph_has_dynamic_batch_and_cam_outputs(small_onnx):

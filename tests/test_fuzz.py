@@ -91,11 +91,11 @@ def write_corpus(folder: Path, chest: np.ndarray) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_a_fuzzed_corpus_is_accounted_for_in_bounded_time(tmp_path, chest, small_onnx):
+def test_a_fuzzed_corpus_is_accounted_for_in_bounded_time(tmp_path, chest, shipped_model):
     files = write_corpus(tmp_path / "fuzz", chest)
     out = tmp_path / "out"
     run = run_pneumoscan("run", tmp_path / "fuzz", "--out", out / "x.pdf", "--per-study",
-                         out / "studies", "--json", out / "x.json", "--model", small_onnx,
+                         out / "studies", "--json", out / "x.json", "--model", shipped_model,
                          timeout=300)
     assert run.returncode in (api.EXIT_OK, api.EXIT_UNREADABLE), run.stderr[-3000:]
     assert "Traceback" not in run.stderr

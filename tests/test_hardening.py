@@ -36,15 +36,15 @@ from pneumoscan.results.ledger import HUNG_AFTER_S, Basis, Ledger, StateLocked, 
 from pneumoscan.results.runlog import RunLog
 
 from conftest import (CLI_CWD, CLI_ENV, RAMP_12_BIT, cr_dataset, invoke_cli, pneumoscan_command,
-                      run_pneumoscan, save)
+                      remove_tree, run_pneumoscan, save)
 
 # A hung test must fail, not hang the suite.
 HANG_S = 60
 
 
 @pytest.fixture(scope="module")
-def model(small_onnx):
-    return api.open_model(small_onnx, "cpu")
+def model(shipped_model):
+    return api.open_model(shipped_model, "cpu")
 
 
 def without_hanging(function, *args):
@@ -167,9 +167,10 @@ def test_a_locked_out_run_names_the_holder_and_says_when_it_looks_hung(tmp_path)
 HOSTILE_TEXT = "\n\x1b[2J\x1b]0;owned\x07\r\x00\x9b2J"
 
 
-def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, small_onnx, pdftotext):
+def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, shipped_model, pdftotext):
     """A 100,000-character StudyInstanceUID and 300 KB values took `run --out x.pdf`
-    606 s; every value shown is now within its VR's length."""
+    606 s; every value shown is now within its VR's length (run_pneumoscan's 300 s limit,
+    not a tighter one that a loaded machine could miss, would catch that again)."""
     root, out = tmp_path / "scans", tmp_path / "out"
     root.mkdir()
     huge = "1." + "2" * 100_000
@@ -180,7 +181,7 @@ def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, small_onnx, 
                         AccessionNumber="A" * 150_000, ViewPosition="P" + "A" * 150_000),
              root / "huge.dcm")
     run = run_pneumoscan("run", root, "--out", out / "x.pdf", "--per-study", out / "studies",
-                         "--json", out / "x.json", "--model", small_onnx, timeout=120)
+                         "--json", out / "x.json", "--model", shipped_model)
     assert run.returncode == 0, run.stderr
     [result] = json.loads((out / "x.json").read_text())["results"]
     limits = {"StudyInstanceUID": 64, "SOPInstanceUID": 64, "PatientName": 194,
@@ -193,7 +194,7 @@ def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, small_onnx, 
     assert "I" * 40 in pdf_text.replace("\n", "")  # the patient ID, cut to its 64 characters
 
 
-def test_dicom_text_reaches_no_reason_log_terminal_or_report_raw(tmp_path, small_onnx):
+def test_dicom_text_reaches_no_reason_log_terminal_or_report_raw(tmp_path, shipped_model):
     root, out = tmp_path / "scans", tmp_path / "out"
     root.mkdir()
     with warnings.catch_warnings():
@@ -213,7 +214,7 @@ def test_dicom_text_reaches_no_reason_log_terminal_or_report_raw(tmp_path, small
     save_chest(root / "name\x1b[1A\x1b[2K\nfake.png", np.zeros((64, 64), np.uint8))
     log = tmp_path / "run.jsonl"
     run = run_pneumoscan("run", root, "--out", out / "r.html", "--json", out / "r.json",
-                         "--log", log, "--model", small_onnx)
+                         "--log", log, "--model", shipped_model)
     assert run.returncode == api.EXIT_UNREADABLE, run.stderr  # the black PNG is an error
     unprintable = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
     assert not unprintable.search(run.stderr), repr(run.stderr)
@@ -284,14 +285,38 @@ def test_a_990_deep_folder_is_walked_without_recursion(tmp_path, chest):
     for _ in range(990):  # one by one: Path.mkdir(parents=True) itself recurses
         deepest += "/d"
         os.mkdir(deepest)
-    save_chest(Path(deepest) / "bottom.png", chest)
-    save_chest(root.joinpath(*["d"] * 10) / "shallow.png", chest)
-    found = list(discover(root))
+    try:
+        save_chest(Path(deepest) / "bottom.png", chest)
+        save_chest(root.joinpath(*["d"] * 10) / "shallow.png", chest)
+        found = list(discover(root))
+    finally:
+        # pytest removes old temporary folders with a recursive rmtree (Python < 3.12): left
+        # here, this tree would stop a later session with RecursionError before any test.
+        remove_tree(root / "d")
     assert [item.path.relative_to(root) for item in found] == [
         Path(*["d"] * (MAX_DEPTH + 1)), Path(*["d"] * 10, "shallow.png"), Path("top.png")]
     too_deep = found[0]
     assert (too_deep.kind, too_deep.skip_reason) == (
         None, f"folder nested more than {MAX_DEPTH} deep, not entered")
+
+
+def test_pytest_can_clean_up_after_the_deep_folder_test(tmp_path):
+    """A later session's clean-up of old temporary folders, run on the folder a session of
+    the test above left: it must not die (RecursionError) but remove it."""
+    from _pytest.pathlib import cleanup_numbered_dir
+
+    session = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{Path(__file__).name}::test_a_990_deep_folder_is_walked_without_recursion"],
+        env={**CLI_ENV, "PYTEST_DEBUG_TEMPROOT": str(tmp_path)}, cwd=CLI_CWD,
+        capture_output=True, text=True, timeout=300)
+    assert session.returncode == 0, session.stdout + session.stderr
+    [user_root] = tmp_path.glob("pytest-of-*")
+    left = user_root / "pytest-0"  # the session's base temporary folder
+    assert left.joinpath("test_a_990_deep_folder_is_walk0", "scans", "top.png").is_file()
+    cleanup_numbered_dir(user_root, "pytest-", keep=0,
+                         consider_lock_dead_if_created_before=time.time())
+    assert not left.exists()
 
 
 # --- 5. links at the state and log paths --------------------------------------------------
@@ -338,7 +363,7 @@ def planted_identifiers() -> list[str]:
     return [*PLANTED.values(), PLANTED_SOP_UID, *PLANTED_NAMES]
 
 
-def test_anonymized_run_leaks_no_planted_identifier(tmp_path, chest, small_onnx, pdftotext):
+def test_anonymized_run_leaks_no_planted_identifier(tmp_path, chest, shipped_model, pdftotext):
     root, out = tmp_path / "scans", tmp_path / "out"
     patient = root / "Zyxwvut Qqplmn 1984"
     patient.mkdir(parents=True)
@@ -355,7 +380,7 @@ def test_anonymized_run_leaks_no_planted_identifier(tmp_path, chest, small_onnx,
     (patient / "qqplmn.txt").write_text("notes on Zyxwvut")
     log = tmp_path / "run.jsonl"
     common = ("--anonymize", "--json", out / "r.json", "--per-study", out / "studies",
-              "--state", tmp_path / "state.sqlite", "--log", log, "--model", small_onnx, "-v")
+              "--state", tmp_path / "state.sqlite", "--log", log, "--model", shipped_model, "-v")
     runs = [run_pneumoscan("run", root, "--out", out / "r.pdf", *common),
             run_pneumoscan("run", root, "--out", out / "r.html", *common, "--force")]
     assert [r.returncode for r in runs] == [api.EXIT_UNREADABLE] * 2, runs[0].stderr
@@ -383,11 +408,11 @@ def test_anonymized_run_leaks_no_planted_identifier(tmp_path, chest, small_onnx,
 
 # --- 8. per-study reports of vanished studies ----------------------------------------------
 
-def test_per_study_reports_of_vanished_studies_are_removed(tmp_path, chest, small_onnx):
+def test_per_study_reports_of_vanished_studies_are_removed(tmp_path, chest, shipped_model):
     root, studies = tmp_path / "scans", tmp_path / "studies"
     for folder in ("one", "two"):
         save_chest(root / folder / "x.png", chest)
-    args = ("--per-study", studies, "--model", small_onnx)
+    args = ("--per-study", studies, "--model", shipped_model)
     assert run_pneumoscan("run", root, *args).returncode == 0
     (studies / "notes.txt").write_text("not ours")
     before = set(os.listdir(studies))
@@ -431,13 +456,13 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 @pytest.mark.skipif(available_cores() < 2, reason="one core: studies render in-process")
-def test_render_workers_die_when_the_run_is_killed(tmp_path, chest, small_onnx):
+def test_render_workers_die_when_the_run_is_killed(tmp_path, chest, shipped_model):
     root = tmp_path / "scans"
     for study in range(api.PARALLEL_STUDIES_FROM * 2):
         for image in range(2):
             save_chest(root / f"study {study:02}" / f"{image}.png", chest)
     run = subprocess.Popen(pneumoscan_command("run", root, "--per-study", tmp_path / "studies",
-                                              "--model", small_onnx),
+                                              "--model", shipped_model),
                            env=CLI_ENV, cwd=CLI_CWD, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
@@ -459,14 +484,14 @@ def test_render_workers_die_when_the_run_is_killed(tmp_path, chest, small_onnx):
 # --- 10 and 12. a sick or truncated state file ---------------------------------------------
 
 @pytest.fixture
-def recorded_state(tmp_path, chest, small_onnx) -> tuple[Path, Path]:
+def recorded_state(tmp_path, chest, shipped_model) -> tuple[Path, Path]:
     """A scanned folder and the state of a completed run over it."""
     root = tmp_path / "scans"
     for name in ("a.png", "b.png"):
         save_chest(root / name, chest)
     state = tmp_path / "state.sqlite"
     result = invoke_cli("run", root, "--json", tmp_path / "r.json", "--state", state,
-                        "--model", small_onnx)
+                        "--model", shipped_model)
     assert result.exit_code == 0, result.output
     return root, state
 
@@ -501,13 +526,13 @@ SICKNESSES = {
 
 @pytest.mark.parametrize("sickness", SICKNESSES)
 def test_a_sick_state_file_is_one_clear_line_and_exit_1(sickness, recorded_state, tmp_path,
-                                                        small_onnx):
+                                                        shipped_model):
     root, state = recorded_state
     make_sick, message = SICKNESSES[sickness]
     make_sick(state)
     sick = state.read_bytes()
     run = run_pneumoscan("run", root, "--json", tmp_path / "r.json", "--state", state,
-                         "--model", small_onnx)
+                         "--model", shipped_model)
     assert run.returncode == api.EXIT_FATAL
     [line] = [line for line in run.stderr.splitlines() if line.startswith("pneumoscan: error:")]
     assert message in line and "Traceback" not in run.stderr, run.stderr
@@ -534,13 +559,13 @@ except api.RunError as exc:
 
 
 def test_a_full_disk_during_a_state_write_is_exit_1_and_keeps_what_was_committed(
-        tmp_path, chest, small_onnx, model):
+        tmp_path, chest, shipped_model, model):
     """RLIMIT_FSIZE stands in for a full disk: writes past it fail as on a full one."""
     root = tmp_path / "scans"
     for index in range(60):
         save_chest(root / f"{index:02}.png", np.roll(chest, index, axis=1))
     state = tmp_path / "state.sqlite"
-    run = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(small_onnx), str(root),
+    run = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(shipped_model), str(root),
                           str(state), str(96 * 1024)], env=CLI_ENV, cwd=CLI_CWD,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

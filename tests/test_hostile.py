@@ -115,12 +115,12 @@ def write_hostile_corpus(root: Path, chest: np.ndarray) -> dict[Path, tuple[str,
 
 
 def test_every_hostile_case_is_accounted_for_and_the_run_goes_on(tmp_path, chest,
-                                                                   small_onnx):
+                                                                   shipped_model):
     expected = write_hostile_corpus(tmp_path / "scans", chest)
     out = tmp_path / "out" / "results.json"
     outcomes = []
     for _ in range(2):  # the second run takes what it can from the state
-        run = run_pneumoscan("run", tmp_path / "scans", "--json", out, "--model", small_onnx)
+        run = run_pneumoscan("run", tmp_path / "scans", "--json", out, "--model", shipped_model)
         assert run.returncode == EXIT_UNREADABLE, run.stderr
         # Each file's reason is in its result; no library tracebacks or warnings besides.
         assert not re.search(r"Traceback|ERROR|Warning", run.stderr), run.stderr
@@ -158,7 +158,7 @@ print(json.dumps({"status": scan.results[0].status, "added_mib": (kib("VmHWM") -
 """
 
 
-def test_a_very_large_image_is_classified_without_full_size_copies(tmp_path, small_onnx):
+def test_a_very_large_image_is_classified_without_full_size_copies(tmp_path, shipped_model):
     """An 8000 x 8000 PNG of a real X-ray: 61 MiB of grey pixels once decoded. Decoding it
     needs one such buffer; the run must not add more than one more (before the image was
     shrunk right after decoding, it took 3.8)."""
@@ -168,7 +168,7 @@ def test_a_very_large_image_is_classified_without_full_size_copies(tmp_path, sma
     with Image.open(SAMPLE_JPEG) as img:
         img.convert("L").resize((side, side), Image.Resampling.BILINEAR).save(
             folder / "large.png", compress_level=1)
-    run = subprocess.run([sys.executable, "-c", MEASURE_PEAK_MEMORY, str(small_onnx),
+    run = subprocess.run([sys.executable, "-c", MEASURE_PEAK_MEMORY, str(shipped_model),
                           str(folder)], env=CLI_ENV, cwd=CLI_CWD, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
@@ -179,8 +179,8 @@ def test_a_very_large_image_is_classified_without_full_size_copies(tmp_path, sma
 
 
 @pytest.fixture(scope="module")
-def model(small_onnx):
-    return api.open_model(small_onnx, "cpu")
+def model(shipped_model):
+    return api.open_model(shipped_model, "cpu")
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["no state", "state"])
@@ -224,7 +224,7 @@ IMG_TAG = "<img src=x onerror=alert(2)>"
 REMOTE_IMG = '<img src="http://example.invalid/x.png">'
 
 
-def test_hostile_dicom_text_stays_text_and_fetches_nothing(tmp_path, small_onnx, monkeypatch,
+def test_hostile_dicom_text_stays_text_and_fetches_nothing(tmp_path, shipped_model, monkeypatch,
                                                            pdftotext):
     """Markup in DICOM attributes, read by the real loader, is text in the HTML and PDF
     reports; a study UID made to climb out of the report folder does not; nothing is
@@ -244,7 +244,7 @@ def test_hostile_dicom_text_stays_text_and_fetches_nothing(tmp_path, small_onnx,
         save(cr_dataset(RAMP_12_BIT, PatientName=SCRIPT, PatientID=IMG_TAG,
                         SOPInstanceUID=REMOTE_IMG, StudyInstanceUID="../../../../escape"),
              root / "hostile.dcm")
-    result = invoke_cli("run", root, "--model", small_onnx, "--per-study", reports,
+    result = invoke_cli("run", root, "--model", shipped_model, "--per-study", reports,
                         "--state", tmp_path / "state.sqlite", "--log", tmp_path / "log.jsonl")
     assert result.exit_code == 0, result.output
 

@@ -29,23 +29,24 @@ PER_STUDY = 6
 
 
 @pytest.fixture(scope="module")
-def model(small_onnx):
-    return api.open_model(small_onnx, "cpu")
+def model(shipped_model):
+    return api.open_model(shipped_model, "cpu")
 
 
 @pytest.fixture(scope="module")
-def spare_images(kermany_train) -> list[Path]:
-    """Real images to add to a folder or to change a file into."""
-    return sorted((kermany_train / "NORMAL").iterdir())[-4:]
+def spare_images(kermany224) -> list[Path]:
+    """Real images to add to a folder or to change a file into: none of them in `scans`."""
+    return [path for label in ("NORMAL", "PNEUMONIA")
+            for path in sorted((kermany224 / label).iterdir())[PER_STUDY:]]
 
 
 @pytest.fixture
-def scans(tmp_path, kermany_train) -> Path:
+def scans(tmp_path, kermany224) -> Path:
     """Two study folders of real images, one NORMAL and one PNEUMONIA."""
     root = tmp_path / "scans"
     for label in ("NORMAL", "PNEUMONIA"):
         (root / label.lower()).mkdir(parents=True)
-        for source in sorted((kermany_train / label).iterdir())[:PER_STUDY]:
+        for source in sorted((kermany224 / label).iterdir())[:PER_STUDY]:
             shutil.copy(source, root / label.lower() / source.name)
     return root
 
@@ -115,9 +116,9 @@ def test_a_touched_or_rewritten_file_is_hashed_not_decoded(scans, model, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def other_model(small_onnx, tmp_path_factory):
+def other_model(shipped_model, tmp_path_factory):
     """The same network under another version: another file, another SHA-256."""
-    proto = onnx.load(str(small_onnx))
+    proto = onnx.load(str(shipped_model))
     for prop in proto.metadata_props:
         if prop.key == "pneumoscan.version":
             prop.value = "test-2"

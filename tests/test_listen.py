@@ -149,6 +149,14 @@ def test_received_study_is_classified_once_settled_as_run_over_the_spool_would(l
     assert set(results) == {ds.SOPInstanceUID for ds in datasets}
     assert {r["status"] for r in results.values()} == {"ok"}
     assert len(list((tmp_path / "dicom-out").rglob("SR-*.dcm"))) == 2
+    # More images of the study later: classified again for those, the others kept.
+    later = copies(3)[2]
+    assert send(server.port, [later]) == [SUCCESS]
+    server.wait_for("files (", count=3)
+    assert "3 files (2 unchanged since the last run)" in server.log()
+    results = server.results()
+    assert set(results) == {ds.SOPInstanceUID for ds in [*datasets, later]}
+    assert len(list((tmp_path / "dicom-out").rglob("SR-*.dcm"))) == 3
     # Cron over the same spool: the same results.
     cron = run_pneumoscan("run", server.spool, "--json", tmp_path / "cron.json")
     assert cron.returncode == 0, cron.stderr
@@ -339,6 +347,7 @@ def test_dicom_tls_both_ways_with_orthanc_and_the_tests_own_ca(listener, tmp_pat
         plain = AE(ae_title="TESTSCU")
         plain.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
         assert not plain.associate("127.0.0.1", server.port, ae_title=AET).is_established
+        server.wait_for("TLS handshake failed", count=2)  # both refusals logged
         association = tls_association(server.port, pki, client_certificate=True)
         assert association.is_established
         association.release()

@@ -21,14 +21,16 @@ def test_samples_load_grouped_by_folder(path):
     image = load_path(path)
     assert isinstance(image, LoadedImage), image
     assert image.study == str(path.parent)
-    assert image.pixels.dtype == np.uint8 and image.pixels.ndim == 2
     with Image.open(path) as img:
-        assert img.size == image.pixels.shape[::-1]
+        assert np.array_equal(image.pixels, np.asarray(img.convert("L")))  # the whole image
 
 
 def test_jpeg_decoded_smaller_when_allowed():
     image = load_path(SAMPLE_JPEG, min_size=(224, 224))  # 1776 x 1416 stored
     assert image.pixels.shape == (1416 // 4, 1776 // 4)  # DCT scaling stops above 224
+    with Image.open(SAMPLE_JPEG) as img:  # libjpeg's own 1/4 scale decoding
+        img.draft("L", (1776 // 4, 1416 // 4))
+        assert np.array_equal(image.pixels, np.asarray(img))
 
 
 def test_zero_byte_file(tmp_path):
@@ -41,7 +43,8 @@ def test_corrupt_jpeg(tmp_path):
     path = tmp_path / "corrupt.jpeg"
     path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
     result = load_path(path)
-    assert result.status == "error" and result.reason
+    assert (result.status, result.reason) == (
+        "error", "not a decodable image (unidentified or corrupt header)")
 
 
 def test_truncated_jpeg(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_JPEGS, kermany_label
 from sklearn import metrics as sk
 
 from pneumoscan.evaluation.evaluate import evaluate_dataset
@@ -27,13 +28,13 @@ from pneumoscan.inference.model import default_model_path
 
 
 @pytest.fixture(scope="module")
-def scored(kermany_train, tmp_path_factory):
-    """(labels, probabilities, threshold) of the shipped model on 67 of its 224 px
-    Kermany images, every 40th NORMAL and every 120th PNEUMONIA (listed in a CSV, as
-    `eval` takes them)."""
+def scored(kermany224, tmp_path_factory):
+    """(labels, probabilities, threshold) of the shipped model on the 16 Kermany validation
+    images, each as its original and at the model's 224 px (listed in a CSV, as `eval` takes
+    them)."""
     listing = tmp_path_factory.mktemp("metrics") / "images.csv"
-    rows = [f"{path},{label}" for label, step in (("NORMAL", 40), ("PNEUMONIA", 120))
-            for path in sorted((kermany_train / label).iterdir())[::step]]
+    images = sorted(kermany224.rglob("*.jpeg")) + SAMPLE_JPEGS
+    rows = [f"{path},{kermany_label(path)}" for path in images]
     listing.write_text("path,label\n" + "\n".join(rows) + "\n")
     model = OnnxCamModel(default_model_path(), device="cpu")
     report = evaluate_dataset(listing, model, n_boot=100)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI_CWD, CLI_ENV, SAMPLES, pneumoscan_command, shared_path
+from conftest import CLI_CWD, CLI_ENV, SAMPLES, copies_of_kermany224, pneumoscan_command
 from ray_cluster import STARTS, ClusterError, LoopbackCluster
 
 from pneumoscan import api
@@ -31,14 +31,11 @@ PROBABILITY_TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
-    """The samples (DICOM, skipped files included) and 300 Kermany images (150 a class)."""
+    """The samples (DICOM, skipped files included) and 300 Kermany images (150 a class) in two
+    study folders."""
     root = tmp_path_factory.mktemp("ray-scans")
     shutil.copytree(SAMPLES, root / "samples")
-    train = shared_path("kermany224", "train")
-    for label in ("NORMAL", "PNEUMONIA"):
-        (root / label).mkdir()
-        for src in sorted((train / label).iterdir())[:KERMANY_FILES // 2]:
-            shutil.copy(src, root / label / src.name)
+    copies_of_kermany224(root / "kermany", KERMANY_FILES, studies=2)
     return root
 
 
@@ -135,7 +132,7 @@ def test_every_file_accounted_for_once_when_an_actor_dies(ray_here, scans, model
     killed = []
 
     def kill_the_actor_once(result) -> None:
-        if len(killed) == 0 and result.path.parent.name == "NORMAL":  # well into the run
+        if len(killed) == 0 and result.path.parent.name == "study-0":  # well into the run
             actors = own_processes_titled("_Classifier")
             assert actors, "no inference actor process found to kill"
             for pid in actors:

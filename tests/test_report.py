@@ -54,7 +54,8 @@ REMOTE = "http://example.invalid/x.png"
 SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 RUN = RunInfo(model_name="densenet121-kermany", model_version="1.2.0", model_sha256=SHA256,
               provider="CPUExecutionProvider", pneumoscan_version="0.1.0",
-              started="2025-01-01T09:00:00Z", finished="2025-01-01T09:00:05Z", threshold=0.5)
+              started="2025-01-01T09:00:00Z", finished="2025-01-01T09:00:05Z", threshold=0.5,
+              cam_method="Layer-CAM")
 
 
 def needs_tool(name: str) -> None:
@@ -219,6 +220,8 @@ def test_html_lists_every_file_and_the_run(results, html):
             assert result.reason in html
     assert DISCLAIMER in html and SHA256 in html and SHA256[:12] in html
     assert "CPUExecutionProvider" in html and "densenet121-kermany 1.2.0" in html
+    # The heat maps' legend names the method they were made with.
+    assert "blended over it (Layer-CAM)" in html
 
 
 def test_a_study_with_nothing_classified_is_listed_on_page_one_only(results, html):
@@ -575,10 +578,10 @@ def test_mode_can_be_widened_on_request(tmp_path):
 
 
 @pytest.mark.slow
-def test_pneumoscan_run_writes_both_reports(small_onnx, tmp_path):
+def test_pneumoscan_run_writes_both_reports(shipped_model, tmp_path):
     """End to end: real model, real CAMs, the samples folder with its DICOM files."""
     out, per_study = tmp_path / "run.pdf", tmp_path / "studies"
-    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(small_onnx),
+    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--model", str(shipped_model),
                                        "--device", "cpu", "--out", str(out),
                                        "--per-study", str(per_study)], catch_exceptions=False)
     assert result.exit_code == 0, result.output

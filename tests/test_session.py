@@ -9,7 +9,10 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
+from conftest import KERMANY224
+from PIL import Image
 
+from pneumoscan.inference.cam.base import Predictions
 from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 from pneumoscan.inference.model import (
     CUDA_PROBE,
@@ -18,48 +21,78 @@ from pneumoscan.inference.model import (
     optimized_model_path,
     preload_cuda_libraries,
 )
+from pneumoscan.inference.preprocess import normalise
 
 
-def test_the_optimised_graph_is_cached_and_gives_the_same_outputs(small_onnx, tmp_path,
+def real_batch(model: OnnxCamModel) -> np.ndarray:
+    """The committed 224 px chest X-rays, as the model takes them."""
+    prep = model.info.preprocessing
+    pixels = [np.asarray(Image.open(path).convert("L").resize((prep.width, prep.height)))
+              for path in sorted(KERMANY224.rglob("*.jpeg"))]
+    return normalise(np.stack(pixels), prep)
+
+
+def assert_same_predictions(ours: Predictions, reference: Predictions, atol: float) -> None:
+    np.testing.assert_allclose(ours.probabilities, reference.probabilities, atol=atol)
+    np.testing.assert_allclose(ours.cams, reference.cams, atol=atol)
+    np.testing.assert_allclose(ours.scope_scores, reference.scope_scores, atol=atol)
+
+
+def test_the_optimised_graph_is_cached_and_gives_the_same_outputs(shipped_model, tmp_path,
                                                                   monkeypatch):
-    monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(tmp_path))
-    cached = optimized_model_path(small_onnx)
-    assert cached is not None and cached.parent.parent == tmp_path
-    batch = np.random.default_rng(0).normal(size=(3, 3, 128, 128)).astype(np.float32)
-    fresh = OnnxCamModel(small_onnx, "cpu")
+    uncached = tmp_path / "a-file"
+    uncached.write_text("")
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(uncached))
+    reference = OnnxCamModel(shipped_model, "cpu")  # the graph as shipped, optimised in memory
+    batch = real_batch(reference)
+    expected = reference.predict(batch)
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(tmp_path / "cache"))
+    cached = optimized_model_path(shipped_model)
+    assert cached is not None and cached.parent.parent == tmp_path / "cache"
+    fresh = OnnxCamModel(shipped_model, "cpu")
     assert cached.is_file()
-    again = OnnxCamModel(small_onnx, "cpu")
-    assert again.info == fresh.info  # metadata and sha256 of the model file itself
-    np.testing.assert_allclose(again.predict(batch).cams, fresh.predict(batch).cams, atol=1e-5)
+    cached_at = cached.stat().st_mtime_ns
+    again = OnnxCamModel(shipped_model, "cpu")
+    assert cached.stat().st_mtime_ns == cached_at  # read, not written again
+    assert again.info == fresh.info == reference.info  # metadata and the model file's sha256
+    assert_same_predictions(fresh.predict(batch), expected, atol=1e-5)
+    assert_same_predictions(again.predict(batch), expected, atol=1e-5)
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_a_damaged_cache_entry_is_replaced(small_onnx, tmp_path, monkeypatch):
+def test_a_damaged_cache_entry_is_replaced(shipped_model, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(tmp_path))
-    cached = optimized_model_path(small_onnx)
+    cached = optimized_model_path(shipped_model)
+    reference = OnnxCamModel(shipped_model, "cpu")
     cached.write_bytes(b"not a model")
-    session, provider = open_session(small_onnx, "cpu")
+    session, provider = open_session(shipped_model, "cpu")
     assert provider == "CPUExecutionProvider"
-    assert cached.stat().st_size > 1000
+    assert cached.read_bytes() != b"not a model"
+    batch = real_batch(reference)
+    assert_same_predictions(OnnxCamModel(shipped_model, "cpu").predict(batch),
+                            reference.predict(batch), atol=1e-5)
 
 
-def test_an_unwritable_cache_is_no_error(small_onnx, tmp_path, monkeypatch):
+def test_an_unwritable_cache_is_no_error(shipped_model, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(blocker))
-    assert optimized_model_path(small_onnx) is None
-    session, provider = open_session(small_onnx, "cpu")
+    assert optimized_model_path(shipped_model) is None
+    session, provider = open_session(shipped_model, "cpu")
     assert provider == "CPUExecutionProvider"
+    assert blocker.read_text() == ""
 
 
-def test_io_binding_gives_the_same_outputs_as_run(small_onnx):
+def test_io_binding_gives_the_same_outputs_as_run(shipped_model):
     """The CUDA path's IO binding, exercised here on the CPU provider."""
-    model = OnnxCamModel(small_onnx, "cpu")
-    batch = np.random.default_rng(1).normal(size=(4, 3, 128, 128)).astype(np.float32)
-    logits, cams, *scope_score = model.run_bound(batch, "cpu")
-    plain = model.predict(batch)
-    np.testing.assert_allclose(cams, plain.cams, atol=1e-6)
-    assert logits.shape == (4, 2)
+    model = OnnxCamModel(shipped_model, "cpu")
+    batch = real_batch(model)
+    bound = model.run_bound(batch, "cpu")
+    plain = model.session.run(model.outputs, {model.input_name: batch})
+    assert [a.shape for a in bound] == [a.shape for a in plain]
+    assert bound[0].shape == (len(batch), 2) and len(bound) == 3  # logits, CAMs, scope score
+    for ours, reference in zip(bound, plain):
+        np.testing.assert_allclose(ours, reference, atol=1e-6)
 
 
 def test_the_cuda_probe_names_only_the_provider_on_stdout():
@@ -83,7 +116,7 @@ def test_what_preloading_cuda_prints_goes_to_the_log_not_stdout(monkeypatch, cap
     assert "Failed to load libcublasLt.so.13" in caplog.text
 
 
-def test_a_process_probes_cuda_once(small_onnx, monkeypatch):
+def test_a_process_probes_cuda_once(shipped_model, monkeypatch):
     """The probe is a subprocess of up to CUDA_PROBE_SECONDS: opening more sessions (a run
     opens the model, the export checks open several) starts no second one. ORT is made to
     list its CUDA provider, so that the probe is due wherever the test runs."""
@@ -99,7 +132,7 @@ def test_a_process_probes_cuda_once(small_onnx, monkeypatch):
     cuda_loads.cache_clear()
     try:
         for _ in range(3):
-            session, provider = open_session(small_onnx, "auto")
+            session, provider = open_session(shipped_model, "auto")
             assert provider == "CPUExecutionProvider"
     finally:
         cuda_loads.cache_clear()  # the real answer again for the other tests

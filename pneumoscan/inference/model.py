@@ -34,6 +34,9 @@ class ModelError(RuntimeError):
     """The model cannot be used (run-level error)."""
 
 
+PLAIN_CAM = "CAM"  # Zhou et al. 2016: the classifier's weights over the last conv maps
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
@@ -47,6 +50,12 @@ class ModelInfo:
     preprocessing: Preprocessing
     extra: dict = field(default_factory=dict)
 
+
+    @property
+    def cam_method(self) -> str:
+        """How the model's `cams` output is computed (metadata `cam_method`, written by
+        export-onnx); models exported before it was recorded carry the plain CAM."""
+        return self.extra.get("cam_method", PLAIN_CAM)
 
     @property
     def validation_metrics(self) -> dict:

@@ -46,7 +46,7 @@ REFUSED_SOP_CLASS = 0x0122  # Refused: SOP Class not supported
 OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (full disk, instance too large)
 NOT_UNDERSTOOD = 0xC000  # Error: Cannot understand (no usable Study / SOP Instance UID)
 PROCESSING_FAILURE = 0x0110  # any other write error (a permission changed under us)
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+UID = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")  # also what names the spool's files
 TEMPORARY_SUFFIX = ".part"
 
 
@@ -283,7 +283,6 @@ class Receiver:
 
     def _on_aborted(self, event) -> None:
         log.warning("association aborted with %s", _peer(event))
-
 
 
 def _peer(event) -> str:

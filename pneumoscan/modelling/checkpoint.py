@@ -77,6 +77,8 @@ def load_network(path: Path):
 def model_metadata(payload: dict, version: str, name: str | None = None) -> dict:
     """What the model exported from a checkpoint's `payload` says about itself (its ONNX
     metadata, `inference.model.model_info` reads it)."""
+    from pneumoscan.modelling.torch_cam import CAM_METHOD
+
     metrics = payload.get("metrics") or {}
     return {
         "name": name or f"pneumoscan-{payload['arch']}",
@@ -94,6 +96,7 @@ def model_metadata(payload: dict, version: str, name: str | None = None) -> dict
         "calibration": payload.get("calibration", {"method": "none", "temperature": 1.0}),
         "outputs": {"logits": "(N, K) class logits", "features": "(N, C, h, w) last conv maps",
                     "cams": "(N, K, h, w) class activation maps"},
+        "cam_method": CAM_METHOD,
     }
 
 

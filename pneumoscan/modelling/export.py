@@ -43,7 +43,8 @@ class ExportError(RuntimeError):
 def export_module(network):
     """A torch module whose forward returns (logits, features, cams)."""
     import torch
-    from torch.nn import functional as F
+
+    from pneumoscan.modelling.torch_cam import class_maps
 
     class CamExport(torch.nn.Module):
         def __init__(self, net):
@@ -53,9 +54,7 @@ def export_module(network):
         def forward(self, x):
             maps = self.net.features(x)
             logits = self.net.classifier(maps.mean(dim=(2, 3)))
-            weight = self.net.classifier.weight[:, :, None, None]
-            cams = F.conv2d(maps, weight, self.net.classifier.bias)
-            return logits, maps, cams
+            return logits, maps, class_maps(maps, self.net.classifier)
 
     return CamExport(network).eval()
 

@@ -12,6 +12,19 @@ from pneumoscan.inference.cam.base import CamModel, Predictions
 from pneumoscan.inference.model import DEVICES, ModelError
 
 
+# What class_maps computes, as models record it (metadata `cam_method`) and outputs name it.
+CAM_METHOD = "CAM"
+
+
+def class_maps(maps, classifier):
+    """(N, K, h, w) CAMs of the (N, C, h, w) last conv maps: CAM_k = sum_c w_kc A_c + b_k,
+    the linear head applied at every position (a 1x1 convolution). The export's `cams`
+    output and this reference both compute it here."""
+    from torch.nn import functional as F
+
+    return F.conv2d(maps, classifier.weight[:, :, None, None], classifier.bias)
+
+
 class TorchHookCamModel(CamModel):
     """`device` as `run --device`: "cuda" fails when torch has no CUDA device, "auto" takes
     it when there is one."""
@@ -43,7 +56,5 @@ class TorchHookCamModel(CamModel):
         torch = self.torch
         with torch.no_grad():
             logits = self.network(torch.from_numpy(batch).to(self.device))
-            weight = self.network.classifier.weight
-            bias = self.network.classifier.bias
-            cams = torch.einsum("kc,nchw->nkhw", weight, self._maps) + bias[None, :, None, None]
+            cams = class_maps(self._maps, self.network.classifier)
         return Predictions(torch.softmax(logits, 1).cpu().numpy(), cams.cpu().numpy())

@@ -83,7 +83,8 @@ def run_info(model: CamModel, threshold: float | None) -> RunInfo:
     info = model.info
     return RunInfo(model_name=info.name, model_version=info.version, model_sha256=info.sha256,
                    provider=model.provider, pneumoscan_version=__version__, started=now_iso(),
-                   threshold=info.threshold if threshold is None else threshold)
+                   threshold=info.threshold if threshold is None else threshold,
+                   cam_method=info.cam_method)
 
 
 def scan(root: Path, model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
