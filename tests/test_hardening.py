@@ -97,7 +97,7 @@ def swappable(tmp_path, chest) -> Path:
 
 def test_files_swapped_for_a_fifo_or_a_device_after_discovery_are_errors(swappable, model):
     items = swap_after_discovery(swappable)
-    results = without_hanging(lambda: list(classify(items, model, render=False)))
+    results = without_hanging(lambda: list(classify(items, model)))
     outcomes = {r.path.name: (r.status, r.reason and r.reason.split(": ", 1)[1])
                 for r in results}
     assert outcomes == SWAPPED
@@ -597,3 +597,28 @@ def test_a_pdf_of_a_very_large_run_is_its_summary(tmp_path, pdftotext, monkeypat
     assert "This PDF sums up a run of 12 classified images" in text
     assert "… and 3 more studies" in text  # 7 studies, 4 rows
     assert "0.png" not in text and "11.png" not in text  # no page per study
+
+
+# --- 12. a truncated JPEG 2000 file; an output that cannot be created (issue 22) ---------
+
+def test_a_truncated_jpeg_2000_file_is_a_clean_error():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("emri_small_jpeg_2k_lossless_too_short.dcm")
+    assert path, "pydicom's test file needs pydicom-data (the test extra)"
+    result = load_path(Path(path))
+    assert result.status == "error"
+    assert result.reason == ("no DICOM data element could be read: the file is truncated or "
+                             "not DICOM")
+
+
+def test_an_output_where_no_file_can_be_created_stops_the_run_before_any_work(tmp_path):
+    # /proc: permission bits (and os.access, for root) say writable; creating a file fails.
+    from conftest import DICOM_SAMPLES
+
+    result = invoke_cli("run", DICOM_SAMPLES, "--json", "/proc/pneumoscan-test/r.json",
+                        "--state", tmp_path / "state.sqlite")
+    assert result.exit_code == api.EXIT_FATAL
+    assert "cannot write the json /proc/pneumoscan-test/r.json" in result.output
+    assert "model " not in result.output  # stopped before the model was even opened
+    assert list(tmp_path.iterdir()) == []  # no state, no log

@@ -222,7 +222,7 @@ def test_a_state_file_of_the_first_format_is_upgraded_and_its_scores_kept(scans,
         assert [bytes(r.picture) for r in rendered.results] == first_pictures
     assert len(decoded) == 2 * PER_STUDY
     with sqlite3.connect(state) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 def test_a_state_file_of_the_second_format_has_its_results_computed_again_with_scope(
@@ -248,7 +248,7 @@ def test_a_state_file_of_the_second_format_has_its_results_computed_again_with_s
     # Computed again, recorded with their scope: the next run takes them all from the state.
     assert scan_with_state(state, scans, model).from_ledger == 2 * PER_STUDY
     with sqlite3.connect(state) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 def test_a_report_run_after_a_json_only_run_makes_the_images(scans, model, tmp_path, decoded):

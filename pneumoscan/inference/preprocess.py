@@ -84,6 +84,23 @@ def _normalised(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return (x - mean) * inv_std
 
 
+def reduced_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) scaled down so the longest side is at most `longest`; never up."""
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def reduced(pixels: np.ndarray, longest: int) -> np.ndarray:
+    """uint8 (H, W) scaled down so that its longest side is at most `longest` (never up):
+    bilinear, with Pillow's reducing gap so that a large scan is box-averaged first."""
+    height, width = pixels.shape
+    size = reduced_size(width, height, longest)
+    if size == (width, height):
+        return pixels
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
 def model_input(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """One image: uint8 (H, W) -> float32 (C, height, width)."""
     return normalise(prepare_pixels(pixels, prep)[None], prep)[0]

@@ -69,6 +69,7 @@ def load_path(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImag
 def _unless_blank(image: LoadedImage) -> LoadedImage | FileResult:
     """A blank image (every pixel the same) says nothing about the lungs, yet a model would
     still give it a score: it is never classified."""
+    assert image.pixels is not None  # just decoded: dropped only once classified
     low, high = int(image.pixels.min()), int(image.pixels.max())
     if low != high:
         return image

@@ -33,8 +33,9 @@ from pneumoscan.files import open_private, sha256_of_stream
 from pneumoscan.inputs.reading import open_input
 from pneumoscan.records import FileResult, InputFile
 from pneumoscan.text import format_duration, printable
+from pneumoscan.workers import available_cores, in_threads
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE settings (
@@ -58,22 +59,32 @@ CREATE TABLE outputs (
     fingerprint TEXT NOT NULL,     -- of everything it shows
     files TEXT NOT NULL            -- JSON list of the files written
 );
+{STUDY_LISTINGS}
 INSERT INTO settings VALUES ('pseudonym_key', randomblob(32));
 """
-
-
+# The CR/DX instances of each PACS study as last listed, and the study's instance count
+# then: a study whose count is unchanged is not listed again.
+STUDY_LISTINGS = """
+CREATE TABLE IF NOT EXISTS study_listings (
+    name TEXT PRIMARY KEY,         -- JSON: [server URL, Study Instance UID]
+    instances_in_study TEXT NOT NULL,  -- its NumberOfStudyRelatedInstances when listed
+    instances TEXT NOT NULL        -- JSON list of [Series Instance UID, SOP Instance UID]
+);
+"""
+SCHEMA = SCHEMA.replace("{STUDY_LISTINGS}", STUDY_LISTINGS.strip())
 
 # Format N -> N + 1, in SQL. Format 1 kept the X-ray and its overlay as two images; its
 # scores stay valid, and the pictures are made again when a report next needs them.
 # Format 2 had no scope (in_scope, scope_reasons) in its results: results without one are
 # computed again (the ledger records results, it does not classify), while the files'
-# content hashes are kept, so nothing is hashed again.
+# content hashes are kept, so nothing is hashed again. Format 3 had no study listings.
 MIGRATIONS = {
     1: """ALTER TABLE files DROP COLUMN image_png;
           ALTER TABLE files DROP COLUMN overlay_png;
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
     2: "UPDATE files SET model_sha256 = '' WHERE json_type(result, '$.in_scope') IS NULL;",
+    3: STUDY_LISTINGS,
 }
 
 # Tables and columns a state file of SCHEMA_VERSION must have.
@@ -82,6 +93,7 @@ REQUIRED_COLUMNS = {
     "files": {"path", "stat", "content_sha256", "model_sha256", "threshold", "rendered",
               "result", "seconds", "picture", "recorded"},
     "outputs": {"name", "fingerprint", "files"},
+    "study_listings": {"name", "instances_in_study", "instances"},
 }
 # Files SQLite keeps beside the state (they must not be links either).
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -295,20 +307,26 @@ class Ledger:
     def plan(self, items: Iterable[InputFile], basis: Basis, *,
              force: bool = False) -> list[Planned]:
         """Each item with its content hash and, when the ledger holds a result that is still
-        valid for it, that result. Reads each image whose stat changed since it was hashed;
-        decodes none. Files that are not images are recorded too (by their stat), so that
-        an unchanged one counts as unchanged."""
-        plans = []
+        valid for it, that result. Reads each image whose stat changed since it was hashed
+        (in a thread a core: on a fresh state this reads every file before the first is
+        decoded); decodes none. Files that are not images are recorded too (by their
+        stat), so that an unchanged one counts as unchanged."""
+        plans = [Planned(item) for item in items]
         with self._using("read recorded results"), self._db:
-            for item in items:
-                plan = Planned(item)
-                plans.append(plan)
-                if item.unreadable:
-                    continue
-                try:
-                    self._fingerprint(plan)
-                except OSError:
+            recorded = ((plan, self._recorded(plan.item.path))
+                        for plan in plans if not plan.item.unreadable)
+            for plan, row, read in in_threads(_fingerprint, recorded, available_cores(),
+                                              "pneumoscan-hash"):
+                if isinstance(read, OSError):
                     continue  # gone or unreadable now: the pipeline reports it, nothing is kept
+                signature, digest = read
+                key = ledger_key(plan.item.path)
+                if (row and row[0] != signature and row[1] == digest
+                        and plan.item.kind is not None):
+                    # touched, copied over, moved back: the same content
+                    self._db.execute("UPDATE files SET stat = ? WHERE path = ?",
+                                     (signature, key))
+                plan.key, plan.stat, plan.content_sha256 = key, signature, digest
                 if not force:
                     plan.cached = self._reusable(plan, basis)
                 self._beat()
@@ -327,25 +345,10 @@ class Ledger:
                 plans.append(plan)
         return plans
 
-    def _fingerprint(self, plan: Planned) -> None:
-        """Set the plan's key, stat and content hash; the hash is read again only when the
-        stat changed. Raises OSError, leaving the plan as it was, when the file cannot be
-        read (or is no longer a regular file: InputChanged)."""
-        key = ledger_key(plan.item.path)
-        with open_input(plan.item.path, follow_link=plan.item.link) as fh:
-            signature = stat_signature(os.fstat(fh.fileno()))
-            row = self._db.execute("SELECT stat, content_sha256 FROM files WHERE path = ?",
-                                   (key,)).fetchone()
-            if row and row[0] == signature:
-                digest = row[1]
-            elif plan.item.kind is None:
-                digest = NOT_AN_IMAGE
-            else:
-                digest = sha256_of_stream(fh)
-                if row and row[1] == digest:  # touched, copied over, moved back: same content
-                    self._db.execute("UPDATE files SET stat = ? WHERE path = ?",
-                                     (signature, key))
-        plan.key, plan.stat, plan.content_sha256 = key, signature, digest
+    def _recorded(self, path: Path) -> tuple[str, str] | None:
+        """(stat, content hash) recorded for the file at `path`, if any."""
+        return self._db.execute("SELECT stat, content_sha256 FROM files WHERE path = ?",
+                                (ledger_key(path),)).fetchone()
 
     def _reusable(self, plan: Planned, basis: Basis) -> FileResult | None:
         row = self._db.execute(
@@ -396,6 +399,27 @@ class Ledger:
             with self._db:
                 self._db.executemany("DELETE FROM files WHERE path = ?", gone)
 
+    # --- PACS study listings --------------------------------------------------------------
+
+    def study_listing(self, server: str, study_uid: str, instances_in_study: str
+                      ) -> list[tuple[str, str]] | None:
+        """(series UID, SOP instance UID) of the study's CR/DX instances as last listed,
+        if the study held `instances_in_study` instances then too; else None."""
+        with self._using("read a study listing"):
+            row = self._db.execute(
+                "SELECT instances_in_study, instances FROM study_listings WHERE name = ?",
+                (json.dumps([server, study_uid]),)).fetchone()
+            if row is None or row[0] != instances_in_study:
+                return None
+            return [(series, sop) for series, sop in json.loads(row[1])]
+
+    def record_study_listing(self, server: str, study_uid: str, instances_in_study: str,
+                             instances: Iterable[tuple[str, str]]) -> None:
+        with self._using("record a study listing"), self._db:
+            self._db.execute("INSERT OR REPLACE INTO study_listings VALUES (?, ?, ?)",
+                             (json.dumps([server, study_uid]), instances_in_study,
+                              json.dumps([list(pair) for pair in instances])))
+
     # --- reports --------------------------------------------------------------------------
 
     def output_is_current(self, name: Sequence[str], fingerprint: str) -> bool:
@@ -445,6 +469,26 @@ def result_from_json(data: dict, path: Path, **extra) -> FileResult:
                       in_scope=data["in_scope"], scope_reasons=data["scope_reasons"],
                       cam=data.get("cam"),  # not in results recorded before it was kept
                       from_ledger=True, **extra)
+
+
+def _fingerprint(planned: tuple[Planned, tuple[str, str] | None]
+                 ) -> tuple[Planned, tuple[str, str] | None, tuple[str, str] | OSError]:
+    """(plan, its recorded (stat, hash), and its (stat, content hash) now, or the OSError
+    that says it cannot be read now (or is no longer a regular file: InputChanged)). The
+    content is hashed only when the stat changed."""
+    plan, row = planned
+    try:
+        with open_input(plan.item.path, follow_link=plan.item.link) as fh:
+            signature = stat_signature(os.fstat(fh.fileno()))
+            if row and row[0] == signature:
+                digest = row[1]
+            elif plan.item.kind is None:
+                digest = NOT_AN_IMAGE
+            else:
+                digest = sha256_of_stream(fh)
+    except OSError as exc:
+        return plan, row, exc
+    return plan, row, (signature, digest)
 
 
 def _stat_unchanged(plan: Planned) -> bool:
