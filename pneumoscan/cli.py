@@ -21,9 +21,9 @@ from pneumoscan.files import write_atomic
 from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
-from pneumoscan.inputs import is_dicomweb_url
-from pneumoscan.listening import DEFAULT_SETTLE, ListenEvents
+from pneumoscan.inputs import MAX_INSTANCE_BYTES, is_dicomweb_url
 from pneumoscan.run.exits import exit_codes_help
+from pneumoscan.run.listen import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.text import format_duration, printable
 
 log = logging.getLogger("pneumoscan")
@@ -169,6 +169,15 @@ class Progress(api.RunEvents):
         where = "Ray actors" if self.engine == "ray" else model.provider
         click.echo(f"model {model.info.name} {model.info.version} on {where}", err=True)
 
+    def listing(self, done: int, total: int) -> None:
+        if done == 0:
+            log.info("listing the instances of %d studies", total)
+            self._open_bar("listing studies", total)
+        elif self.bar:
+            self.bar.step()
+        if done == total:
+            self.close()
+
     def discovered(self, total: int) -> None:
         log.info("found %d files", total)
         self._open_bar("classifying", total)
@@ -249,6 +258,26 @@ class ProgressBar:
         self.bar.__exit__(None, None, None)
 
 
+class Duration(click.ParamType):
+    """Seconds, given as 90, 90s, 30m or 2h."""
+    name = "DURATION"
+    UNITS = {"s": 1, "m": 60, "h": 3600}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            seconds = -1
+        if not seconds > 0 or seconds == float("inf"):
+            self.fail(f"{value!r} is not a duration (90s, 30m, 2h)", param, ctx)
+        return seconds
+
+
 class Source(click.ParamType):
     """A folder or file that exists, or a DICOMweb base URL (kept as text)."""
     name = "FOLDER|URL"
@@ -277,6 +306,12 @@ class Source(click.ParamType):
 @tls_options
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
               help="a DICOMweb SCANS: only studies from this study date on")
+@click.option("--max-instance-size", type=click.IntRange(1), metavar="MIB",
+              default=MAX_INSTANCE_BYTES // 2**20, show_default=True,
+              help="a DICOMweb SCANS: refuse an instance larger than this (decompressed)")
+@click.option("--max-runtime", type=Duration(), metavar="DURATION",
+              help="a DICOMweb SCANS: stop listing and retrieving after this long (90s, "
+                   "30m, 2h); what is left is an error, done by the next run")
 @click.option("--engine", type=click.Choice(api.ENGINES), default="local", show_default=True,
               help="ray: decode and classify on a Ray cluster (pip install "
                    "\"pneumoscan[ray]\"; docs/CLUSTER.md)")
@@ -301,7 +336,8 @@ class Source(click.ParamType):
 def run(scans, out, json_path, per_study, model_path, device, batch_size, workers, threshold,
         cam_backend, checkpoint, state_path, force, wait, log_path, anonymize, dicom_out,
         dicom_sc, push, tls_cert, tls_key, tls_ca,
-        since, engine, ray_address, ray_actors, ray_actor_cpus, ray_actor_gpus,
+        since, max_instance_size, max_runtime, engine, ray_address, ray_actors,
+        ray_actor_cpus, ray_actor_gpus,
         ray_decode_cpus, verbose):
     """Classify every image (PNG, JPEG, TIFF, DICOM) under SCANS and write a report and/or
     JSON.
@@ -323,7 +359,9 @@ def run(scans, out, json_path, per_study, model_path, device, batch_size, worker
                              force=force, wait=wait, anonymize=anonymize,
                              dicom_out=dicom_out, dicom_sc=dicom_sc, push=push,
                              tls=_tls(tls_cert, tls_key, tls_ca),
-                             since=since.date() if since else None, engine=engine,
+                             since=since.date() if since else None,
+                             max_instance_bytes=max_instance_size * 2**20,
+                             max_runtime=max_runtime, engine=engine,
                              ray=RayOptions(ray_address, ray_actors, ray_actor_cpus,
                                             ray_actor_gpus, ray_decode_cpus, logs=verbose > 1))
     try:
@@ -366,12 +404,15 @@ def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
         if r.status != "ok":
             click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
         elif r.in_scope is False:
-            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
+            click.echo(f"  out of scope: {printable(str(r.path))}: "
+                       f"{'; '.join(r.scope_reasons)}", err=True)
     if pushed:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
         for failure in summary.push_failures:
             click.echo(f"  not sent: {failure}", err=True)
+        for refused in summary.not_accepted:
+            click.echo(f"  not accepted (not sent again): {refused}", err=True)
     if summary.removed:
         click.echo(f"removed {len(summary.removed)} per-study report files of studies no "
                    "longer found", err=True)
@@ -449,8 +490,8 @@ def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_i
     until SIGTERM or Ctrl-C (a systemd unit is in docs/PACS.md); started again after a
     crash, it finishes what was received but not classified or sent."""
     from pneumoscan.inputs.receiver import ReceiverOptions
-    from pneumoscan.listening import ListenOptions
-    from pneumoscan.listening import listen as listen_until_stopped
+    from pneumoscan.run.listen import ListenOptions
+    from pneumoscan.run.listen import listen as listen_until_stopped
 
     _setup_logging(verbose)
     logging.getLogger("pneumoscan.listen").setLevel(logging.INFO)
@@ -489,8 +530,9 @@ scope_view_option = click.option(
     show_default=True,
     help="what the scope guard reads: 'stored', the input as the training copies were "
          "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
-         "time); 'direct', the network's own activations (next to no time: for networks "
-         "with an input low-pass, which do not tell originals from training copies)")
+         "time); 'direct', the network's own activations at its three coarsest "
+         "resolutions (next to no time: for networks with an input low-pass, which do not "
+         "tell originals from training copies)")
 
 
 @main.command("export-onnx")
@@ -534,7 +576,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
     Prints the checkpoint's validation metrics, and refuses (exit 1, nothing written; --force
     exports anyway) a checkpoint whose validation AUC is more than 0.05 below the default
     model's. --int8 and --fp16 copies are written only if their validation AUC is at most
-    0.005 below the float32 model's; otherwise the command says by how much they missed,
+    0.005 below the float32 model's and their scope guard flags a share of the validation
+    images within 2 points of float32's; otherwise the command says by how much they missed,
     writes no copy and exits with status 1 (the float32 model is written either way)."""
     from pneumoscan.evaluation.metrics import format_validation
     from pneumoscan.modelling.checkpoint import read_checkpoint

@@ -132,3 +132,20 @@ def test_a_run_never_imports_torch_or_the_modelling_package(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (tmp_path / "r.html").is_file()
+
+
+def test_the_command_line_loads_no_modelling_training_or_torch_module():
+    """Every `pneumoscan run` imports the CLI: its module level needs neither the modelling
+    package (quantize was one), nor the training recipe, nor torch. import-linter checks
+    the arrows; this checks what importing really loads."""
+    import subprocess
+    import sys
+
+    from conftest import CLI_CWD, CLI_ENV
+
+    code = ("import sys, pneumoscan.cli; print(sorted(m for m in sys.modules if m == 'torch' "
+            "or m.startswith(('pneumoscan.modelling', 'training'))))")
+    done = subprocess.run([sys.executable, "-c", code], env=CLI_ENV, cwd=CLI_CWD,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

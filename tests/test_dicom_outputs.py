@@ -250,7 +250,9 @@ def test_anonymize_puts_the_pseudonym_of_the_json_in_every_output(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     (pseudonym,) = {r["metadata"]["PatientID"] for r in results if r["status"] == "ok"}
     assert pseudonym.startswith(PSEUDONYM_PREFIX)
-    for kind in outputs(summary).values():
+    made = outputs(summary)
+    assert [len(made[kind]) for kind in ("SR", "SEG", "PDF")] == [3, 3, 1]
+    for kind in made.values():
         for ds in kind:
             assert ds.PatientID == pseudonym and ds.PatientName.family_name == pseudonym
             assert not ds.get("PatientBirthDate") and not ds.get("ReferringPhysicianName")

@@ -169,7 +169,8 @@ HOSTILE_TEXT = "\n\x1b[2J\x1b]0;owned\x07\r\x00\x9b2J"
 
 def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, shipped_model, pdftotext):
     """A 100,000-character StudyInstanceUID and 300 KB values took `run --out x.pdf`
-    606 s; every value shown is now within its VR's length."""
+    606 s; every value shown is now within its VR's length (run_pneumoscan's 300 s limit,
+    not a tighter one that a loaded machine could miss, would catch that again)."""
     root, out = tmp_path / "scans", tmp_path / "out"
     root.mkdir()
     huge = "1." + "2" * 100_000
@@ -180,7 +181,7 @@ def test_huge_dicom_values_are_bounded_and_render_quickly(tmp_path, shipped_mode
                         AccessionNumber="A" * 150_000, ViewPosition="P" + "A" * 150_000),
              root / "huge.dcm")
     run = run_pneumoscan("run", root, "--out", out / "x.pdf", "--per-study", out / "studies",
-                         "--json", out / "x.json", "--model", shipped_model, timeout=120)
+                         "--json", out / "x.json", "--model", shipped_model)
     assert run.returncode == 0, run.stderr
     [result] = json.loads((out / "x.json").read_text())["results"]
     limits = {"StudyInstanceUID": 64, "SOPInstanceUID": 64, "PatientName": 194,
@@ -596,3 +597,27 @@ def test_a_pdf_of_a_very_large_run_is_its_summary(tmp_path, pdftotext, monkeypat
     assert "This PDF sums up a run of 12 classified images" in text
     assert "… and 3 more studies" in text  # 7 studies, 4 rows
     assert "0.png" not in text and "11.png" not in text  # no page per study
+
+
+# --- 12. a truncated JPEG 2000 file; an output that cannot be created (issue 22) ---------
+
+def test_a_truncated_jpeg_2000_file_is_a_clean_error():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("emri_small_jpeg_2k_lossless_too_short.dcm")
+    assert path, "pydicom's test file needs pydicom-data (the test extra)"
+    result = load_path(Path(path))
+    assert result.status == "error"
+    assert result.reason == "no DICOM data element could be read: the file is truncated or not DICOM"
+
+
+def test_an_output_where_no_file_can_be_created_stops_the_run_before_any_work(tmp_path):
+    # /proc: permission bits (and os.access, for root) say writable; creating a file fails.
+    from conftest import DICOM_SAMPLES
+
+    result = invoke_cli("run", DICOM_SAMPLES, "--json", "/proc/pneumoscan-test/r.json",
+                        "--state", tmp_path / "state.sqlite")
+    assert result.exit_code == api.EXIT_FATAL
+    assert "cannot write the json /proc/pneumoscan-test/r.json" in result.output
+    assert "model " not in result.output  # stopped before the model was even opened
+    assert list(tmp_path.iterdir()) == []  # no state, no log

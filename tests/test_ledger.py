@@ -221,13 +221,13 @@ def test_a_state_file_of_the_first_format_is_upgraded_and_its_scores_kept(scans,
         assert [bytes(r.picture) for r in rendered.results] == first_pictures
     assert len(decoded) == 2 * PER_STUDY
     with sqlite3.connect(state) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
-def test_a_state_file_of_the_second_format_gains_the_scope_and_keeps_its_scores(
+def test_a_state_file_of_the_second_format_has_its_results_computed_again_with_scope(
         scans, model, tmp_path, decoded):
-    """Format 2 results have no in_scope/scope_reasons: the upgrade adds them (from the
-    metadata rules, as the models of that time had no scope guard) and keeps every score."""
+    """Format 2 results have no in_scope/scope_reasons: the ledger does not classify, so
+    the upgrade has them computed again (the same scores), now with their scope."""
     state = tmp_path / "state.sqlite"
     with Ledger.open(state) as ledger:
         first = api.scan(scans, model, ledger=ledger)
@@ -239,13 +239,15 @@ def test_a_state_file_of_the_second_format_gains_the_scope_and_keeps_its_scores(
         db.execute("PRAGMA user_version = 2")
     decoded.clear()
     upgraded = scan_with_state(state, scans, model)
-    assert decoded == [] and upgraded.from_ledger == 2 * PER_STUDY
-    assert [(r.path, r.probability, r.label) for r in upgraded.results] == \
-        [(r.path, r.probability, r.label) for r in first.results]
-    # Plain images have no metadata to rule them out; their pixels were never checked.
-    assert all(r.in_scope is True and r.scope_reasons == [] for r in upgraded.results)
+    assert len(decoded) == 2 * PER_STUDY and upgraded.from_ledger == 0
+    assert [(r.path, r.probability, r.label, r.in_scope, r.scope_reasons)
+            for r in upgraded.results] == [
+        (r.path, r.probability, r.label, r.in_scope, r.scope_reasons) for r in first.results]
+    assert all(r.in_scope is not None for r in upgraded.results)
+    # Computed again, recorded with their scope: the next run takes them all from the state.
+    assert scan_with_state(state, scans, model).from_ledger == 2 * PER_STUDY
     with sqlite3.connect(state) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 def test_a_report_run_after_a_json_only_run_makes_the_images(scans, model, tmp_path, decoded):

@@ -98,20 +98,23 @@ def test_credentials_from_a_netrc_file_and_a_clear_error_without_them(orthanc, t
     netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    assert set(DicomWebSource(orthanc.dicomweb_url).studies()) == {RG1_STUDY, KNEE_STUDY}
+    studies, bad = DicomWebSource(orthanc.dicomweb_url).studies()
+    assert set(studies) == {RG1_STUDY, KNEE_STUDY} and bad == []
 
 
 def test_credentials_in_the_url_are_refused(orthanc, tmp_path):
     url = orthanc.dicomweb_url.replace("http://", f"http://{USER}:{PASSWORD}@")
-    with pytest.raises(api.RunError, match="credentials do not belong in the URL") as raised:
+    with pytest.raises(api.RunError, match="credentials do not belong in the DICOMweb URL"
+                       ) as raised:
         api.run(api.RunOptions(url, json=tmp_path / "r.json"))
-    assert PASSWORD not in str(raised.value)
+    assert PASSWORD not in str(raised.value) and raised.value.exit_code == api.EXIT_USAGE
+    assert list(tmp_path.iterdir()) == [orthanc.folder]  # no state, no log
 
 
 def test_since_limits_the_query_to_studies_from_that_date(orthanc, tmp_path):
     source = DicomWebSource(orthanc.dicomweb_url)
-    assert set(source.studies(date(2004, 8, 26))) == {RG1_STUDY, KNEE_STUDY}
-    assert source.studies(date(2004, 8, 27)) == []
+    assert set(source.studies(date(2004, 8, 26))[0]) == {RG1_STUDY, KNEE_STUDY}
+    assert source.studies(date(2004, 8, 27)) == ({}, [])
     later = api.run(api.RunOptions(orthanc.dicomweb_url, json=tmp_path / "a.json",
                                    since=date(2004, 8, 27)))
     assert later.scan.results == [] and later.exit_code == api.EXIT_OK

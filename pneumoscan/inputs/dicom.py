@@ -112,6 +112,11 @@ def _read(fh: BinaryIO) -> Dataset:
         ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_ELEMENTS_OVER)
     except InvalidDicomError as exc:
         raise UnreadableImage(f"not a DICOM file: {one_line(exc)}") from exc
+    if len(ds) == 0:
+        # pydicom warns, and gives what it read before, when a file ends in mid-element
+        # (a truncated pixel data sequence): here nothing at all.
+        raise UnreadableImage("no DICOM data element could be read: the file is truncated "
+                              "or not DICOM")
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = _syntax_as_read(ds)
     _cut_read_values(ds, fh)

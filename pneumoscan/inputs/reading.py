@@ -27,9 +27,12 @@ class InputChanged(OSError):
 class BoundedFile(io.FileIO):
     """A read-only file that ends at the size it had when opened, even if it grows."""
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, path: Path):
         super().__init__(fd, "rb", closefd=True)
         self.size = size
+        # The path, not the descriptor number FileIO names it by: readers quote the name
+        # as text in their messages (pydicom: "... in file " + name).
+        self.name = os.fspath(path)
 
     def _room(self) -> int:
         return max(0, self.size - self.tell())
@@ -68,7 +71,7 @@ def open_input(path: Path, *, follow_link: bool = False) -> BoundedFile:
             raise InputChanged(f"{info.st_size:,} bytes, over the limit of "
                                f"{MAX_INPUT_BYTES:,} for one input file")
         os.set_blocking(fd, True)
-        return BoundedFile(fd, info.st_size)
+        return BoundedFile(fd, info.st_size, path)
     except BaseException:
         os.close(fd)
         raise

@@ -11,7 +11,9 @@ of each attribute pneumoscan shows:
 | AccessionNumber                    | empty (Z)                   | removed                     |
 | StudyDate                          | empty (Z); shifting is the  | removed (no date shifting)  |
 |                                    | Modified Dates option       |                             |
-| StudyInstanceUID, SOPInstanceUID   | replace consistently (U)    | `2.25.` UID from its HMAC   |
+| StudyInstanceUID, SOPInstanceUID,  | replace consistently (U)    | `2.25.` UID from its HMAC   |
+| SeriesInstanceUID                  |                             |                             |
+| SOPClassUID                        | kept                        | kept                        |
 | Modality, ViewPosition,            | kept                        | kept when a defined term,   |
 | BodyPartExamined                   |                             | else removed (free text)    |
 | Rows, Columns, ImagerPixelSpacing  | kept                        | kept (the heat map's grid)  |
@@ -39,12 +41,13 @@ from pathlib import Path
 from pneumoscan.inputs.dicom import BODY_PARTS, MODALITIES, VIEW_POSITIONS
 from pneumoscan.records import FileResult
 
-PSEUDONYMISED_UIDS = ("StudyInstanceUID", "SOPInstanceUID")
+PSEUDONYMISED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # Attributes kept only when their value is one of the standard's defined terms.
 DEFINED_TERMS = {"Modality": MODALITIES, "ViewPosition": VIEW_POSITIONS,
                  "BodyPartExamined": BODY_PARTS}
-# Kept as they are: the image's size says nothing of the patient.
-GEOMETRY = ("Rows", "Columns", "ImagerPixelSpacing")
+# Kept as they are: the kind of object and the image's size say nothing of the patient,
+# and the DICOM outputs need them.
+KEPT = ("SOPClassUID", "Rows", "Columns", "ImagerPixelSpacing")
 PSEUDONYM_PREFIX = "anon-"
 # Suffixes kept on a pseudonymised file name: they say the type, not who.
 KNOWN_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -93,7 +96,7 @@ def anonymized_result(result: FileResult, key: bytes) -> FileResult:
 def _anonymized_metadata(metadata: dict[str, str], key: bytes) -> dict[str, str]:
     """Only what the table above keeps: any other attribute is left out."""
     kept = {k: v for k, v in metadata.items()
-            if v in DEFINED_TERMS.get(k, ()) or k in GEOMETRY}
+            if v in DEFINED_TERMS.get(k, ()) or k in KEPT}
     for keyword in PSEUDONYMISED_UIDS:
         if metadata.get(keyword):
             kept[keyword] = pseudonym_uid(key, metadata[keyword])

@@ -35,7 +35,7 @@ from pneumoscan.records import FileResult, InputFile
 from pneumoscan.text import format_duration, printable
 from pneumoscan.workers import available_cores, in_threads
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE settings (
@@ -59,35 +59,32 @@ CREATE TABLE outputs (
     fingerprint TEXT NOT NULL,     -- of everything it shows
     files TEXT NOT NULL            -- JSON list of the files written
 );
+{STUDY_LISTINGS}
 INSERT INTO settings VALUES ('pseudonym_key', randomblob(32));
 """
+# The CR/DX instances of each PACS study as last listed, and the study's instance count
+# then: a study whose count is unchanged is not listed again.
+STUDY_LISTINGS = """
+CREATE TABLE IF NOT EXISTS study_listings (
+    name TEXT PRIMARY KEY,         -- JSON: [server URL, Study Instance UID]
+    instances_in_study TEXT NOT NULL,  -- its NumberOfStudyRelatedInstances when listed
+    instances TEXT NOT NULL        -- JSON list of [Series Instance UID, SOP Instance UID]
+);
+"""
+SCHEMA = SCHEMA.replace("{STUDY_LISTINGS}", STUDY_LISTINGS.strip())
 
-
-
-def _add_scope(db: sqlite3.Connection) -> None:
-    """Format 2 results have no scope: those models had no scope guard, so what the same
-    model would say now comes from the metadata rules alone."""
-    from pneumoscan.inference.scope import assess
-
-    rows = db.execute("SELECT path, result FROM files").fetchall()
-    for path, text in rows:
-        result = json.loads(text)
-        if "in_scope" in result:
-            continue
-        result["in_scope"], result["scope_reasons"] = (
-            assess(result["metadata"], None, None) if result["status"] == "ok" else (None, []))
-        db.execute("UPDATE files SET result = ? WHERE path = ?", (json.dumps(result), path))
-
-
-# Format N -> N + 1 (SQL, or a function of the connection). Format 1 kept the X-ray and its
-# overlay as two images; its scores stay valid, and the pictures are made again when a
-# report next needs them. Format 2 had no scope (in_scope, scope_reasons) in its results.
+# Format N -> N + 1, in SQL. Format 1 kept the X-ray and its overlay as two images; its
+# scores stay valid, and the pictures are made again when a report next needs them.
+# Format 2 had no scope (in_scope, scope_reasons) in its results: results without one are
+# computed again (the ledger records results, it does not classify), while the files'
+# content hashes are kept, so nothing is hashed again. Format 3 had no study listings.
 MIGRATIONS = {
     1: """ALTER TABLE files DROP COLUMN image_png;
           ALTER TABLE files DROP COLUMN overlay_png;
           ALTER TABLE files ADD COLUMN picture BLOB;
           UPDATE files SET rendered = 0;""",
-    2: _add_scope,
+    2: "UPDATE files SET model_sha256 = '' WHERE json_type(result, '$.in_scope') IS NULL;",
+    3: STUDY_LISTINGS,
 }
 
 # Tables and columns a state file of SCHEMA_VERSION must have.
@@ -96,6 +93,7 @@ REQUIRED_COLUMNS = {
     "files": {"path", "stat", "content_sha256", "model_sha256", "threshold", "rendered",
               "result", "seconds", "picture", "recorded"},
     "outputs": {"name", "fingerprint", "files"},
+    "study_listings": {"name", "instances_in_study", "instances"},
 }
 # Files SQLite keeps beside the state (they must not be links either).
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -391,6 +389,27 @@ class Ledger:
             with self._db:
                 self._db.executemany("DELETE FROM files WHERE path = ?", gone)
 
+    # --- PACS study listings --------------------------------------------------------------
+
+    def study_listing(self, server: str, study_uid: str, instances_in_study: str
+                      ) -> list[tuple[str, str]] | None:
+        """(series UID, SOP instance UID) of the study's CR/DX instances as last listed,
+        if the study held `instances_in_study` instances then too; else None."""
+        with self._using("read a study listing"):
+            row = self._db.execute(
+                "SELECT instances_in_study, instances FROM study_listings WHERE name = ?",
+                (json.dumps([server, study_uid]),)).fetchone()
+            if row is None or row[0] != instances_in_study:
+                return None
+            return [(series, sop) for series, sop in json.loads(row[1])]
+
+    def record_study_listing(self, server: str, study_uid: str, instances_in_study: str,
+                             instances: Iterable[tuple[str, str]]) -> None:
+        with self._using("record a study listing"), self._db:
+            self._db.execute("INSERT OR REPLACE INTO study_listings VALUES (?, ?, ?)",
+                             (json.dumps([server, study_uid]), instances_in_study,
+                              json.dumps([list(pair) for pair in instances])))
+
     # --- reports --------------------------------------------------------------------------
 
     def output_is_current(self, name: Sequence[str], fingerprint: str) -> bool:
@@ -547,18 +566,7 @@ def describe_holder(holder: dict | None, now: float) -> str:
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
     """Format `version` -> `version` + 1, in one transaction."""
-    step = MIGRATIONS[version]
-    if isinstance(step, str):
-        db.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
-        return
-    db.execute("BEGIN")
-    try:
-        step(db)
-        db.execute(f"PRAGMA user_version = {version + 1}")
-    except BaseException:
-        db.rollback()
-        raise
-    db.commit()
+    db.executescript(f"BEGIN; {MIGRATIONS[version]} PRAGMA user_version = {version + 1}; COMMIT;")
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -19,6 +19,9 @@ class RunEvents:
     def model_opened(self, model: CamModel) -> None:
         pass
 
+    def listing(self, done: int, total: int) -> None:
+        """A DICOMweb source: `done` of `total` studies listed (their instances found)."""
+
     def discovered(self, total: int) -> None:
         pass
 

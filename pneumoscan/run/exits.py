@@ -24,7 +24,8 @@ EXIT_CODES = {
     EXIT_USAGE: "usage error (bad command line)",
     EXIT_UNREADABLE: "the run completed, but some files could not be read (listed with "
                      "reasons), or some studies' DICOM outputs could not be sent (--push; "
-                     "the next run sends them)",
+                     "the next run sends them) or are of a kind the destination does not "
+                     "accept",
     EXIT_LOCKED: "another run holds the state file: this run did nothing (see --wait)",
 }
 INTERRUPTED_CODES = "interrupted by SIGINT (Ctrl-C) or SIGTERM: what was computed is kept"

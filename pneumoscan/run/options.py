@@ -4,13 +4,14 @@ state and log go by default, and the checks that refuse a run before it starts."
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE
 from pneumoscan.inference.ray_engine import RayOptions
-from pneumoscan.inputs import is_dicomweb_url
+from pneumoscan.inputs import MAX_INSTANCE_BYTES, is_dicomweb_url
 from pneumoscan.report import report_format
 from pneumoscan.run.exits import EXIT_USAGE, RunError
 from pneumoscan.tls import TlsOptions
@@ -49,6 +50,11 @@ class RunOptions:
     dicom_sc: bool = False
     tls: TlsOptions | None = None  # DICOM TLS of --push dicom+tls://
     since: date | None = None  # a DICOMweb source: studies from this study date on
+    # A DICOMweb source: the largest instance retrieved (bytes, once decompressed), and
+    # the most seconds the run spends listing and retrieving (what is left is done by the
+    # next run).
+    max_instance_bytes: int = MAX_INSTANCE_BYTES
+    max_runtime: float | None = None
 
     @property
     def state_path(self) -> Path:
@@ -85,6 +91,10 @@ class RunOptions:
         if self.since is not None and not self.from_pacs:
             raise RunError("--since applies to a DICOMweb source (an http(s):// URL)",
                            EXIT_USAGE)
+        if self.max_runtime is not None and not self.from_pacs:
+            raise RunError("--max-runtime applies to a DICOMweb source (an http(s):// URL)",
+                           EXIT_USAGE)
+        self._check_servers()
         if self.report is not None:
             try:
                 report_format(self.report)
@@ -102,6 +112,23 @@ class RunOptions:
         if self.cam_backend == "torch" and self.checkpoint is None:
             raise RunError("--cam-backend torch needs --checkpoint FILE", EXIT_USAGE)
 
+    def _check_servers(self) -> None:
+        """The source URL and --push value, checked before anything is created: no
+        credentials in a URL (a log would record them) or going unencrypted to another
+        machine, a destination that parses. Nothing is connected to."""
+        if not (self.from_pacs or self.push is not None):
+            return
+        from pneumoscan.dicomout.push import destination
+        from pneumoscan.inputs.dicomweb import PacsError, session_for
+
+        try:
+            if self.from_pacs:
+                session_for(str(self.scans), environment_credentials=True).close()
+            if self.push is not None:
+                destination(self.push, self.scans, self.tls)
+        except PacsError as exc:
+            raise RunError(str(exc), EXIT_USAGE) from None
+
     def outputs(self) -> list[tuple[str, Path]]:
         """(what, path) of every output the run writes, as given (or defaulted)."""
         given = [("report", self.report), ("json", self.json), ("per-study", self.per_study),
@@ -111,15 +138,15 @@ class RunOptions:
 
     def check_outputs(self) -> None:
         """Raises RunError naming the path as given when an output cannot be written
-        there; creates nothing."""
+        there; leaves nothing (a probe file is created and removed in each folder)."""
         for what, path in self.outputs():
             check_writable(path, what, folder=what in ("per-study", "dicom-out"))
 
 
 def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
     """Raises RunError unless `path` (a file, or with `folder` a folder) can be written:
-    it is of that kind if it exists, and the nearest folder that exists on its way can be
-    written into."""
+    it is of that kind if it exists, and a file can be created in the nearest folder that
+    exists on its way (and is removed at once)."""
     if path.exists() and path.is_dir() != folder:
         raise RunError(f"cannot write the {what} {path}: it is "
                        f"{'a file, not a folder' if folder else 'a folder'}")
@@ -132,6 +159,14 @@ def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
         raise RunError(f"cannot write the {what} {path}: {nearest} is not a folder")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise RunError(f"cannot write the {what} {path}: folder {nearest} is not writable")
+    # os.access trusts permission bits, which say yes to root everywhere (/proc, a
+    # read-only mount): a file created and removed there is the only sure answer.
+    try:
+        with tempfile.NamedTemporaryFile(dir=nearest, prefix=".pneumoscan-probe-"):
+            pass
+    except OSError as exc:
+        raise RunError(f"cannot write the {what} {path}: {exc.strerror or exc} "
+                       f"(in {nearest})") from None
 
 
 def default_state_path(json_path: Path | None, report_path: Path | None,

@@ -137,6 +137,7 @@ class DicomOutputs:
     written: list[Path] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)  # study keys
     failures: list[str] = field(default_factory=list)  # "study <key>: why"
+    not_accepted: list[str] = field(default_factory=list)  # "study <key>: what"
 
 
 StudyPdf = Callable[[RunInfo, Study], bytes]
@@ -151,8 +152,9 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
     written under `directory` and/or sent to `destination` (dicomout.push). With a ledger,
     a study's outputs are made again only when its results changed, and sent again only
     until the destination took them all; a study that could not be sent is a failure
-    (its reason), and the next run sends it again. `capture`: the CAM as a Secondary
-    Capture too. `on_study(key)` is called before each study's outputs are made;
+    (its reason), and the next run sends it again; outputs of a SOP class the destination
+    does not accept are listed in `not_accepted` and not sent again. `capture`: the CAM as
+    a Secondary Capture too. `on_study(key)` is called before each study's outputs are made;
     `study_pdf` gives a study's PDF report (default: rendered)."""
     from pneumoscan.dicomout.push import PushError
     from pneumoscan.dicomout.writer import study_outputs, write_study_outputs
@@ -175,11 +177,13 @@ def write_dicom_outputs(scanned: Scan, ledger: Ledger | None = None,
         if destination is not None and to_push:
             if outputs:
                 try:
-                    destination.store(outputs)
+                    refused = destination.store(outputs)
                 except PushError as exc:
                     done.failures.append(f"study {study.key}: {exc}")
                     continue
-                done.pushed.append(study.key)
+                done.not_accepted += [f"study {study.key}: {what}" for what in refused]
+                if len(refused) < len({ds.SOPClassUID for ds in outputs}):
+                    done.pushed.append(study.key)
             _written(ledger, ("push", destination.name, study.key), fingerprint, [])
     return done
 

@@ -39,10 +39,12 @@ class RunSummary:
     pushed: list[str] = field(default_factory=list)  # studies whose outputs were sent
     push_failures: list[str] = field(default_factory=list)  # "study: why", one a study
     removed: list[Path] = field(default_factory=list)  # per-study reports of vanished studies
+    # "study: what": outputs of SOP classes the destination does not accept (never resent)
+    not_accepted: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.scan.results, self.push_failures)
+        return exit_code(self.scan.results, self.push_failures + self.not_accepted)
 
 
 def run(options: RunOptions, events: RunEvents | None = None) -> RunSummary:
@@ -133,11 +135,13 @@ def _run_locked(options: RunOptions, model: CamModel,
         scanned = anonymize(scanned, ledger)
     done = write_outputs(options, scanned, ledger, destination, events)
     summary = RunSummary(scanned, done.written, ledger.path, runlog.path, options.outputs(),
-                         done.dicom.pushed, done.dicom.failures, done.removed)
+                         done.dicom.pushed, done.dicom.failures, done.removed,
+                         done.dicom.not_accepted)
     counts = scanned.counts()
     runlog.write("summary", counts=asdict(counts), from_ledger=scanned.from_ledger,
                  computed=counts.files - scanned.from_ledger, pushed=summary.pushed,
-                 push_failures=summary.push_failures, exit_code=summary.exit_code,
+                 push_failures=summary.push_failures, not_accepted=summary.not_accepted,
+                 exit_code=summary.exit_code,
                  removed_reports=len(summary.removed),
                  started=scanned.run.started, finished=scanned.run.finished)
     return summary
@@ -154,7 +158,10 @@ def _scan(options: RunOptions, model: CamModel, engine_context: AbstractContextM
         from pneumoscan.inputs.dicomweb import PacsError  # the pacs extra
 
         try:
-            return scan_dicomweb(str(options.scans), model, since=options.since, **common)
+            return scan_dicomweb(str(options.scans), model, since=options.since,
+                                 on_listing=events.listing,
+                                 max_instance_bytes=options.max_instance_bytes,
+                                 max_runtime=options.max_runtime, **common)
         except PacsError as exc:
             raise RunError(str(exc)) from None
     try:
