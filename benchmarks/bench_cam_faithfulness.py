@@ -3,11 +3,12 @@ original-resolution scans, with the measures of `cam_faithfulness.py`.
 
     PYTHONPATH=$PWD python benchmarks/bench_cam_faithfulness.py \
         [--model pneumoscan/models/default.onnx] [--checkpoint CKPT] [--data ../shared/data]
-        [--val-limit 200] [--expensive-limit 24] [--reference 16] [--cache DIR]
+        [--val-limit 64] [--torch-limit 32] [--expensive-limit 8] [--reference 8]
+        [--cache DIR]
         [--figure docs/model/cam-methods.png]
 
 Sets: `val`, the validation split of kermany224 (15% of patients, seed 42: the split the
-model was trained with, `training.data.split_by_patient`), `--val-limit` images of it evenly
+model was trained with, `evaluation.datasets.split_by_patient`), `--val-limit` images of it evenly
 spread over the sorted list (both classes); `originals`, kermany-original (100 TRAIN scans)
 and kermany-val-original (16), at full resolution through `run`'s decoding.
 
@@ -15,12 +16,15 @@ The shipped CAM (and its flip-averaged variant) come from the ONNX model alone. 
 methods need the torch network (`--checkpoint`: a training checkpoint, or the twin that
 `onnx_twin.py` rebuilds from the ONNX model) and pytorch-grad-cam (`pip install
 pneumoscan[bench]`); every perturbed image is scored by ONNX Runtime. Score-CAM runs one
-forward pass per channel: only on the first `--expensive-limit` images of each set.
+forward pass per channel. On a busy CPU the torch methods run on `--torch-limit` images of
+each set and Score-CAM on `--expensive-limit` (evenly spread over the set), each beside the
+shipped CAM on the same images.
 
-External reference: on the first `--reference` validation images, pytorch-grad-cam's own
-metrics through the torch network -- ROAD (noisy linear imputation) removing the top 20%
-of pixels, and CamMultImageConfidenceChange (the image multiplied by the map) -- beside
-this benchmark's top-20% deletion drop, and the rank correlation of the methods by each.
+External reference: on `--reference` validation images that every method ran on,
+pytorch-grad-cam's own metrics through the torch network -- ROAD (noisy linear
+imputation) removing the top 20% of pixels, and CamMultImageConfidenceChange (the image
+multiplied by the map) -- beside this benchmark's top-20% deletion drop, and the rank
+correlation of the methods by each.
 
 Maps and scores are cached per model, set and method in `--cache`: a rerun only computes
 what is missing. Timings (ms per image to compute the map) are medians over batches of 16
@@ -67,9 +71,8 @@ METHODS = {
 
 
 def image_sets(data: Path, val_limit: int) -> dict[str, list[Path]]:
-    from pneumoscan.evaluation.datasets import list_samples
+    from pneumoscan.evaluation.datasets import list_samples, split_by_patient
     from pneumoscan.modelling.export import spread
-    from training.data import split_by_patient
 
     _, val = split_by_patient(list_samples(data / "kermany224" / "train"), 0.15, 42)
     val_paths = sorted(s.path for s in val)
@@ -135,7 +138,7 @@ def onnx_maps(ctx: Context, flip: bool) -> tuple[np.ndarray, float]:
 
 
 def torch_maps(ctx: Context, network, layer: str, method: str,
-               limit: int | None) -> tuple[np.ndarray, float]:
+               index: np.ndarray) -> tuple[np.ndarray, float]:
     import pytorch_grad_cam
     import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -143,56 +146,72 @@ def torch_maps(ctx: Context, network, layer: str, method: str,
     aug = method.endswith("+aug")
     cls = getattr(pytorch_grad_cam, method.removesuffix("+aug"))
     target = dict(network.named_modules())[layer]
-    n = len(ctx.batch) if limit is None else min(limit, len(ctx.batch))
     out, times = [], []
     with cls(model=network, target_layers=[target]) as cam:
         cam.batch_size = 64  # Score-CAM's masked copies per forward pass
-        for i in range(0, n, BATCH):
-            x = torch.from_numpy(ctx.batch[i:min(i + BATCH, n)])
-            targets = [ClassifierOutputTarget(int(c)) for c in ctx.base.decided[i:i + len(x)]]
+        for i in range(0, len(index), BATCH):
+            part = index[i:i + BATCH]
+            x = torch.from_numpy(ctx.batch[part])
+            targets = [ClassifierOutputTarget(int(c)) for c in ctx.base.decided[part]]
             t0 = time.perf_counter()
             out.append(cam(input_tensor=x, targets=targets, aug_smooth=aug))
             times.append((time.perf_counter() - t0) / len(x))
     return np.concatenate(out), statistics.median(times)
 
 
-def method_scores(ctx: Context, name: str, network, expensive_limit: int) -> dict:
-    """Maps, curves and cost of one method on ctx's images (cached)."""
+def spread_index(total: int, limit: int | None) -> np.ndarray:
+    """`limit` of `total` images evenly spaced over the set (sorted by class folder, so
+    both classes in proportion), or all."""
+    if limit is None or limit >= total:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, limit).round().astype(int))
+
+
+def method_scores(ctx: Context, name: str, network, limits: dict[bool, int | None]) -> dict:
+    """Maps, curves and cost of one method on ctx's images (cached); `index`: which."""
     file = ctx.cache / f"{ctx.tag}-{name.replace(' ', '_')}.npz"
     if file.exists():
         with np.load(file) as f:
-            return {k: f[k] for k in f.files}
+            cached = {k: f[k] for k in f.files}
+        return {"index": np.arange(len(cached["maps"])), **cached}
     layer, method, expensive, _ = METHODS[name]
     if layer.startswith("onnx"):
+        index = np.arange(len(ctx.batch))
         maps, seconds = onnx_maps(ctx, flip=layer == "onnx-flip")
     else:
-        maps, seconds = torch_maps(ctx, network, layer, method,
-                                   expensive_limit if expensive else None)
-    n = len(maps)
+        index = spread_index(len(ctx.batch), limits[expensive])
+        maps, seconds = torch_maps(ctx, network, layer, method, index)
     maps224 = cf.upsampled(maps)
-    base = subset(ctx.base, n)
-    deletion, insertion = cf.curves(ctx.scorer, ctx.batch[:n], ctx.fillers[:n], maps224, base)
-    result = {"maps": maps.astype(np.float32), "deletion": deletion, "insertion": insertion,
-              "seconds": np.float64(seconds)}
+    deletion, insertion = cf.curves(ctx.scorer, ctx.batch[index], ctx.fillers[index], maps224,
+                                    subset(ctx.base, index))
+    result = {"index": index, "maps": maps.astype(np.float32), "deletion": deletion,
+              "insertion": insertion, "seconds": np.float64(seconds)}
     np.savez(file, **result)
     return result
 
 
-def subset(base: cf.Baseline, n: int) -> cf.Baseline:
-    return cf.Baseline(*(getattr(base, f)[:n] for f in ("decided", "original", "blurred",
-                                                        "random_k")))
+def subset(base: cf.Baseline, index: np.ndarray) -> cf.Baseline:
+    return cf.Baseline(*(getattr(base, f)[index] for f in ("decided", "original", "blurred",
+                                                           "random_k")))
+
+
+def restricted(scores: dict, index: np.ndarray) -> dict:
+    """A full-set method's scores on the images of `index` only."""
+    return {**{k: scores[k][index] for k in ("index", "maps", "deletion", "insertion")},
+            "seconds": scores["seconds"]}
 
 
 def row(name: str, grid: str, scores: dict, ctx: Context, chests: list) -> dict:
-    n = len(scores["maps"])
-    base = subset(ctx.base, n)
+    index = scores["index"]
+    n = len(index)
+    base = subset(ctx.base, index)
     maps224 = cf.upsampled(scores["maps"])
     ratios = cf.top_vs_random(scores["deletion"], base)
     at20 = int(np.argmin(np.abs(cf.FRACTIONS - 0.2)))
-    found = [i for i in range(n) if chests[i] is not None]
+    found = [i for i in range(n) if chests[index[i]] is not None]
     mass = cf.mass_shares(maps224)
     if found:
-        inside = cf.mass_shares(maps224[found], np.stack([chests[i] for i in found]))
+        inside = cf.mass_shares(maps224[found], np.stack([chests[index[i]] for i in found]))
         mass["inside chest"] = inside["inside chest"]
         mass["chest area"] = inside["chest area"]
     return {"method": name, "grid": grid, "n": n,
@@ -221,6 +240,16 @@ def print_table(set_name: str, rows: list[dict]) -> None:
               f"{r['top row']:5.2f} {chest} {r['ms_per_image']:7.1f}")
 
 
+def common_index(scores: dict[str, dict]) -> np.ndarray:
+    """The images that every method was run on."""
+    return sorted(set.intersection(*(set(s["index"].tolist()) for s in scores.values())))
+
+
+def on_images(scores: dict, images) -> dict:
+    """A method's scores on `images` (set indices it was run on)."""
+    return restricted(scores, np.searchsorted(scores["index"], images))
+
+
 def reference(ctx: Context, network, all_scores: dict[str, dict], count: int) -> None:
     """pytorch-grad-cam's ROAD and CAM-multiplied-image metrics beside ours."""
     import torch
@@ -229,24 +258,25 @@ def reference(ctx: Context, network, all_scores: dict[str, dict], count: int) ->
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
     from scipy.stats import spearmanr
 
-    x = torch.from_numpy(ctx.batch[:count])
-    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in ctx.base.decided[:count]]
+    images = common_index(all_scores)[:count]
+    x = torch.from_numpy(ctx.batch[images])
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in ctx.base.decided[images]]
     at20 = int(np.argmin(np.abs(cf.FRACTIONS - 0.2)))
-    print(f"\n== reference: pytorch-grad-cam metrics, first {count} {ctx.tag} images ==")
+    print(f"\n== reference: pytorch-grad-cam metrics, {len(images)} {ctx.tag} images that "
+          "every method ran on ==")
     print(f"{'method':24} {'ours: top-20% drop':>18} {'ROAD MoRF 20%':>14} "
           f"{'CamMult change':>14}")
-    ours, road, mult = [], [], []
+    ours, road = [], []
     for name, scores in all_scores.items():
-        if len(scores["maps"]) < count:
-            continue
-        maps224 = cf.upsampled(scores["maps"][:count])
-        drop = float((ctx.base.original[:count] - scores["deletion"][:count, at20]).mean())
+        mine = on_images(scores, images)
+        maps224 = cf.upsampled(mine["maps"])
+        drop = float((ctx.base.original[images] - mine["deletion"][:, at20]).mean())
         with torch.no_grad():
             road_drop = -float(ROADMostRelevantFirst(percentile=80)(
                 x, maps224, targets, network).mean())
             change = float(CamMultImageConfidenceChange()(x, maps224, targets, network).mean())
-        ours.append(drop), road.append(road_drop), mult.append(change)
-        print(f"{name:24} {drop:18.3f} {road_drop:14.3f} {change:14.3f}")
+        ours.append(drop), road.append(road_drop)
+        print(f"{name:24} {drop:18.3f} {road_drop:14.3f} {change:14.3f}", flush=True)
     rho = spearmanr(ours, road).statistic
     print(f"rank agreement of the methods (Spearman), top-20% drop vs ROAD: {rho:.2f}")
 
@@ -258,14 +288,14 @@ def figure(out: Path, contexts: dict[str, Context], scores: dict[str, dict[str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     names = [n for n in METHODS if all(n in scores[s] for s in contexts)]
     picks = []
     for set_name, ctx in contexts.items():
-        decided = ctx.base.decided[:min(len(scores[set_name][n]["maps"]) for n in names)]
-        for cls in (1, 0):  # a PNEUMONIA and a NORMAL decision from each set
-            hits = np.flatnonzero(decided == cls)[:per_set // 2]
-            picks += [(set_name, int(i)) for i in hits]
+        images = common_index({n: scores[set_name][n] for n in names})
+        for cls in (1, 0):  # PNEUMONIA and NORMAL decisions from each set
+            picks += [(set_name, i) for i in images if ctx.base.decided[i] == cls][:per_set // 2]
     fig, axes = plt.subplots(len(picks), len(names) + 1,
                              figsize=(1.6 * (len(names) + 1), 1.7 * len(picks)))
     for r, (set_name, i) in enumerate(picks):
@@ -274,7 +304,7 @@ def figure(out: Path, contexts: dict[str, Context], scores: dict[str, dict[str, 
         label = ctx.info.class_names[ctx.base.decided[i]]
         axes[r, 0].set_ylabel(f"{set_name}\n{label}", fontsize=7)
         for c, name in enumerate(names, start=1):
-            heat = cf.upsampled(scores[set_name][name]["maps"][i:i + 1])[0]
+            heat = cf.upsampled(on_images(scores[set_name][name], [i])["maps"])[0]
             axes[r, c].imshow(ctx.grey[i], cmap="gray")
             axes[r, c].imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
             if r == 0:
@@ -283,6 +313,9 @@ def figure(out: Path, contexts: dict[str, Context], scores: dict[str, dict[str, 
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    with Image.open(out) as image:  # a 256-colour PNG: a third of the size, same picture
+        image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+            out, optimize=True)
     print(f"\nfigure: {out}")
 
 
@@ -293,9 +326,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--sets", default="val,originals")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--val-limit", type=int, default=200, help="0: all 783")
-    parser.add_argument("--expensive-limit", type=int, default=24)
-    parser.add_argument("--reference", type=int, default=16)
+    parser.add_argument("--val-limit", type=int, default=64, help="0: all 783")
+    parser.add_argument("--torch-limit", type=int, default=32,
+                        help="images per set for the torch methods (0: all)")
+    parser.add_argument("--expensive-limit", type=int, default=8,
+                        help="images per set for Score-CAM")
+    parser.add_argument("--reference", type=int, default=8)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cam-bench")
     parser.add_argument("--figure", type=Path)
     parser.add_argument("--json", type=Path, help="write the table rows here")
@@ -311,6 +347,7 @@ def main() -> None:
     else:
         methods = [m for m in methods if METHODS[m][0].startswith("onnx")]
     sets = image_sets(args.data, args.val_limit)
+    limits = {False: args.torch_limit or None, True: args.expensive_limit}
     contexts, chests, scores, tables = {}, {}, {}, {}
     for set_name in args.sets.split(","):
         ctx = contexts[set_name] = Context(args.model, sets[set_name], args.cache, set_name)
@@ -319,9 +356,12 @@ def main() -> None:
         scores[set_name], tables[set_name] = {}, []
     for name in methods:  # method by method, so that the cheap ones report first
         for set_name, ctx in contexts.items():
-            scores[set_name][name] = method_scores(ctx, name, network, args.expensive_limit)
-            tables[set_name].append(row(name, METHODS[name][3], scores[set_name][name], ctx,
-                                        chests[set_name]))
+            got = scores[set_name][name] = method_scores(ctx, name, network, limits)
+            tables[set_name].append(row(name, METHODS[name][3], got, ctx, chests[set_name]))
+            if len(got["index"]) < len(ctx.batch) and "CAM" in scores[set_name]:
+                tables[set_name].append(row(f"  CAM on these {len(got['index'])}", "7x7",
+                                            restricted(scores[set_name]["CAM"], got["index"]),
+                                            ctx, chests[set_name]))
             print(f"{name} on {set_name} done", flush=True)
         if args.json:
             args.json.write_text(json.dumps(tables, indent=1))

@@ -1,7 +1,7 @@
 """The push deployment's latency per study: a real Orthanc (as in tests/test_listen.py)
 holding N chest studies of M images each (the sample CR RG1_UNCR.dcm, 1955 x 1841, 15-bit,
 under new UIDs) routes them one after another to `pneumoscan listen` (here the library's
-`listening.listen` in a thread, with --settle S) by REST /modalities/.../store; listen
+`run.listen.listen` in a thread, with --settle S) by REST /modalities/.../store; listen
 classifies each settled study and sends its SR, Segmentation and PDF back by C-STORE.
 Prints, per study, the seconds Orthanc took to send it, and from the end of that sending to
 the moment every output is in Orthanc (the settle time included), then their medians.
@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from orthanc import PASSWORD, USER, Orthanc, free_port  # noqa: E402
 
-from pneumoscan import api, listening  # noqa: E402
+from pneumoscan import api  # noqa: E402
 from pneumoscan.dicomout.source import derived_uid  # noqa: E402
 from pneumoscan.inputs.receiver import ReceiverOptions  # noqa: E402
+from pneumoscan.run.listen import ListenOptions, listen  # noqa: E402
 
 AUTH = (USER, PASSWORD)
 OUTPUT_MODALITIES = {"SR", "SEG", "DOC"}
@@ -71,8 +72,8 @@ def main() -> None:
             port = free_port()
             run = api.RunOptions(folder / "spool", state=folder / "state.sqlite",
                                  push=server.cstore_url)
-            thread = threading.Thread(target=listening.listen, args=(
-                listening.ListenOptions(folder / "spool", ReceiverOptions(port=port),
+            thread = threading.Thread(target=listen, args=(
+                ListenOptions(folder / "spool", ReceiverOptions(port=port),
                                         args.settle), run), kwargs={"stop": stop})
             thread.start()
             requests.put(f"{server.url}/modalities/pneumoscan", auth=AUTH, timeout=10,

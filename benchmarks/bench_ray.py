@@ -1,8 +1,8 @@
-"""The ray engine against the local engine, and the local engine against its 2-core bound,
-on real chest X-rays (../shared/data).
+"""The ray engine against the local engine, on real chest X-rays (../shared/data). The
+local engine against its 2-core bound: benchmarks/bench_bound.py.
 
-    python benchmarks/bench_ray.py [--parts overhead,cli,scaling,memory,bound] [--repeats 3]
-                                   [--originals 1000] [--memory-files 20000] [--bound-files 1500]
+    python benchmarks/bench_ray.py [--parts overhead,cli,scaling,memory] [--repeats 3]
+                                   [--originals 1000] [--memory-files 20000]
 
 Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
   overhead  N originals (the 100 Kermany originals hard-linked under N distinct names, so
@@ -27,10 +27,6 @@ Parts (each measurement runs in its own subprocess, so its peak RSS is its own):
             Ray Data's helper actors included: all a user waits for).
   memory    the driver's peak RSS (VmHWM) over 20,000 files (the 224 px Kermany images,
             hard-linked), local engine vs ray engine.
-  bound     the local engine's `run` (state ledger, JSON) on 1,500 originals against the
-            shared-core bound 1 / (1/model-alone + 1/decode-alone): the model alone on
-            pre-decoded batches, decoding + preprocessing alone in the engine's worker
-            threads, all on the same cores in the same run.
 Repeats are interleaved across rows, so that background load falls on all of them alike.
 """
 
@@ -46,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_pipeline import REPO, SHARED, WARMUP_IMAGES, machine, peak_rss_mb
@@ -213,57 +208,6 @@ def measure_ray_data_alone(args) -> dict:
     return {**measured, "first_result_s": clock.first}
 
 
-def measure_model_alone(args) -> dict:
-    """The ceiling of bench_pipeline: model.predict on batches decoded beforehand."""
-    import numpy as np
-
-    from pneumoscan import api
-    from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, prepare
-    from pneumoscan.inference.preprocess import normalise
-    from pneumoscan.inputs.discover import discover
-
-    model = api.open_model(device="cpu")
-    prep = model.info.preprocessing
-    items = list(discover(args.folder))
-    pool = [normalise(np.stack([prepare(item, prep).model_pixels
-                                for item in items[i:i + DEFAULT_BATCH_SIZE]]), prep)
-            for i in range(0, 8 * DEFAULT_BATCH_SIZE, DEFAULT_BATCH_SIZE)]
-    batches = -(-len(items) // DEFAULT_BATCH_SIZE)
-    model.predict(pool[0])
-    clock = Clock()
-    for i in range(batches):
-        model.predict(pool[i % len(pool)])
-    return clock.read()
-
-
-def measure_decode_alone(args) -> dict:
-    """What the local engine's worker threads do for each file, with no model running."""
-    from pneumoscan import api
-    from pneumoscan.inference.pipeline import default_workers, prepare
-    from pneumoscan.inputs.discover import discover
-
-    prep = api.open_model(device="cpu").info.preprocessing
-    clock = Clock()
-    items = list(discover(args.folder))
-    with ThreadPoolExecutor(default_workers()) as pool:
-        for _ in pool.map(prepare, items, [prep] * len(items)):
-            pass
-    return clock.read()
-
-
-def measure_local_run(args) -> dict:
-    """`pneumoscan run FOLDER --json OUT` on a fresh state, in this process."""
-    from pneumoscan import api
-
-    out = Path(tempfile.mkdtemp())
-    api.run(api.RunOptions(args.warmup, json=out / "warmup.json", device="cpu"))
-    clock = Clock()
-    summary = api.run(api.RunOptions(args.folder, json=out / "r.json", device="cpu"))
-    measured = clock.read()
-    assert summary.scan.counts().classified == sum(1 for _ in args.folder.iterdir())
-    return measured
-
-
 def measure_cli(args) -> dict:
     """`pneumoscan run FOLDER --json OUT` in a child process on a fresh state, with the
     engine of `args.engine`: its wall seconds; the CPU seconds and peak RSS of the processes
@@ -291,8 +235,6 @@ def measure_cli(args) -> dict:
 
 
 MEASURES = {"local": measure_local, "ray": measure_ray, "ray-data-alone": measure_ray_data_alone,
-            "model-alone": measure_model_alone,
-            "decode-alone": measure_decode_alone, "local-run": measure_local_run,
             "cli": measure_cli}
 
 
@@ -304,8 +246,11 @@ def worker(args) -> None:
 
 # --- the driver -----------------------------------------------------------------------------
 
-def run_measure(name: str, folder: Path, warmup: Path, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder),
+def run_measure(name: str, folder: Path, warmup: Path, script: Path = Path(__file__),
+                **extra) -> dict:
+    """Measure `name` of `script` (this one, or another benchmark with the same worker
+    options) in a subprocess of its own."""
+    cmd = [sys.executable, str(script), "--worker", name, "--folder", str(folder),
            "--warmup", str(warmup)]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -318,12 +263,13 @@ def run_measure(name: str, folder: Path, warmup: Path, **extra) -> dict:
     return result
 
 
-def interleaved(rows: dict[str, dict], folder: Path, warmup: Path, repeats: int) -> dict:
-    """Each row (name -> measure and its options) `repeats` times, interleaved."""
+def interleaved(rows: dict[str, dict], folder: Path, warmup: Path, repeats: int,
+                script: Path = Path(__file__)) -> dict:
+    """Each row (name -> measure of `script` and its options) `repeats` times, interleaved."""
     runs: dict[str, list[dict]] = {row: [] for row in rows}
     for _ in range(repeats):
         for row, spec in rows.items():
-            runs[row].append(run_measure(spec["measure"], folder, warmup,
+            runs[row].append(run_measure(spec["measure"], folder, warmup, script,
                                          **spec.get("options", {})))
     return {row: {"seconds": [r["seconds"] for r in done],
                   "median": {key: statistics.median(r[key] for r in done)
@@ -353,21 +299,33 @@ def table(title: str, n: int, results: dict, reference: str) -> list[str]:
         for row, r in results.items() if "actors" in r["median"]] + [""]
 
 
+def add_common_arguments(p: argparse.ArgumentParser, measures: dict) -> None:
+    """--json, and the options the driver gives a measuring subprocess (run_measure)."""
+    p.add_argument("--json", type=Path, help="also write the raw measurements here")
+    p.add_argument("--worker", choices=measures, help=argparse.SUPPRESS)
+    p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=Path, help=argparse.SUPPRESS)
+
+
+def print_results(out: list[str], raw: dict, json_path: Path | None) -> None:
+    """The tables (and the load after them); the raw measurements into `json_path`."""
+    out.append(f"load average after: {os.getloadavg()}")
+    print("\n".join(out))
+    if json_path:
+        json_path.write_text(json.dumps({"machine": machine(), "results": raw}, indent=1))
+
+
 def load_line(part: str) -> str:
     return f"load average before {part}: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="overhead,cli,scaling,memory,bound")
+    p.add_argument("--parts", default="overhead,cli,scaling,memory")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--originals", type=int, default=1000)
     p.add_argument("--memory-files", type=int, default=20000)
-    p.add_argument("--bound-files", type=int, default=1500)
-    p.add_argument("--json", type=Path, help="also write the raw measurements here")
-    p.add_argument("--worker", choices=MEASURES, help=argparse.SUPPRESS)
-    p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--warmup", type=Path, help=argparse.SUPPRESS)
+    add_common_arguments(p, MEASURES)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--actors", type=int, help=argparse.SUPPRESS)
     p.add_argument("--actor-cpus", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -437,34 +395,9 @@ def main() -> None:
                                         small, warmup, 1)
             out += table(f"{args.memory_files} files (224 px): the driver's peak RSS",
                          args.memory_files, raw["memory"], "local engine")
-        if "bound" in parts:
-            print("bound:", file=sys.stderr)
-            out.append(load_line("bound"))
-            folder = linked_folder(originals, args.bound_files, root)
-            rows = {"model alone": {"measure": "model-alone"},
-                    "decode alone": {"measure": "decode-alone"},
-                    "local engine, run --json": {"measure": "local-run"}}
-            raw["bound"] = result = interleaved(rows, folder, warmup, args.repeats)
-            n = args.bound_files
-            model_rate = n / result["model alone"]["median"]["seconds"]
-            decode_rate = n / result["decode alone"]["median"]["seconds"]
-            bound = 1 / (1 / model_rate + 1 / decode_rate)
-            ours = n / result["local engine, run --json"]["median"]["seconds"]
-            out += table(f"{n} originals: the local engine against its 2-core bound "
-                         f"(median of {args.repeats})", n, result, "model alone")
-            extra = (result["local engine, run --json"]["median"]["cpu_s"]
-                     - result["model alone"]["median"]["cpu_s"]
-                     - result["decode alone"]["median"]["cpu_s"])
-            out.append(f"bound 1/(1/{model_rate:.1f} + 1/{decode_rate:.1f}) = {bound:.1f} "
-                       f"images/s; the local engine: {ours:.1f} images/s = "
-                       f"{ours / bound:.2f} of the bound; CPU beyond model + decoding: "
-                       f"{1000 * extra / n:.2f} ms an image\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out.append(f"load average after: {os.getloadavg()}")
-    print("\n".join(out))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": raw}, indent=1))
+    print_results(out, raw, args.json)
 
 
 if __name__ == "__main__":

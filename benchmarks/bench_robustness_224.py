@@ -102,7 +102,7 @@ def image_sets(prep) -> dict:
     """{set: {"labels": (N,), "reference": uint8 (N, S, S), "changed": {change: (N, S, S)}}}."""
     from pneumoscan.evaluation.datasets import list_samples
     from pneumoscan.inference.pipeline import read_model_pixels
-    from training.data import split_by_patient
+    from pneumoscan.evaluation.datasets import split_by_patient
 
     def read(path: Path) -> np.ndarray:
         pixels = read_model_pixels(path, prep)

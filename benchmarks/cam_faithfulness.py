@@ -24,17 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pneumoscan.inference.cam.onnx_cam import softmax
+
 SIZE = 224
 CELL = 16
 FRACTIONS = np.array([0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
 RANDOM_KS = (0.1, 0.2, 0.3)
 BLUR_SIGMA = 12.0
 OPEN_RADIUS = 6
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 class OnnxScorer:

@@ -22,8 +22,8 @@ from pneumoscan.inference.model import DEVICES, ModelError
 from pneumoscan.inference.pipeline import DEFAULT_BATCH_SIZE, stuck
 from pneumoscan.inference.ray_engine import RayOptions
 from pneumoscan.inputs import MAX_INSTANCE_BYTES, is_dicomweb_url
-from pneumoscan.listening import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.run.exits import exit_codes_help
+from pneumoscan.run.listen import DEFAULT_SETTLE, ListenEvents
 from pneumoscan.text import format_duration, printable
 
 log = logging.getLogger("pneumoscan")
@@ -73,7 +73,8 @@ def main() -> None:
     Research use only; not a medical diagnosis."""
 
 
-model_option = click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False),
+model_option = click.option("--model", "model_path",
+                            type=click.Path(path_type=Path, dir_okay=False),
                             help="ONNX model from `pneumoscan export-onnx` (default: the "
                                  "model shipped with pneumoscan).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
@@ -404,7 +405,8 @@ def _tell_summary(summary: api.RunSummary, pushed: bool) -> None:
         if r.status != "ok":
             click.echo(f"  {r.status}: {printable(str(r.path))}: {r.reason}", err=True)
         elif r.in_scope is False:
-            click.echo(f"  out of scope: {printable(str(r.path))}: {'; '.join(r.scope_reasons)}", err=True)
+            click.echo(f"  out of scope: {printable(str(r.path))}: "
+                       f"{'; '.join(r.scope_reasons)}", err=True)
     if pushed:
         click.echo(f"DICOM outputs sent for {len(summary.pushed)} studies; not sent for "
                    f"{len(summary.push_failures)} (the next run tries again)", err=True)
@@ -489,8 +491,8 @@ def listen(spool, port, host, ae_title, allowed, settle, max_associations, max_i
     until SIGTERM or Ctrl-C (a systemd unit is in docs/PACS.md); started again after a
     crash, it finishes what was received but not classified or sent."""
     from pneumoscan.inputs.receiver import ReceiverOptions
-    from pneumoscan.listening import ListenOptions
-    from pneumoscan.listening import listen as listen_until_stopped
+    from pneumoscan.run.listen import ListenOptions
+    from pneumoscan.run.listen import listen as listen_until_stopped
 
     _setup_logging(verbose)
     logging.getLogger("pneumoscan.listen").setLevel(logging.INFO)
@@ -529,8 +531,9 @@ scope_view_option = click.option(
     show_default=True,
     help="what the scope guard reads: 'stored', the input as the training copies were "
          "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
-         "time); 'direct', the network's own activations (next to no time: for networks "
-         "with an input low-pass, which do not tell originals from training copies)")
+         "time); 'direct', the network's own activations at its three coarsest "
+         "resolutions (next to no time: for networks with an input low-pass, which do not "
+         "tell originals from training copies)")
 
 
 @main.command("export-onnx")
@@ -574,7 +577,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
     Prints the checkpoint's validation metrics, and refuses (exit 1, nothing written; --force
     exports anyway) a checkpoint whose validation AUC is more than 0.05 below the default
     model's. --int8 and --fp16 copies are written only if their validation AUC is at most
-    0.005 below the float32 model's; otherwise the command says by how much they missed,
+    0.005 below the float32 model's and their scope guard flags a share of the validation
+    images within 2 points of float32's; otherwise the command says by how much they missed,
     writes no copy and exits with status 1 (the float32 model is written either way)."""
     from pneumoscan.evaluation.metrics import format_validation
     from pneumoscan.modelling.checkpoint import read_checkpoint

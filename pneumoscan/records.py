@@ -66,10 +66,11 @@ class LoadedImage:
 
     `pixels` is greyscale uint8 (H, W) with 0 = black, after the modality LUT, VOI window
     and MONOCHROME1 inversion for DICOM. It may be decoded at reduced resolution (JPEG
-    DCT scaling, JPEG 2000 wavelet levels) when the full size is not needed."""
+    DCT scaling, JPEG 2000 wavelet levels) when the full size is not needed. None once the
+    pipeline has made what it needs of them (inference.pipeline.prepare)."""
     path: Path
     study: str
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -92,9 +93,12 @@ class FileResult:
     # Classified images: the class activation map of the decided class, the network's
     # coarse grid (e.g. 7 x 7) in 0..1, rows of columns (the DICOM heat map is made of it).
     cam: list[list[float]] | None = None
-    # For the report only (not serialised): the X-ray and its CAM overlay side by side,
-    # JPEG (report.pictures.render_picture), or what gives its bytes when asked (a picture
-    # kept in the state ledger).
+    # For the outputs only (not serialised). `view`: the X-ray reduced to the size the
+    # pictures show it (greyscale uint8 (H, W), 0 = black), kept by the engine when an
+    # output draws pictures, dropped once drawn. `picture`: the X-ray and its CAM overlay
+    # side by side, JPEG (report.pictures.render_picture), or what gives its bytes when
+    # asked (a picture kept in the state ledger).
+    view: np.ndarray | None = None
     picture: bytes | SupportsBytes | None = None
     seconds: float | None = None
     from_ledger: bool = False  # taken from the state ledger, not computed in this run

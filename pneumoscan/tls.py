@@ -9,6 +9,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("pneumoscan.listen")
 
@@ -22,7 +23,7 @@ class _ServerContext(ssl.SSLContext):
     caller without the CA's certificate, or not speaking TLS): pynetdicom drops them
     without a word."""
 
-    def wrap_socket(self, sock: socket.socket, *args, **kwargs) -> ssl.SSLSocket:
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         try:
             host, port = sock.getpeername()[:2]
             peer = f"{host}:{port}"
@@ -49,6 +50,8 @@ class TlsOptions:
     def server_context(self) -> ssl.SSLContext:
         """For listening: this node's certificate; with `ca`, callers must present a
         certificate that CA signed."""
+        if self.certificate is None:
+            raise ValueError("a TLS server needs its certificate and key")
         context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.certificate, self.key)

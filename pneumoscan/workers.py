@@ -1,5 +1,5 @@
-"""Worker processes that never outlive the run that started them, and how many cores this
-process may use."""
+"""Workers: processes that never outlive the run that started them, threads that map a
+stream in order, and how many cores this process may use."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import os
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # How often a worker without prctl looks whether its parent is still there.
@@ -42,3 +49,18 @@ def _exit_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_PARENT_POLL_S)
     os._exit(1)
+
+
+def in_threads(function: Callable[[In], Out], items: Iterable[In], threads: int, name: str
+               ) -> Iterator[Out]:
+    """function(item) of each item, in the items' order, computed in `threads` threads named
+    `name`, at most two per thread ahead of the one given out (memory stays flat however
+    many items). `items` is read in the calling thread."""
+    ahead: deque[Future] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix=name) as pool:
+        for item in items:
+            ahead.append(pool.submit(function, item))
+            if len(ahead) > 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()

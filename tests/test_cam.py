@@ -30,6 +30,38 @@ def test_onnx_and_forward_hook_cams_agree_on_real_images(small_checkpoint, small
     assert np.allclose(cams.max(axis=(1, 2)), 1) and np.allclose(cams.min(axis=(1, 2)), 0)
 
 
+def test_onnx_cam_is_pytorch_grad_cams_grad_cam_on_the_last_maps(small_checkpoint, small_onnx,
+                                                                  val_images):
+    """External reference: for a GAP + linear head, Grad-CAM on the last conv maps
+    (pytorch-grad-cam) is ReLU(CAM_k - b_k) up to scale. The in-graph CAM, bias removed,
+    rectified and brought to the input size by pytorch-grad-cam's own scaling, is its map
+    (to 1e-3 on the normalised maps; 4e-5 on the shipped model and the 16 VAL scans)."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pneumoscan.modelling.checkpoint import load_network
+
+    onnx_model = OnnxCamModel(small_onnx, device="cpu")
+    network, _ = load_network(small_checkpoint)
+    prep = onnx_model.info.preprocessing
+    batch = np.stack([read_model_input(p, prep) for p in sorted(val_images.rglob("*.jpeg"))])
+    predicted = onnx_model.predict(batch)
+    decided = predicted.probabilities.argmax(1)
+    bias = network.classifier.bias.detach().numpy()[decided]
+    ours = np.maximum(predicted.cams[np.arange(len(batch)), decided] - bias[:, None, None], 0)
+    # scaled as pytorch-grad-cam does: per layer (min-max, resize), then the layers' mean
+    ours = scale_cam_image(scale_cam_image(ours, (prep.width, prep.height)))
+    with GradCAM(model=network, target_layers=[network.features]) as grad_cam:
+        theirs = grad_cam(input_tensor=torch.from_numpy(batch),
+                          targets=[ClassifierOutputTarget(int(c)) for c in decided])
+    assert theirs.shape == ours.shape == (len(batch), prep.height, prep.width)
+    assert np.abs(ours - theirs).max() < 1e-3
+    # Real maps, not all zero (one is, where CAM_k - b_k < 0 in every cell: Grad-CAM is 0).
+    assert (theirs.max(axis=(1, 2)) > 0.99).mean() > 0.5
+
+
 def test_cam_is_the_classifier_applied_to_the_hooked_maps(small_checkpoint, val_images):
     """CAM averaged over space equals the logit, since the head is GAP + linear."""
     torch_model = TorchHookCamModel(small_checkpoint, device="cpu")

@@ -124,3 +124,37 @@ def test_lossless_encodings_of_one_dicom_score_alike(shipped, tmp_path):
                                             key=lambda r: r.path.name)]
     assert None not in scores
     assert abs(scores[0] - scores[1]) <= 0.002, scores
+
+
+def test_pictures_are_drawn_by_the_outputs_from_the_engines_views(shipped):
+    """The engine draws nothing. Without a view size (a --json run) it keeps no view; with
+    one, each classified image comes with its view (the X-ray reduced to at most that),
+    from which with the result's CAM the output stage draws the same picture as from the
+    full decode; the scores and CAMs are the same either way. `api.scan` with pictures
+    drops the views once drawn."""
+    import numpy as np
+
+    from pneumoscan import api
+    from pneumoscan.inference.pipeline import classify
+    from pneumoscan.inputs.discover import discover
+    from pneumoscan.inputs.loading import load
+    from pneumoscan.report.pictures import DISPLAY_SIZE, render_picture
+
+    items = list(discover(SAMPLES))
+    plain = list(classify(items, shipped))
+    viewed = list(classify(items, shipped, view_size=DISPLAY_SIZE))
+    assert all(r.view is None and r.picture is None for r in plain)
+    assert [(r.probability, r.cam) for r in viewed] == [(r.probability, r.cam) for r in plain]
+    classified = [(item, r) for item, r in zip(items, viewed) if r.status == "ok"]
+    assert len(classified) >= 16
+    assert all(r.view is None for r in viewed if r.status != "ok")
+    decode_size = shipped.info.preprocessing.decode_size
+    for item, result in classified:
+        view, cam = result.view, np.asarray(result.cam, np.float32)
+        assert max(view.shape) <= DISPLAY_SIZE and view.dtype == np.uint8
+        full = load(item, min_size=decode_size).pixels
+        assert max(full.shape) > DISPLAY_SIZE  # the view is a reduction, not the decode
+        assert render_picture(view, cam) == render_picture(full, cam)
+    scanned = api.scan(SAMPLES, shipped, render=True).results
+    assert all(r.view is None for r in scanned)
+    assert all(bytes(r.picture)[:3] == b"\xff\xd8\xff" for r in scanned if r.status == "ok")

@@ -73,6 +73,9 @@ def test_int8_is_quantised_calibrated_on_the_training_split_and_keeps_cams(
     out = model.predict(batch)
     assert out.probabilities.shape == (2, 2) and out.cams.shape == (2, 2, 4, 4)
     assert comparison.images == 16
+    # The guard flags the images float32's does (its own float weights: same scores)
+    assert comparison.flagged is not None
+    assert abs(comparison.flagged[1] - comparison.flagged[0]) <= 1 / 16
     assert comparison.cam_correlation_mean > 0.5
     assert comparison.max_probability_difference < 0.5
 
@@ -81,6 +84,16 @@ def test_int8_is_not_written_when_its_auc_drops_too_much(small_checkpoint, fp32,
     with pytest.raises(QuantizeError, match="NOT written"):
         export_reduced(small_checkpoint, fp32, ["int8"], calibration_count=8,
                        eval_images=val_images, max_auc_drop=-1.0, log=lambda m: None)
+    assert sorted(p.name for p in fp32.parent.iterdir()) == ["model.onnx"]
+
+
+def test_int8_is_not_written_when_its_guard_flags_otherwise(small_checkpoint, fp32,
+                                                            val_images, monkeypatch):
+    monkeypatch.setattr("pneumoscan.modelling.quantize.MAX_FLAG_RATE_CHANGE", -1.0)
+    monkeypatch.setattr("pneumoscan.modelling.quantize.FLAG_SLACK_IMAGES", -1)
+    with pytest.raises(QuantizeError, match="scope guard flags"):
+        export_reduced(small_checkpoint, fp32, ["int8"], calibration_count=8,
+                       eval_images=val_images, max_auc_drop=1.0, log=lambda m: None)
     assert sorted(p.name for p in fp32.parent.iterdir()) == ["model.onnx"]
 
 

@@ -31,8 +31,7 @@ def evaluate_dataset(data: Path, model: CamModel, *, batch_size: int = DEFAULT_B
         raise ValueError(f"no labelled images under {data}")
     threshold = model.info.threshold if threshold is None else threshold
     results = list(classify((identify_file(s.path) for s in samples), model,
-                            batch_size=batch_size, workers=workers, threshold=threshold,
-                            render=False))
+                            batch_size=batch_size, workers=workers, threshold=threshold))
     ok = [(s, r) for s, r in zip(samples, results) if r.status == "ok"]
     if not ok:
         raise ValueError(f"none of the {len(samples)} images under {data} could be classified")

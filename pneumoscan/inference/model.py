@@ -55,7 +55,7 @@ class ModelInfo:
     def cam_method(self) -> str:
         """How the model's `cams` output is computed (metadata `cam_method`, written by
         export-onnx); models exported before it was recorded carry the plain CAM."""
-        return self.extra.get("cam_method", PLAIN_CAM)
+        return str(self.extra.get("cam_method", PLAIN_CAM))
 
     @property
     def validation_metrics(self) -> dict:

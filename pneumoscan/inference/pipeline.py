@@ -2,11 +2,14 @@
 
 The stages are plain functions, shared by both engines: `prepare` (load + preprocess one
 file), `score` (one batch through the model: probability, decision, CAM and scope) and
-`finish` (the file's result, with the report's picture). `classify` is the local engine:
-worker threads prepare files ahead of the model (a bounded window, so memory stays flat
-however many files there are) while the calling thread runs batches through the model; the
-pictures are rendered back in the workers. `ray_engine` runs the same stages on a Ray
-cluster. Results come out in input order, one per input file, whatever happened to it.
+`finish` (the file's result). `classify` is the local engine: worker threads prepare files
+ahead of the model (a bounded window, so memory stays flat however many files there are)
+while a thread of its own runs batches through the model, one batch ahead of the caller.
+`ray_engine` runs the same stages on a Ray cluster. Results come out in input order, one
+per input file, whatever happened to it. Nothing here draws: when the outputs will show
+pictures, they ask for each classified image's view (the X-ray reduced to the size they
+show), from which with the result's CAM the output stage draws them (report.pictures); a
+run that writes only JSON keeps none.
 
 A watchdog bounds the time one file may take in the local engine: a file whose reading and
 decoding has not ended FILE_TIMEOUT_S after it started is abandoned (an error, with the
@@ -20,18 +23,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from pneumoscan.inference.cam import CamModel, normalised_cams
-from pneumoscan.inference.preprocess import Preprocessing, normalise, prepare_pixels
+from pneumoscan.inference.preprocess import (
+    Preprocessing,
+    normalise,
+    prepare_pixels,
+    reduced,
+)
 from pneumoscan.inference.scope import assess, scope_threshold
 from pneumoscan.inputs.loading import load, load_path
 from pneumoscan.records import FileResult, InputFile, LoadedImage
-from pneumoscan.report.pictures import render_picture
 from pneumoscan.workers import available_cores
 
 DEFAULT_BATCH_SIZE = 32
@@ -57,11 +64,14 @@ class Prepared:
     """One file after load + preprocess. `model_pixels` is the model's input before
     normalisation (uint8, the model's size: a fifth of the float tensor's bytes, which
     matters where it travels between processes); None when the file was not loaded, and
-    `outcome` is then its result."""
+    `outcome` is then its result. A loaded image's decoded pixels are not kept (its
+    `outcome.pixels` is None): `view_pixels` is the X-ray reduced for the outputs' pictures
+    when they were asked for, else None."""
     item: InputFile
     outcome: LoadedImage | FileResult
     model_pixels: np.ndarray | None
     seconds: float
+    view_pixels: np.ndarray | None = None
 
 
 @dataclass
@@ -110,10 +120,11 @@ class Engine(Protocol):
     """What runs the stages: `classify` below (LocalEngine), or ray_engine.RayEngine."""
 
     def classify(self, items: Iterable[InputFile], model: CamModel, *, batch_size: int,
-                 workers: int | None, threshold: float | None, render: bool,
+                 workers: int | None, threshold: float | None, view_size: int | None = None,
                  on_result: Callable[[FileResult], None] | None = None
                  ) -> Iterator[FileResult]:
-        """One FileResult per item, in order."""
+        """One FileResult per item, in order; with `view_size`, each classified one with
+        its view (the X-ray at most `view_size` px on its longest side)."""
 
     def provider(self, model: CamModel) -> str:
         """The execution provider that ran the model, for the run's record."""
@@ -141,14 +152,19 @@ def default_workers() -> int:
     return min(4, available_cores())
 
 
-def prepare(item: InputFile, prep: Preprocessing) -> Prepared:
-    """Load one file at the model's decode size and make the model's input of it. The
-    report's pictures come from the same decode (large scans are shown at up to
-    DISPLAY_SIZE): one decode per file."""
+def prepare(item: InputFile, prep: Preprocessing, view_size: int | None = None) -> Prepared:
+    """Load one file at the model's decode size and make the model's input of it; with
+    `view_size`, also the X-ray reduced to at most that on its longest side, for the
+    outputs' pictures (from the same decode: one decode per file)."""
     t0 = time.perf_counter()
     outcome = load(item, min_size=prep.decode_size)
-    pixels = prepare_pixels(outcome.pixels, prep) if isinstance(outcome, LoadedImage) else None
-    return Prepared(item, outcome, pixels, time.perf_counter() - t0)
+    if not isinstance(outcome, LoadedImage):
+        return Prepared(item, outcome, None, time.perf_counter() - t0)
+    model_pixels = prepare_pixels(outcome.pixels, prep)
+    view_pixels = None if view_size is None else reduced(outcome.pixels, view_size)
+    # The decoded scan is not needed any more: don't hold (or ship) it.
+    outcome = replace(outcome, pixels=None)
+    return Prepared(item, outcome, model_pixels, time.perf_counter() - t0, view_pixels)
 
 
 def score(chunk: list[Prepared], model: CamModel, threshold: float) -> list[Scored | None]:
@@ -190,9 +206,9 @@ def cam_grid(cam: np.ndarray) -> list[list[float]]:
     return np.round(np.nan_to_num(np.asarray(cam, dtype=np.float64)), CAM_DECIMALS).tolist()
 
 
-def finish(prepared: Prepared, scored: Scored | None, threshold: float,
-           picture: bytes | None = None) -> FileResult:
-    """The file's result: classified when it was scored, else what loading it gave."""
+def finish(prepared: Prepared, scored: Scored | None, threshold: float) -> FileResult:
+    """The file's result: classified when it was scored (with its view when the file was
+    prepared with one), else what loading it gave."""
     if scored is None:
         result = prepared.outcome
         if result.seconds is None:
@@ -203,13 +219,13 @@ def finish(prepared: Prepared, scored: Scored | None, threshold: float,
                       probability=scored.probability, label=scored.label,
                       threshold=float(threshold), metadata=img.metadata,
                       in_scope=scored.in_scope, scope_reasons=scored.scope_reasons,
-                      cam=cam_grid(scored.cam), picture=picture,
+                      cam=cam_grid(scored.cam), view=prepared.view_pixels,
                       seconds=prepared.seconds + scored.seconds)
 
 
-def _prepare_job(job: Job, prep: Preprocessing) -> Prepared:
+def _prepare_job(job: Job, prep: Preprocessing, view_size: int | None) -> Prepared:
     job.started = time.monotonic()
-    return prepare(job.item, prep)
+    return prepare(job.item, prep, view_size)
 
 
 def await_job(job: Job, timeout: float) -> Prepared:
@@ -233,31 +249,45 @@ def await_job(job: Job, timeout: float) -> Prepared:
 
 def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = DEFAULT_BATCH_SIZE,
              workers: int | None = None, threshold: float | None = None,
-             render: bool = True, file_timeout: float = FILE_TIMEOUT_S,
+             view_size: int | None = None, file_timeout: float = FILE_TIMEOUT_S,
              on_result: Callable[[FileResult], None] | None = None) -> Iterator[FileResult]:
-    """One FileResult per item, in order. `render` adds the report's pictures (the X-ray
-    beside its CAM overlay); without it the run is classification only. A file that takes
-    more than `file_timeout` seconds is abandoned (an error result)."""
+    """One FileResult per item, in order. `view_size` keeps each classified image's view
+    (the X-ray at most that on its longest side) for the outputs that draw pictures;
+    without it the run is classification only. A file that takes more than
+    `file_timeout` seconds is abandoned (an error result)."""
     threshold = model.info.threshold if threshold is None else threshold
     prep = model.info.preprocessing
     pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan")
+    # The model runs in a thread of its own, one batch ahead of the caller: what the caller
+    # does with a batch's results (the state, the log, the outputs) overlaps the next
+    # batch's inference instead of leaving the cores to the decoders alone.
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="pneumoscan-model")
     try:
-        for chunk in _read_ahead(pool, iter(items), prep, batch_size, file_timeout):
-            scored = score(chunk, model, threshold)
-            pictures = [pool.submit(render_picture, p.outcome.pixels, s.cam)
-                        if render and s is not None else None for p, s in zip(chunk, scored)]
-            for p, s, picture in zip(chunk, scored, pictures):
-                result = finish(p, s, threshold, picture.result() if picture else None)
-                if on_result:
-                    on_result(result)
-                yield result
+        scoring: deque[tuple[list[Prepared], Future]] = deque()
+        for chunk in _read_ahead(pool, iter(items), prep, view_size, batch_size, file_timeout):
+            scoring.append((chunk, model_thread.submit(score, chunk, model, threshold)))
+            if len(scoring) > 1:
+                yield from _finished(*scoring.popleft(), threshold, on_result)
+        while scoring:
+            yield from _finished(*scoring.popleft(), threshold, on_result)
     finally:
+        model_thread.shutdown(cancel_futures=True)
         # Never wait for an abandoned file's thread: it may never end.
         pool.shutdown(wait=not stuck(), cancel_futures=True)
 
 
+def _finished(chunk: list[Prepared], scoring: Future, threshold: float,
+              on_result: Callable[[FileResult], None] | None) -> Iterator[FileResult]:
+    for p, s in zip(chunk, scoring.result()):
+        result = finish(p, s, threshold)
+        if on_result:
+            on_result(result)
+        yield result
+
+
 def _read_ahead(pool: ThreadPoolExecutor, iterator: Iterator[InputFile], prep: Preprocessing,
-                batch_size: int, file_timeout: float) -> Iterator[list[Prepared]]:
+                view_size: int | None, batch_size: int, file_timeout: float
+                ) -> Iterator[list[Prepared]]:
     """Chunks of prepared files in input order, each with up to `batch_size` loaded ones,
     while up to three batches more are prepared in the pool."""
     window: deque[Job] = deque()
@@ -271,7 +301,7 @@ def _read_ahead(pool: ThreadPoolExecutor, iterator: Iterator[InputFile], prep: P
             except StopIteration:
                 exhausted = True
                 break
-            job.future = pool.submit(_prepare_job, job, prep)
+            job.future = pool.submit(_prepare_job, job, prep, view_size)
             window.append(job)
 
     refill()

@@ -47,7 +47,7 @@ class Preprocessing:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Preprocessing":
+    def from_json(cls, text: str) -> Preprocessing:
         d = json.loads(text)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
@@ -82,6 +82,23 @@ def _normalised(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
     mean = np.asarray(prep.mean, np.float32)[None, :, None, None]
     inv_std = 1 / np.asarray(prep.std, np.float32)[None, :, None, None]
     return (x - mean) * inv_std
+
+
+def reduced_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) scaled down so the longest side is at most `longest`; never up."""
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def reduced(pixels: np.ndarray, longest: int) -> np.ndarray:
+    """uint8 (H, W) scaled down so that its longest side is at most `longest` (never up):
+    bilinear, with Pillow's reducing gap so that a large scan is box-averaged first."""
+    height, width = pixels.shape
+    size = reduced_size(width, height, longest)
+    if size == (width, height):
+        return pixels
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
 def model_input(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:

@@ -5,23 +5,23 @@ Ray Data streams the files through the stage functions of the local engine
 
     file list -> prepare: load + preprocess
               -> score + finish: an actor pool, one ONNX Runtime session per actor (CUDA
-                 when the actor holds a GPU); the result, with the report's picture
+                 when the actor holds a GPU); the result (with its view, when asked)
               -> the driver, in input order
 
 Where `prepare` runs depends on the actors. Actors with a GPU (or any, when
 `RayOptions.decode_cpus` asks for it) get their files prepared by CPU tasks spread over
 the nodes: a file's pixels cross Ray's object store once, as the model's uint8 input (and
-the scan for the report's picture, when a report is asked for). Actors on CPUs only
+the X-ray reduced for the outputs' pictures, when asked for). Actors on CPUs only
 prepare their own files: the prepare stage asks for the actors' resources, so Ray Data
 fuses it into them; no pixels cross the object store, and every CPU decodes and
 classifies whole files, as the local engine's threads share a machine's cores.
 
 The driver (the process that runs `pneumoscan run`) keeps the ledger, the run log, the JSON
-and the reports exactly as with the local engine: it gets the results one by one, in
-order, and never holds more of them than the local engine does. Ray retries the work of a
-worker or an actor that dies (actors are restarted), and every row is checked to come back
-exactly once. Every node reads the input files and the model by the paths the driver gives
-(a filesystem they all see; docs/CLUSTER.md).
+and the reports (and draws their pictures) exactly as with the local engine: it gets the
+results one by one, in order, and never holds more of them than the local engine does. Ray
+retries the work of a worker or an actor that dies (actors are restarted), and every row is
+checked to come back exactly once. Every node reads the input files and the model by the
+paths the driver gives (a filesystem they all see; docs/CLUSTER.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,7 @@ from pneumoscan.inference.pipeline import (
     score,
 )
 from pneumoscan.inference.preprocess import Preprocessing
-from pneumoscan.records import FileResult, InputFile, LoadedImage
-from pneumoscan.report.pictures import render_picture
+from pneumoscan.records import FileResult, InputFile
 from pneumoscan.text import one_line
 
 INSTALL_HINT = 'the ray engine needs Ray: pip install "pneumoscan[ray]"'
@@ -119,29 +118,23 @@ class ModelSpec:
         return model
 
 
-def _prepare_block(batch: dict, prep: Preprocessing, render: bool) -> dict:
-    prepared = [prepare(item, prep) for item in batch["item"]]
-    if not render:  # the decoded scan is only wanted for the picture: don't ship it
-        prepared = [replace(p, outcome=replace(p.outcome, pixels=None))
-                    if isinstance(p.outcome, LoadedImage) else p for p in prepared]
+def _prepare_block(batch: dict, prep: Preprocessing, view_size: int | None) -> dict:
+    prepared = [prepare(item, prep, view_size) for item in batch["item"]]
     return {"index": batch["index"], "prepared": _objects(prepared)}
 
 
 class _Classifier:
     """An inference actor: one ONNX Runtime session for its life. It scores batches of
-    prepared files and finishes them, so that only results (with their pictures) go back
-    to the driver."""
+    prepared files and finishes them, so that only results (with their views, when asked)
+    go back to the driver."""
 
-    def __init__(self, spec: ModelSpec, threads: int, threshold: float, render: bool):
+    def __init__(self, spec: ModelSpec, threads: int, threshold: float):
         self.model = spec.open(threads)
         self.threshold = threshold
-        self.render = render
 
     def __call__(self, batch: dict) -> dict:
         prepared: list[Prepared] = list(batch["prepared"])
-        results = [finish(p, s, self.threshold,
-                          render_picture(p.outcome.pixels, s.cam)
-                          if self.render and s is not None else None)
+        results = [finish(p, s, self.threshold)
                    for p, s in zip(prepared, score(prepared, self.model, self.threshold))]
         return {"index": batch["index"], "result": _objects(results),
                 "provider": np.array([self.model.provider] * len(prepared))}
@@ -202,7 +195,7 @@ class RayEngine:
 
     def classify(self, items: Iterable[InputFile], model: CamModel, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                 threshold: float | None = None, render: bool = True,
+                 threshold: float | None = None, view_size: int | None = None,
                  on_result: Callable[[FileResult], None] | None = None
                  ) -> Iterator[FileResult]:
         """One FileResult per item, in order, as `pipeline.classify` gives them. `model` is
@@ -214,7 +207,7 @@ class RayEngine:
         if not items:
             return
         threshold = model.info.threshold if threshold is None else threshold
-        dataset = self._dataset(items, model, batch_size, threshold, render)
+        dataset = self._dataset(items, model, batch_size, threshold, view_size)
         returned = 0
         try:
             for row in dataset.iter_rows():
@@ -233,7 +226,7 @@ class RayEngine:
             raise EngineError(f"the Ray pipeline returned {returned} of {len(items)} files")
 
     def _dataset(self, items: list[InputFile], model: CamModel, batch_size: int,
-                 threshold: float, render: bool):
+                 threshold: float, view_size: int | None):
         ray = self._ray
         gpus = self._actor_gpus()
         spec = ModelSpec.of(model, self.device if gpus else "cpu")
@@ -252,11 +245,11 @@ class RayEngine:
                              if decode_cpus else actor_resources)
         return (dataset
                 .map_batches(_prepare_block, fn_kwargs={"prep": model.info.preprocessing,
-                                                        "render": render},
+                                                        "view_size": view_size},
                              batch_size=None, **prepare_resources)
                 .map_batches(_Classifier, fn_constructor_kwargs={
                                  "spec": spec, "threads": max(1, round(self.options.actor_cpus)),
-                                 "threshold": threshold, "render": render},
+                                 "threshold": threshold},
                              batch_size=batch_size, compute=actors, **actor_resources))
 
     def _actors_that_fit(self, gpus: float) -> int:

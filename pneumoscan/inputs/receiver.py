@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
@@ -31,6 +32,10 @@ from pydicom.uid import (
 
 from pneumoscan.inputs.problems import DECODER_ERRORS
 from pneumoscan.tls import TlsOptions
+
+if TYPE_CHECKING:  # pynetdicom (the pacs extra) is imported when listening starts
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger("pneumoscan.listen")
 
@@ -187,7 +192,7 @@ class Receiver:
     def __init__(self, spool: Spool, options: ReceiverOptions):
         self.spool = spool
         self.options = options
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
         """Listen; raises SpoolError when the port cannot be bound or TLS not set up."""
@@ -214,9 +219,9 @@ class Receiver:
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_released), (evt.EVT_ABORTED, self._on_aborted)]
         try:
-            context = options.tls.server_context() if options.tls else None
+            tls_context = options.tls.server_context() if options.tls else None
             self._server = ae.start_server((options.host, options.port), block=False,
-                                           evt_handlers=handlers, ssl_context=context)
+                                           evt_handlers=handlers, ssl_context=tls_context)
         except (OSError, ssl.SSLError) as exc:
             raise SpoolError(f"cannot listen on port {options.port}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -225,7 +230,9 @@ class Receiver:
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        """The port listened on (the one the system chose, for port 0); once started."""
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:
@@ -235,7 +242,7 @@ class Receiver:
     # Handlers, in the association's thread. An exception escaping a C-STORE handler makes
     # pynetdicom answer 0xC211 and log it; ours say why with a status of their own.
 
-    def _on_store(self, event) -> int:
+    def _on_store(self, event: Event) -> int:
         peer = _peer(event)
         sop_class = event.request.AffectedSOPClassUID
         sop_uid = event.request.AffectedSOPInstanceUID
@@ -267,25 +274,25 @@ class Receiver:
         log.info("received %s of study %s from %s", sop_uid, study_uid, peer)
         return SUCCESS
 
-    def _on_echo(self, event) -> int:
+    def _on_echo(self, event: Event) -> int:
         log.info("C-ECHO from %s", _peer(event))
         return SUCCESS
 
-    def _on_accepted(self, event) -> None:
+    def _on_accepted(self, event: Event) -> None:
         log.info("association accepted from %s", _peer(event))
 
-    def _on_rejected(self, event) -> None:
+    def _on_rejected(self, event: Event) -> None:
         log.warning("association rejected from %s (not allowed, or too many at once: %d)",
                     _peer(event), self.options.max_associations)
 
-    def _on_released(self, event) -> None:
+    def _on_released(self, event: Event) -> None:
         log.info("association released by %s", _peer(event))
 
-    def _on_aborted(self, event) -> None:
+    def _on_aborted(self, event: Event) -> None:
         log.warning("association aborted with %s", _peer(event))
 
 
-def _peer(event) -> str:
+def _peer(event: Event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.ae_title or '?'} at {requestor.address}:{requestor.port}"
 

@@ -34,6 +34,12 @@ from pneumoscan.inference.preprocess import Preprocessing
 
 MAX_AUC_DROP = 0.005
 CALIBRATION_IMAGES = 200
+# A reduced copy must flag about the share of validation images float32's guard does (within
+# this share, or this many images near the threshold, whichever is more): a guard that reads
+# the network's own activations (scope_guard's "direct" view) reads them quantised, and its
+# float32 fit then flagged every image in one measurement.
+MAX_FLAG_RATE_CHANGE = 0.02
+FLAG_SLACK_IMAGES = 1
 
 
 class QuantizeError(RuntimeError):
@@ -50,6 +56,8 @@ class Comparison:
     cam_correlation_mean: float  # Pearson r of the decided class's CAM, per image
     cam_correlation_min: float
     speedup: float  # float32 seconds / candidate seconds, model calls only, this machine
+    # Shares of the images the scope guard flags (float32, this model); None: no guard
+    flagged: tuple[float, float] | None = None
 
     @property
     def auc_drop(self) -> float:
@@ -63,14 +71,18 @@ class Comparison:
                 f"({new['accuracy'] - ref['accuracy']:+.4f}), max |probability difference| "
                 f"{self.max_probability_difference:.2e}, CAM correlation mean "
                 f"{self.cam_correlation_mean:.3f} (min {self.cam_correlation_min:.3f}), "
-                f"model {self.speedup:.2f}x the speed of float32 on this machine")
+                f"model {self.speedup:.2f}x the speed of float32 on this machine"
+                + (f", scope guard flags {self.flagged[0]:.1%} -> {self.flagged[1]:.1%}"
+                   if self.flagged is not None else ""))
 
     def to_json(self) -> dict:
         return {"images": self.images, "float32": self.reference, "this_model": self.candidate,
                 "max_probability_difference": self.max_probability_difference,
                 "cam_correlation_mean": self.cam_correlation_mean,
                 "cam_correlation_min": self.cam_correlation_min,
-                "speedup_vs_float32": self.speedup}
+                "speedup_vs_float32": self.speedup,
+                "scope_flagged": None if self.flagged is None else
+                {"float32": self.flagged[0], "this_model": self.flagged[1]}}
 
 
 def labelled_images(paths: list[Path]) -> tuple[list[Path], np.ndarray]:
@@ -215,10 +227,13 @@ def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) 
     from pneumoscan.inference.cam import normalised_cams
     from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 
+    from pneumoscan.inference.scope import scope_threshold
+
     models = [OnnxCamModel(fp32, "cpu"), OnnxCamModel(candidate, "cpu")]
     info = models[0].info
     positive = info.positive_class
-    probabilities = [[], []]
+    guard_threshold = scope_threshold(info)
+    probabilities, flagged = [[], []], [[], []]
     seconds = [0.0, 0.0]
     correlations, kept = [], []
     for batch, indices in preprocessed_batches(paths, info.preprocessing):
@@ -228,6 +243,8 @@ def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) 
             predictions = model.predict(batch)
             seconds[k] += time.perf_counter() - t0
             probabilities[k].append(predictions.probabilities[:, positive])
+            if guard_threshold is not None:
+                flagged[k].append(predictions.scope_scores > guard_threshold)
             cams.append(predictions.cams)
         decided = np.where(probabilities[0][-1] >= info.threshold, positive, 1 - positive)
         a, b = (normalised_cams(c, decided).reshape(len(batch), -1) for c in cams)
@@ -243,7 +260,9 @@ def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) 
                       max_probability_difference=float(np.abs(ref - new).max()),
                       cam_correlation_mean=float(np.mean(correlations)),
                       cam_correlation_min=float(np.min(correlations)),
-                      speedup=seconds[0] / seconds[1])
+                      speedup=seconds[0] / seconds[1],
+                      flagged=None if guard_threshold is None else
+                      tuple(float(np.concatenate(f).mean()) for f in flagged))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -311,6 +330,14 @@ def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: n
             raise QuantizeError(f"{kind} model NOT written: its validation AUC is "
                                 f"{comparison.auc_drop:.4f} below float32's, more than the "
                                 f"{max_auc_drop} allowed")
+        allowed = max(MAX_FLAG_RATE_CHANGE, FLAG_SLACK_IMAGES / comparison.images)
+        if comparison.flagged is not None \
+                and abs(comparison.flagged[1] - comparison.flagged[0]) > allowed + 1e-12:
+            raise QuantizeError(f"{kind} model NOT written: its scope guard flags "
+                                f"{comparison.flagged[1]:.1%} of the validation images against "
+                                f"float32's {comparison.flagged[0]:.1%} (more than "
+                                f"{allowed:.1%} apart): the guard reads activations the "
+                                "reduction changed")
         set_metadata(partial, {"validation_vs_float32": comparison.to_json()})
     log(f"wrote {out}")
     return comparison

@@ -3,7 +3,10 @@ the model computes itself, as one more ONNX output (`scope_score`, shape (N,)).
 
 The guard reads the image through its own view (modelling/stored_view.py): the model's input
 stored as the training images were (a quality-75 JPEG round trip, unless the model's own
-preprocessing has one) and averaged over 2x2 pixels, through a copy of the network's trunk.
+preprocessing has one) and averaged over 2x2 pixels, through a copy of the network's trunk;
+or, with the "direct" view, the network's own activations in the same pass (for networks
+that do not tell an original scan from a training copy by its JPEG artefacts, such as those
+with an input low-pass).
 Each tapped layer's activations are pooled to their per-channel mean and standard deviation.
 On the training images, a Gaussian per layer is fitted in the probabilistic-PCA form: the
 top principal components with their own variances, and one variance for everything outside
@@ -52,6 +55,11 @@ VIEW_REDUCTION = 2
 # artefacts); "direct", the network's own activations in the same pass (next to no cost; for
 # networks that do not, such as those with an input low-pass, architectures.GaussianLowPass).
 VIEWS = ("stored", "direct")
+# The direct view taps the last activations of the three coarsest resolutions only (28, 14
+# and 7 px for a 224 px input): on the 2026.12.06 low-pass candidate, the 112 and 56 px
+# layers cost about 40% of the network's time (their statistics over large maps, in the
+# layout ORT's convolutions do not use) and flagging did not need them (docs/MODEL_CARD.md).
+DIRECT_LAYERS = 3
 
 
 class ScopeFitError(RuntimeError):
@@ -342,7 +350,7 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
         raise ScopeFitError(f"{model_path} already has a scope guard")
     prep = model_preprocessing(model)
     if view == "direct":
-        quality, reduction, tensors = None, 1, tapped_layers(model)
+        quality, reduction, tensors = None, 1, tapped_layers(model)[-DIRECT_LAYERS:]
     else:
         quality = None if prep.jpeg_quality is not None else TRAINING_JPEG_QUALITY
         reduction = VIEW_REDUCTION

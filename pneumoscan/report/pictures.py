@@ -1,18 +1,28 @@
 """The report's picture of an image: the X-ray and its class activation map (CAM) blended
 over it, side by side in one JPEG at the size the report shows them.
 
-`render_picture` runs once per image in the pipeline's worker threads, so it uses only
-numpy and Pillow (whose resize, blend and encode release the GIL) on uint8 / float32 arrays
-at display size; of matplotlib, only its colour map table is used.
+Pictures are drawn in the output stage, only for runs whose outputs show them (a report,
+per-study reports, DICOM outputs): the engine hands over each classified image's view (the
+X-ray reduced to DISPLAY_SIZE) and `drawn` makes the picture of it and the result's CAM as
+the results stream to the state and the outputs. `render_picture` runs once per
+image in threads, so it uses only numpy and Pillow (whose resize, blend and encode release
+the GIL) on uint8 / float32 arrays at display size; of matplotlib, only its colour map
+table is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Generator
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+
+from pneumoscan.inference.preprocess import reduced, reduced_size
+from pneumoscan.records import FileResult
+from pneumoscan.workers import in_threads
 
 # Longest side of the report images: about 115 dpi at the 85 mm they are printed at.
 DISPLAY_SIZE = 384
@@ -33,10 +43,26 @@ def turbo_lut() -> np.ndarray:
     return colormaps["turbo"](np.arange(256), bytes=True)[:, :3]
 
 
-def display_size(width: int, height: int, longest: int = DISPLAY_SIZE) -> tuple[int, int]:
-    """(width, height) scaled down so the longest side is at most `longest`; never up."""
-    scale = min(1.0, longest / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+def display_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of an X-ray of that size as the pictures show it."""
+    return reduced_size(width, height, DISPLAY_SIZE)
+
+
+def drawn(results: Generator[FileResult, None, None], threads: int
+          ) -> Generator[FileResult, None, None]:
+    """`results` in their order, the picture of each one with a view drawn from it and its
+    CAM (in `threads` threads, a few results ahead of the one given out), the view then
+    dropped.
+    Closing this closes `results` (the engine's run)."""
+    with contextlib.closing(results):
+        yield from in_threads(_with_picture, results, threads, "pneumoscan-picture")
+
+
+def _with_picture(result: FileResult) -> FileResult:
+    if result.view is not None:
+        result.picture = render_picture(result.view, np.asarray(result.cam, np.float32))
+        result.view = None
+    return result
 
 
 def render_picture(pixels: np.ndarray, cam: np.ndarray) -> bytes:
@@ -45,15 +71,13 @@ def render_picture(pixels: np.ndarray, cam: np.ndarray) -> bytes:
     map blended over it, and the colour scale (low to high) under that. One picture rather
     than two: every image is a box for WeasyPrint to lay out and an object in the PDF.
 
-    pixels: greyscale uint8 (H, W), 0 = black (a LoadedImage's pixels).
+    pixels: greyscale uint8 (H, W), 0 = black (a result's view, or a LoadedImage's).
     cam: float32 (h, w), any small grid (e.g. 7 x 7), normalised to 0..1 for the predicted
     class; it is stretched over the whole image.
     """
-    grey = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
-    size = display_size(*grey.size)
-    if grey.size != size:
-        grey = grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    grey = grey.convert("RGB")
+    grey = Image.fromarray(np.ascontiguousarray(reduced(pixels, DISPLAY_SIZE),
+                                                dtype=np.uint8)).convert("RGB")
+    size = grey.size
     width, height = size
     picture = Image.new("RGB", picture_size(width, height), "white")
     picture.paste(grey, (0, 0))

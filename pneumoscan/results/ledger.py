@@ -33,6 +33,7 @@ from pneumoscan.files import open_private, sha256_of_stream
 from pneumoscan.inputs.reading import open_input
 from pneumoscan.records import FileResult, InputFile
 from pneumoscan.text import format_duration, printable
+from pneumoscan.workers import available_cores, in_threads
 
 SCHEMA_VERSION = 4
 
@@ -257,13 +258,21 @@ class Ledger:
 
     @contextlib.contextmanager
     def _using(self, action: str) -> Iterator[None]:
-        """SQLite and decoding errors while `action` as one StateError line."""
+        """SQLite's errors while `action` as one StateError line."""
         try:
             yield
         except sqlite3.Error as exc:
             raise StateError(f"state file {self.path}: cannot {action}: "
                              f"{printable(str(exc), 200)}") from exc
-        except (ValueError, KeyError, TypeError) as exc:  # JSON and rows that make no sense
+
+    @contextlib.contextmanager
+    def _decoding(self, action: str) -> Iterator[None]:
+        """Around the decoding of recorded rows alone: JSON and rows that make no sense (a
+        damaged state file) as one StateError line. Errors of our own code elsewhere stay
+        what they are: bugs."""
+        try:
+            yield
+        except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"state file {self.path} is damaged: cannot {action}: "
                              f"{type(exc).__name__}: {printable(str(exc), 200)}") from exc
 
@@ -298,20 +307,26 @@ class Ledger:
     def plan(self, items: Iterable[InputFile], basis: Basis, *,
              force: bool = False) -> list[Planned]:
         """Each item with its content hash and, when the ledger holds a result that is still
-        valid for it, that result. Reads each image whose stat changed since it was hashed;
-        decodes none. Files that are not images are recorded too (by their stat), so that
-        an unchanged one counts as unchanged."""
-        plans = []
+        valid for it, that result. Reads each image whose stat changed since it was hashed
+        (in a thread a core: on a fresh state this reads every file before the first is
+        decoded); decodes none. Files that are not images are recorded too (by their
+        stat), so that an unchanged one counts as unchanged."""
+        plans = [Planned(item) for item in items]
         with self._using("read recorded results"), self._db:
-            for item in items:
-                plan = Planned(item)
-                plans.append(plan)
-                if item.unreadable:
-                    continue
-                try:
-                    self._fingerprint(plan)
-                except OSError:
+            recorded = ((plan, self._recorded(plan.item.path))
+                        for plan in plans if not plan.item.unreadable)
+            for plan, row, read in in_threads(_fingerprint, recorded, available_cores(),
+                                              "pneumoscan-hash"):
+                if isinstance(read, OSError):
                     continue  # gone or unreadable now: the pipeline reports it, nothing is kept
+                signature, digest = read
+                key = ledger_key(plan.item.path)
+                if (row and row[0] != signature and row[1] == digest
+                        and plan.item.kind is not None):
+                    # touched, copied over, moved back: the same content
+                    self._db.execute("UPDATE files SET stat = ? WHERE path = ?",
+                                     (signature, key))
+                plan.key, plan.stat, plan.content_sha256 = key, signature, digest
                 if not force:
                     plan.cached = self._reusable(plan, basis)
                 self._beat()
@@ -322,7 +337,7 @@ class Ledger:
         """Like `plan`, for instances on a PACS: keyed by SOP Instance UID (by the standard,
         one instance for ever), so nothing needs to be retrieved to know it was seen."""
         plans = []
-        with self._db:
+        with self._using("read recorded results"), self._db:
             for item, sop_uid in zip(items, sop_uids):
                 plan = Planned(item, remote_key(sop_uid), REMOTE_STAT, sop_uid)
                 if not force:
@@ -330,39 +345,26 @@ class Ledger:
                 plans.append(plan)
         return plans
 
-    def _fingerprint(self, plan: Planned) -> None:
-        """Set the plan's key, stat and content hash; the hash is read again only when the
-        stat changed. Raises OSError, leaving the plan as it was, when the file cannot be
-        read (or is no longer a regular file: InputChanged)."""
-        key = ledger_key(plan.item.path)
-        with open_input(plan.item.path, follow_link=plan.item.link) as fh:
-            signature = stat_signature(os.fstat(fh.fileno()))
-            row = self._db.execute("SELECT stat, content_sha256 FROM files WHERE path = ?",
-                                   (key,)).fetchone()
-            if row and row[0] == signature:
-                digest = row[1]
-            elif plan.item.kind is None:
-                digest = NOT_AN_IMAGE
-            else:
-                digest = sha256_of_stream(fh)
-                if row and row[1] == digest:  # touched, copied over, moved back: same content
-                    self._db.execute("UPDATE files SET stat = ? WHERE path = ?",
-                                     (signature, key))
-        plan.key, plan.stat, plan.content_sha256 = key, signature, digest
+    def _recorded(self, path: Path) -> tuple[str, str] | None:
+        """(stat, content hash) recorded for the file at `path`, if any."""
+        return self._db.execute("SELECT stat, content_sha256 FROM files WHERE path = ?",
+                                (ledger_key(path),)).fetchone()
 
     def _reusable(self, plan: Planned, basis: Basis) -> FileResult | None:
         row = self._db.execute(
             "SELECT result, seconds, rendered, picture IS NOT NULL FROM files WHERE path = ?"
             " AND content_sha256 = ? AND model_sha256 = ? AND threshold = ?",
             (plan.key, plan.content_sha256, basis.model_sha256, basis.threshold)).fetchone()
-        if row is None:
+        if row is None or plan.key is None:
             return None
         result_json, seconds, rendered, has_picture = row
-        data = json.loads(result_json)
-        if basis.render and not rendered and data["status"] == "ok":
-            return None  # classified without report images: make them now
         picture = self.stored_picture(plan.key) if basis.render and has_picture else None
-        return result_from_json(data, plan.item.path, seconds=seconds, picture=picture)
+        with self._decoding("read recorded results"):
+            result = result_from_json(json.loads(result_json), plan.item.path,
+                                      seconds=seconds, picture=picture)
+        if basis.render and not rendered and result.status == "ok":
+            return None  # classified without report images: make them now
+        return result
 
     def stored_picture(self, key: bytes) -> StoredPicture:
         return StoredPicture(str(self.path), key)
@@ -426,13 +428,17 @@ class Ledger:
         with self._using("read recorded reports"):
             row = self._db.execute("SELECT fingerprint, files FROM outputs WHERE name = ?",
                                    (json.dumps(list(name)),)).fetchone()
-            return bool(row) and row[0] == fingerprint and all(
-                os.path.exists(os.fsencode(f)) for f in json.loads(row[1]))
+        if not row or row[0] != fingerprint:
+            return False
+        with self._decoding("read recorded reports"):
+            files = json.loads(row[1])
+        return all(os.path.exists(os.fsencode(f)) for f in files)
 
     def outputs(self, prefix: Sequence[str]) -> dict[tuple[str, ...], list[Path]]:
         """The recorded reports whose names start with `prefix`, and their files."""
         with self._using("read recorded reports"):
             rows = self._db.execute("SELECT name, files FROM outputs").fetchall()
+        with self._decoding("read recorded reports"):
             named = {tuple(json.loads(name)): [Path(f) for f in json.loads(files)]
                      for name, files in rows}
         return {name: files for name, files in named.items()
@@ -463,6 +469,26 @@ def result_from_json(data: dict, path: Path, **extra) -> FileResult:
                       in_scope=data["in_scope"], scope_reasons=data["scope_reasons"],
                       cam=data.get("cam"),  # not in results recorded before it was kept
                       from_ledger=True, **extra)
+
+
+def _fingerprint(planned: tuple[Planned, tuple[str, str] | None]
+                 ) -> tuple[Planned, tuple[str, str] | None, tuple[str, str] | OSError]:
+    """(plan, its recorded (stat, hash), and its (stat, content hash) now, or the OSError
+    that says it cannot be read now (or is no longer a regular file: InputChanged)). The
+    content is hashed only when the stat changed."""
+    plan, row = planned
+    try:
+        with open_input(plan.item.path, follow_link=plan.item.link) as fh:
+            signature = stat_signature(os.fstat(fh.fileno()))
+            if row and row[0] == signature:
+                digest = row[1]
+            elif plan.item.kind is None:
+                digest = NOT_AN_IMAGE
+            else:
+                digest = sha256_of_stream(fh)
+    except OSError as exc:
+        return plan, row, exc
+    return plan, row, (signature, digest)
 
 
 def _stat_unchanged(plan: Planned) -> bool:
@@ -543,12 +569,13 @@ def describe_holder(holder: dict | None, now: float) -> str:
         return ""
     where = "" if holder["host"] == os.uname().nodename else f" on {printable(holder['host'], 64)}"
     started = datetime.fromtimestamp(holder["started"], timezone.utc).isoformat(timespec="seconds")
-    text = (f" (PID {holder['pid']}{where}, started {started}, {format_duration(now - holder['started'])} "
-            f"ago; last progress {format_duration(now - holder['progress'])} ago")
+    text = (f" (PID {holder['pid']}{where}, started {started}, "
+            f"{format_duration(now - holder['started'])} ago; last progress "
+            f"{format_duration(now - holder['progress'])} ago")
     if now - holder["progress"] > HUNG_AFTER_S:
-        text += (f": it looks hung, as no run goes {format_duration(HUNG_AFTER_S)} without progress; "
-                 f"check that process and stop it (kill {holder['pid']}), the next run then "
-                 "catches up")
+        text += (f": it looks hung, as no run goes {format_duration(HUNG_AFTER_S)} without "
+                 f"progress; check that process and stop it (kill {holder['pid']}), the next "
+                 "run then catches up")
     return text + ")"
 
 

@@ -1,9 +1,10 @@
 """`pneumoscan listen`: receive what a PACS routes (inputs.receiver), and classify each study
-once it has settled, by the same run as `pneumoscan run SPOOL` (api.run: pipeline, state
+once it has settled, by the same run as `pneumoscan run SPOOL` (run.runner: pipeline, state
 ledger, outputs, --push), so that cron over the spool gives the same results.
 
-    from pneumoscan import api, listening
-    listening.listen(listening.ListenOptions(Path("spool")),
+    from pneumoscan import api
+    from pneumoscan.run.listen import ListenOptions, listen
+    listen(ListenOptions(Path("spool")),
                      api.RunOptions(Path("spool"), json=Path("r.json"),
                                     push="dicom://PACS@pacs.example:104"))
 
@@ -20,8 +21,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pneumoscan import api
 from pneumoscan.inputs.receiver import Receiver, ReceiverOptions, Spool, SpoolError
+from pneumoscan.run.events import RunEvents
+from pneumoscan.run.exits import RunError
+from pneumoscan.run.options import RunOptions
+from pneumoscan.run.runner import RunSummary
+from pneumoscan.run.runner import run as run_once
 
 log = logging.getLogger("pneumoscan.listen")
 
@@ -40,7 +45,7 @@ class ListenOptions:
     retry_push_after: float = RETRY_PUSH_AFTER
 
 
-class ListenEvents(api.RunEvents):
+class ListenEvents(RunEvents):
     """What listening tells beyond a run's events; the command line shows it."""
 
     def listening(self, port: int) -> None:
@@ -49,22 +54,22 @@ class ListenEvents(api.RunEvents):
     def published(self, study_uid: str, instances: int) -> None:
         """A settled study's instances moved where runs read them; a run follows."""
 
-    def ran(self, summary: api.RunSummary) -> None:
+    def ran(self, summary: RunSummary) -> None:
         pass
 
-    def run_failed(self, error: api.RunError) -> None:
+    def run_failed(self, error: RunError) -> None:
         """A run could not be done; the received instances stay, the next run retries."""
 
 
-def listen(options: ListenOptions, run: api.RunOptions, events: ListenEvents | None = None,
+def listen(options: ListenOptions, run: RunOptions, events: ListenEvents | None = None,
            stop: threading.Event | None = None) -> None:
     """Receive and classify until `stop` is set (or the process is interrupted: the
-    command line raises api.Interrupted on SIGTERM). Raises RunError when it cannot start
+    command line raises Interrupted on SIGTERM). Raises RunError when it cannot start
     (options, model, port); a run that fails later is told to `events` and retried."""
     try:
         import pynetdicom  # noqa: F401  (the pacs extra is there)
     except ImportError:
-        raise api.RunError("listen needs the pacs extra: pip install 'pneumoscan[pacs]'"
+        raise RunError("listen needs the pacs extra: pip install 'pneumoscan[pacs]'"
                            ) from None
     events = events or ListenEvents()
     stop = stop or threading.Event()
@@ -79,7 +84,7 @@ def listen(options: ListenOptions, run: api.RunOptions, events: ListenEvents | N
         spool.recover()
         receiver.start()
     except SpoolError as exc:
-        raise api.RunError(str(exc)) from None
+        raise RunError(str(exc)) from None
     try:
         events.listening(receiver.port)
         retry_at = _classify(run, events, options)  # what a crash left published, not done
@@ -114,13 +119,13 @@ def _publish_settled(spool: Spool, settle: float, events: ListenEvents) -> int:
     return published
 
 
-def _classify(run: api.RunOptions, events: ListenEvents, options: ListenOptions
+def _classify(run: RunOptions, events: ListenEvents, options: ListenOptions
               ) -> float | None:
     """One run over the spool; when to try again (time.monotonic) if outputs were not
     sent or the run failed, else None."""
     try:
-        summary = api.run(run, events)
-    except api.RunError as exc:
+        summary = run_once(run, events)
+    except RunError as exc:
         events.run_failed(exc)
         return time.monotonic() + options.retry_push_after
     events.ran(summary)
