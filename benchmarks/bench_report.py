@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,12 +27,12 @@ import numpy as np
 
 from pneumoscan.api import Scan, write_per_study
 from pneumoscan.evaluation.datasets import patient_id
-from pneumoscan.workers import available_cores
 from pneumoscan.inputs.loading import load_path
 from pneumoscan.records import FileResult, RunInfo
 from pneumoscan.report.html import render_html
 from pneumoscan.report.pdf import render_pdf
 from pneumoscan.report.pictures import render_picture
+from pneumoscan.workers import available_cores
 
 T = TypeVar("T")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany224" / "train"
@@ -92,7 +93,7 @@ def build_results(paths: list[Path]) -> tuple[list[FileResult], Timing]:
         pneumonia = path.parent.name == "PNEUMONIA"
         probability = float(np.clip(rng.normal(0.85 if pneumonia else 0.2, 0.15), 0, 1))
         cam = plausible_cam(rng, pneumonia)
-        picture_time, picture = timed(lambda: render_picture(loaded.pixels, cam), 1)
+        picture_time, picture = timed(partial(render_picture, loaded.pixels, cam), 1)
         pictures = Timing(pictures.wall + picture_time.wall, pictures.cpu + picture_time.cpu)
         metadata = {"PatientID": patient, "PatientName": f"Anonymous^{patient}", "Modality": "CR",
                     "ViewPosition": "PA", "StudyDate": "20250101"}
@@ -115,12 +116,12 @@ def main() -> None:
     for n in args.sizes:
         results, pictures = build_results(pick_files(n))
         repeats = args.repeats if n < 1000 else 1
-        html_time, html = timed(lambda: render_html(RUN, results), repeats)
-        pdf_time, pdf = timed(lambda: render_pdf(html), repeats)
+        html_time, html = timed(partial(render_html, RUN, results), repeats)
+        pdf_time, pdf = timed(partial(render_pdf, html), repeats)
         studies = len({r.study for r in results})
         scan = Scan(run=RUN, results=results)
         with tempfile.TemporaryDirectory() as folder:
-            per_study = [timed(lambda: write_per_study(Path(folder), scan, processes=processes),
+            per_study = [timed(partial(write_per_study, Path(folder), scan, processes=processes),
                                1)[0].wall for processes in (1, available_cores())]
         print(f"{n:>5} {studies:>7} {pictures.wall:>6.2f}/{pictures.cpu:<6.2f} "
               f"{html_time.wall:>5.2f}/{html_time.cpu:<5.2f} "

@@ -73,7 +73,8 @@ def main() -> None:
     Research use only; not a medical diagnosis."""
 
 
-model_option = click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False),
+model_option = click.option("--model", "model_path",
+                            type=click.Path(path_type=Path, dir_okay=False),
                             help="ONNX model from `pneumoscan export-onnx` (default: the "
                                  "model shipped with pneumoscan).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",

@@ -27,11 +27,13 @@ DICOM_MAX_VALUES = 4
 def printable(text: str, limit: int | None = None) -> str:
     """`text` as one printable line: each run of control or invisible characters becomes
     one space, and text over `limit` characters is cut, ending in an ellipsis."""
-    cut = limit is not None and len(text) > 4 * limit
+    if limit is None:
+        return _UNPRINTABLE.sub(" ", text).strip()
+    cut = len(text) > 4 * limit
     if cut:
         text = text[:4 * limit]  # enough to fill `limit` after control runs shrink
     line = _UNPRINTABLE.sub(" ", text).strip()
-    if cut or (limit is not None and len(line) > limit):
+    if cut or len(line) > limit:
         line = line[:limit - 1].rstrip() + ELLIPSIS
     return line
 
@@ -72,10 +74,10 @@ def defined_term(value: str, defined_terms: set[str]) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """A duration as people read it: 12 s, 3 min 05 s, 2 h 07 min (negative: 0 s)."""
+    """A duration as people read it: 12 s, 3 min 05 s, 30 min, 2 h 07 min (negative: 0 s)."""
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
+        return f"{seconds // 60} min" + (f" {seconds % 60:02d} s" if seconds % 60 else "")
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

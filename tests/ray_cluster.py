@@ -83,8 +83,8 @@ class LoopbackCluster:
     def _joined(self, count: int, node: subprocess.Popen) -> bool:
         """Whether the cluster gets `count` live nodes while `node` runs (asked by a separate
         driver: the caller's process may keep a Ray of its own)."""
-        ask = ("import ray; ray.init(address=%r, log_to_driver=False); "
-               "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        ask = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
+               "print(sum(n['Alive'] for n in ray.nodes()))")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and node.poll() is None:
             try:

@@ -94,7 +94,8 @@ def test_bad_report_suffix_is_a_usage_error(tmp_path):
 
 
 def test_missing_model_is_fatal(tmp_path):
-    result = invoke("run", SAMPLES, "--model", tmp_path / "nope.onnx", "--json", tmp_path / "r.json")
+    result = invoke("run", SAMPLES, "--model", tmp_path / "nope.onnx",
+                    "--json", tmp_path / "r.json")
     assert result.exit_code == 1
     assert "model file not found" in result.output
 
@@ -229,7 +230,8 @@ def test_info_shows_model_metadata(small_onnx):
     assert not re.search(r"\d\.\d{6,}", result.output)  # no 16-digit floats
     assert re.search(r"^input: +128 x 128, 3 channels", result.output, re.MULTILINE)
     assert re.search(r"^scope guard: +5 layers through a JPEG quality 75 round trip at 1/2 size, "
-                     r"threshold \d\.\d{3} \(\d\.\d% of \d+ validation", result.output, re.MULTILINE)
+                     r"threshold \d\.\d{3} \(\d\.\d% of \d+ validation", result.output,
+                     re.MULTILINE)
     assert re.search(r"^calibration: +Platt scaling, T \d\.\d{3}", result.output, re.MULTILINE)
     described = json.loads(invoke("info", "--model", small_onnx, "--json").output)
     assert described["sha256"] in result.output and described["preprocessing"]["height"] == 128
@@ -265,3 +267,14 @@ def test_scores_do_not_depend_on_rendering_a_report(shipped_model, tmp_path):
            "--out", tmp_path / "r.html")
     a, b = (json.loads(p.read_text())["results"] for p in (plain, rendered))
     assert [r["probability"] for r in a] == [r["probability"] for r in b]
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (-3, "0 s"), (12.4, "12 s"), (59.6, "1 min"), (185, "3 min 05 s"), (1800, "30 min"),
+    (7620, "2 h 07 min"), (21720, "6 h 02 min")])
+def test_durations_read_as_people_read_them(seconds, shown):
+    """One formatting for every duration shown: the time left, a lock holder's age, the
+    training ETA."""
+    from pneumoscan.text import format_duration
+
+    assert format_duration(seconds) == shown

@@ -88,6 +88,7 @@ def report_images(report: Path) -> list[str]:
     return sorted(re.findall(r'<img src="(data:image/jpeg;base64,[^"]+)"', html))
 
 
+@pytest.mark.slow
 def test_killed_run_then_rerun_accounts_for_every_file_once(scans, shipped_model, tmp_path):
     total = STUDIES * PER_STUDY
     reference = tmp_path / "reference" / "results.json"

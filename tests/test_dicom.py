@@ -106,7 +106,8 @@ def test_scans_are_decoded_at_the_size_asked_for_whatever_the_syntax(rg1, monkey
 def test_reduced_jpeg2000_keeps_the_stored_values(chest_crop, tmp_path, bits):
     """Pillow widens samples to 8 or 16 bits; the reduced decode gives the stored values
     back, as a box average of the full decode would give them."""
-    stored = (chest_crop.astype(np.int64) << bits >> 15).astype(np.uint8 if bits == 8 else np.uint16)
+    stored = (chest_crop.astype(np.int64) << bits >> 15).astype(
+        np.uint8 if bits == 8 else np.uint16)
     ds = cr_dataset(stored, BitsStored=bits)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     ds = pydicom.dcmread(save(ds, tmp_path / "j2k.dcm"))

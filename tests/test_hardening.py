@@ -608,7 +608,8 @@ def test_a_truncated_jpeg_2000_file_is_a_clean_error():
     assert path, "pydicom's test file needs pydicom-data (the test extra)"
     result = load_path(Path(path))
     assert result.status == "error"
-    assert result.reason == "no DICOM data element could be read: the file is truncated or not DICOM"
+    assert result.reason == ("no DICOM data element could be read: the file is truncated or "
+                             "not DICOM")
 
 
 def test_an_output_where_no_file_can_be_created_stops_the_run_before_any_work(tmp_path):

@@ -149,7 +149,8 @@ def test_only_the_reports_of_changed_studies_are_rendered_again(scans, model, tm
     def run() -> tuple[list[Path], list[Path]]:
         with Ledger.open(state) as ledger:
             scan = api.scan(scans, model, ledger=ledger)
-            return api.write_report(whole, scan, ledger), api.write_per_study(per_study, scan, ledger)
+            return (api.write_report(whole, scan, ledger),
+                    api.write_per_study(per_study, scan, ledger))
 
     def identities() -> dict[Path, tuple[int, int]]:
         return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in per_study.iterdir()}
@@ -374,3 +375,50 @@ def test_without_patient_id_the_name_and_birth_date_make_the_pseudonym():
     assert same.metadata == {"Modality": "CR", "PatientID": again.metadata["PatientID"]}
     assert other.metadata["PatientID"] != same.metadata["PatientID"]
     assert anonymous.metadata == {"Modality": "DX"}
+
+
+def recorded_remote_state(path: Path) -> tuple[list, list[str], object]:
+    """A state holding one PACS instance's result (as scan_dicomweb records it)."""
+    from pneumoscan.records import InputFile
+    from pneumoscan.results.ledger import Basis
+
+    items, uids = [InputFile(Path("1.2.3/1.2.3.4"), "dicom")], ["1.2.3.4"]
+    basis = Basis("model-sha", 0.5, False)
+    with Ledger.open(path) as ledger:
+        (plan,) = ledger.plan_remote(items, uids, basis)
+        result = FileResult(Path("1.2.3/1.2.3.4"), "1.2.3", "ok", probability=0.9,
+                            label="PNEUMONIA", threshold=0.5, in_scope=True)
+        assert ledger.record(plan, result, basis)
+        assert ledger.plan_remote(items, uids, basis)[0].cached is not None
+    return items, uids, basis
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("UPDATE files SET result = '{not json'", "is damaged: cannot read recorded results"),
+    ("DROP TABLE files", "cannot read recorded results: no such table: files"),
+])
+def test_a_damaged_state_read_for_a_pacs_is_one_state_error(damage, message, tmp_path):
+    """plan_remote maps SQLite's errors and damaged rows as plan does."""
+    state = tmp_path / "state.sqlite"
+    items, uids, basis = recorded_remote_state(state)
+    with Ledger.open(state) as ledger:
+        ledger._db.execute(damage)
+        with pytest.raises(StateError, match=message):
+            ledger.plan_remote(items, uids, basis)
+
+
+def test_a_bug_of_ours_inside_the_ledger_is_not_called_a_damaged_state(tmp_path,
+                                                                       monkeypatch):
+    """Only recorded rows that make no sense are "damaged"; a ValueError or KeyError of
+    our own code while recording stays what it is."""
+    state = tmp_path / "state.sqlite"
+    items, uids, basis = recorded_remote_state(state)
+
+    def broken_to_json(self):
+        raise KeyError("a field our own code forgot")
+
+    monkeypatch.setattr(FileResult, "to_json", broken_to_json)
+    with Ledger.open(state) as ledger:
+        (plan,) = ledger.plan_remote(items, uids, basis, force=True)
+        with pytest.raises(KeyError, match="a field our own code forgot"):
+            ledger.record(plan, FileResult(items[0].path, "1.2.3", "ok"), basis)

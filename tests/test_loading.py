@@ -121,18 +121,29 @@ def test_file_that_disappears_before_reading_is_an_error(tmp_path, chest):
     assert (result.status, result.reason) == ("error", "file disappeared before it could be read")
 
 
-def test_a_bug_in_a_loader_is_not_passed_off_as_a_bad_file(monkeypatch, caplog):
-    """A decoder's own errors say 'cannot read'; any other exception is our bug: the file's
-    reason says so and its traceback is logged (shown by `run -v`), and the run goes on."""
-    from pneumoscan.inputs import loading
+# Our own code raising a decoder's error types after decoding (ValueError, RuntimeError...)
+# is no more "cannot read this file" than a TypeError of the loader itself. (OSError stays
+# "cannot read": the file's own reads raise it.)
+@pytest.mark.parametrize("broken, error", [
+    ("load_raster", TypeError), ("to_grey_uint8", ValueError), ("to_grey_uint8", RuntimeError),
+    ("to_grey_uint8", EOFError), ("to_grey_uint8", NotImplementedError)])
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
+def test_a_bug_of_ours_is_not_passed_off_as_a_bad_file(broken, error, verbose, monkeypatch,
+                                                       caplog):
+    """The file's reason says it is a pneumoscan bug, a warning is logged, with its
+    traceback under -v (INFO), and the run goes on."""
+    from pneumoscan.inputs import loading, raster
 
-    def broken_loader(fh, path, min_size=None):
-        raise TypeError("unsupported operand")
+    def broken_code(*args, **kwargs):
+        raise error("our own mistake")
 
-    monkeypatch.setattr(loading, "load_raster", broken_loader)
-    with caplog.at_level("INFO", logger="pneumoscan"):
+    monkeypatch.setattr(loading if broken == "load_raster" else raster, broken, broken_code)
+    with caplog.at_level("INFO" if verbose else "WARNING", logger="pneumoscan"):
         result = load_path(SAMPLE_JPEG)
     assert result.status == "error"
     assert result.reason.startswith("unexpected error, a pneumoscan bug")
-    assert "TypeError: unsupported operand" in result.reason
-    assert "Traceback" in caplog.text and "broken_loader" in caplog.text
+    assert f"{error.__name__}: our own mistake" in result.reason
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert ("Traceback" in caplog.text) == verbose
+    if verbose:
+        assert "broken_code" in caplog.text

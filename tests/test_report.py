@@ -338,7 +338,8 @@ def test_per_study_pdf_names_its_study_in_its_metadata(tmp_path):
     assert "study RG1 CompressedSamples · 26 Aug 2004 18:50; model" in xmp["dc:description"]
 
 
-def test_a_study_runs_four_images_to_a_page_each_headed_and_footed_with_its_label(results, tmp_path):
+def test_a_study_runs_four_images_to_a_page_each_headed_and_footed_with_its_label(results,
+                                                                                tmp_path):
     images = [dataclasses.replace(r, study="/scans/ward-7", metadata={})
               for r in results if r.status == "ok"]
     assert len(images) == 16

@@ -17,7 +17,8 @@ from pneumoscan.records import FileResult
 __all__ = ["load_cached"]
 
 
-def load_cached(samples: list[Sample], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_cached(samples: list[Sample], prep: Preprocessing
+                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode every sample once through pneumoscan's loader and bring it to the model's
     input size (and JPEG round trip) as inference does: uint8 (N, H, W), labels (N,), and
     the reasons of files that were left out."""

@@ -21,10 +21,11 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
-from typing import Callable, get_args, get_type_hints
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -228,8 +229,8 @@ class Progress:
         epoch_left = (self.steps - step) / rate
         self.log(f"epoch {self.epoch} step {step}/{self.steps} loss {loss:.4f} "
                  f"{images / (now - self.started):.1f} images/s, epoch ETA "
-                 f"{format_duration(epoch_left)}, run ETA {format_duration(epoch_left + self.remaining_after / rate)}"
-                 " (at this rate)")
+                 f"{format_duration(epoch_left)}, run ETA "
+                 f"{format_duration(epoch_left + self.remaining_after / rate)} (at this rate)")
 
 
 def consistency_loss(logits: torch.Tensor) -> torch.Tensor:

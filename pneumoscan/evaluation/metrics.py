@@ -39,7 +39,7 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
             "tn": int((~predicted & ~labels).sum()), "fp": int((predicted & ~labels).sum())}
 
 
-def _ratio(a: int, b: int) -> float:
+def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 

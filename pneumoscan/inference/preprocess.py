@@ -47,7 +47,7 @@ class Preprocessing:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Preprocessing":
+    def from_json(cls, text: str) -> Preprocessing:
         d = json.loads(text)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)

@@ -17,11 +17,11 @@ fuses it into them; no pixels cross the object store, and every CPU decodes and
 classifies whole files, as the local engine's threads share a machine's cores.
 
 The driver (the process that runs `pneumoscan run`) keeps the ledger, the run log, the JSON
-and the reports (and draws their pictures) exactly as with the local engine: it gets the results one by one, in
-order, and never holds more of them than the local engine does. Ray retries the work of a
-worker or an actor that dies (actors are restarted), and every row is checked to come back
-exactly once. Every node reads the input files and the model by the paths the driver gives
-(a filesystem they all see; docs/CLUSTER.md).
+and the reports (and draws their pictures) exactly as with the local engine: it gets the
+results one by one, in order, and never holds more of them than the local engine does. Ray
+retries the work of a worker or an actor that dies (actors are restarted), and every row is
+checked to come back exactly once. Every node reads the input files and the model by the
+paths the driver gives (a filesystem they all see; docs/CLUSTER.md).
 """
 
 from __future__ import annotations

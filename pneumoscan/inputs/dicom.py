@@ -27,6 +27,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (
     JPEG2000,
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -38,6 +39,7 @@ from pneumoscan.inputs.problems import (
     ImageProblem,
     SkipImage,
     UnreadableImage,
+    decoding,
 )
 from pneumoscan.inputs.raster import shrink_to_cover
 from pneumoscan.records import DICOM_FIELDS, LoadedImage
@@ -83,6 +85,9 @@ READ_KEYWORDS = (*DICOM_FIELDS, *DESCRIPTION_KEYWORDS, "NumberOfFrames",
                  "RescaleIntercept", "WindowCenter", "WindowWidth")
 PIXEL_MODULE_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
                          "BitsAllocated", "BitsStored", "PixelRepresentation")
+# Every attribute read here, but the pixel data (decoded by `_decode`).
+PARSED_KEYWORDS = (*READ_KEYWORDS, *PIXEL_MODULE_KEYWORDS, "ModalityLUTSequence",
+                   "VOILUTSequence")
 
 
 def load_dicom(fh: BinaryIO, path: Path,
@@ -107,9 +112,12 @@ def load_dicom(fh: BinaryIO, path: Path,
 
 
 def _read(fh: BinaryIO) -> Dataset:
+    """The data set, with every attribute this module reads parsed: pydicom parses a value
+    when it is first read, and what it raises then is said about the file here."""
     try:
-        # force: old files have neither the 128-byte preamble nor a file meta header.
-        ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_ELEMENTS_OVER)
+        with decoding("cannot read"):
+            # force: old files have neither the 128-byte preamble nor a file meta header.
+            ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_ELEMENTS_OVER)
     except InvalidDicomError as exc:
         raise UnreadableImage(f"not a DICOM file: {one_line(exc)}") from exc
     if len(ds) == 0:
@@ -120,6 +128,9 @@ def _read(fh: BinaryIO) -> Dataset:
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = _syntax_as_read(ds)
     _cut_read_values(ds, fh)
+    with decoding("cannot read its attributes"):
+        for keyword in PARSED_KEYWORDS:
+            ds.get(keyword)
     return ds
 
 
@@ -139,7 +150,7 @@ def _cut_read_values(ds: Dataset, fh: BinaryIO) -> None:
                                    length=len(value[:MAX_VALUE_BYTES]))
 
 
-def _syntax_as_read(ds: Dataset) -> str:
+def _syntax_as_read(ds: Dataset) -> UID:
     """The uncompressed transfer syntax pydicom detected while parsing a file that does not
     name one; compressed pixel data cannot be decoded without the name."""
     if "PixelData" in ds and ds["PixelData"].is_undefined_length:
@@ -181,8 +192,8 @@ def _require_frontal_chest_radiograph(ds: Dataset) -> None:
     """Raise SkipImage unless the attributes describe one frontal chest radiograph."""
     modality = _text(ds, "Modality").upper()
     if modality not in RADIOGRAPH_MODALITIES:
-        raise SkipImage(f"modality {defined_term(modality, MODALITIES) if modality else 'not given'}: "
-                        "not a radiograph (CR or DX)")
+        named = defined_term(modality, MODALITIES) if modality else "not given"
+        raise SkipImage(f"modality {named}: not a radiograph (CR or DX)")
     _require_chest(ds)
     _require_frontal_view(ds)
     frames = _text(ds, "NumberOfFrames") or "1"
@@ -314,7 +325,7 @@ def _decode_jpeg2000_reduced(ds: Dataset, min_size: tuple[int, int]) -> np.ndarr
         return None
     # Pillow scales samples up to the full 8 or 16 bits; the stored values are the top
     # `precision` bits.
-    np.right_shift(pixels, pixels.dtype.itemsize * 8 - stream["precision"], out=pixels)
+    np.right_shift(pixels, pixels.dtype.itemsize * 8 - int(stream["precision"]), out=pixels)
     return pixels.astype(np.uint16 if int(ds.BitsAllocated) > 8 else np.uint8, copy=False)
 
 
@@ -336,6 +347,8 @@ class ReducedJpeg2000(Jpeg2KImagePlugin.Jpeg2KImageFile):
         super()._open()
         size = (_halved(self.size[0], self.halvings), _halved(self.size[1], self.halvings))
         tile = self.tile[0]
+        if not isinstance(tile.args, tuple):
+            raise SyntaxError("not a JPEG 2000 decoder tile")  # what Pillow's plugins raise
         codec, _, layers, *stream = tile.args
         self.tile = [tile._replace(extents=(0, 0, *size),
                                    args=(codec, self.halvings, layers, *stream))]
@@ -381,7 +394,8 @@ def _modality_values(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     Raises UnreadableImage for parameters that give no usable values (not finite, a zero
     slope, out of float32's range): such files would otherwise decode to a blank image."""
     if ds.get("ModalityLUTSequence"):
-        values = apply_modality_lut(pixels, ds).astype(np.float32)
+        with decoding("unusable ModalityLUTSequence"):
+            values = apply_modality_lut(pixels, ds).astype(np.float32)
     else:
         values = pixels.astype(np.float32)
         slope = _number(ds, "RescaleSlope", 1.0)
@@ -462,10 +476,11 @@ def _first_window(ds: Dataset) -> tuple[float, float] | None:
 def _voi_lut_values(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """The first VOI LUT, scaled by the bit depth its entries actually use: descriptors
     often declare 16 bits for 12-bit tables."""
-    entries, first_mapped = ds.VOILUTSequence[0].LUTDescriptor[:2]
-    table = apply_voi(np.arange(first_mapped, first_mapped + (entries or 2**16)), ds)
+    with decoding("unusable VOILUTSequence"):
+        entries, first_mapped = ds.VOILUTSequence[0].LUTDescriptor[:2]
+        table = apply_voi(np.arange(first_mapped, first_mapped + (entries or 2**16)), ds)
+        display = apply_voi(np.rint(values).astype(np.int32), ds).astype(np.float32)
     top = 2 ** max(int(table.max()).bit_length(), 1) - 1
-    display = apply_voi(np.rint(values).astype(np.int32), ds).astype(np.float32)
     display /= top
     return display
 

@@ -138,7 +138,7 @@ def session_for(url: str, *, environment_credentials: bool) -> requests.Session:
     auth = ((user, os.environ.get(PASSWORD_ENV, "")) if user
             else requests.utils.get_netrc_auth(url))
     parts = urlsplit(url)
-    if (auth and parts.scheme == "http" and not is_loopback(parts.hostname)
+    if (auth and parts.scheme == "http" and not is_loopback(parts.hostname or "")
             and os.environ.get(ALLOW_HTTP_ENV) != "1"):
         raise PacsError(f"credentials would be sent unencrypted to {parts.hostname} over "
                         f"plain HTTP: use https://, or set {ALLOW_HTTP_ENV}=1")
@@ -270,7 +270,7 @@ class DicomWebSource:
             matches, invalid = self._search(
                 f"cannot query {self.url} for {modality} studies", "/studies", filters,
                 [STUDY_UID], counted=INSTANCES_IN_STUDY)
-            found.update(matches)
+            found.update((uid, count) for uid, count in matches)
             bad += [BadMatch(f"(study match {len(bad) + i + 1} without a valid UID)", why)
                     for i, why in enumerate(invalid)]
         return found, bad

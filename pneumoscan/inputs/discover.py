@@ -145,7 +145,8 @@ def _listing(folder: Path) -> list[os.DirEntry | InputFile]:
     when it cannot be listed."""
     try:
         with os.scandir(folder) as listing:
-            return sorted(listing, key=lambda entry: entry.name)
+            entries = sorted(listing, key=lambda entry: entry.name)
+        return [*entries]
     except OSError as exc:
         return [InputFile(folder, None, f"cannot list folder: {exc.strerror or exc}",
                           unreadable=True)]

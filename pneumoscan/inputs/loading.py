@@ -2,9 +2,10 @@
 
 `load` never raises for a bad file: it returns a `FileResult` with status `skipped` (not a
 frontal chest radiograph, by its metadata) or `error` (cannot be read), and a one-line reason.
-An exception that no decoder raises for bad data is a bug: the file's reason says so, and its
-traceback is logged (shown with `pneumoscan run -v`), so one file cannot stop a cron run but
-the bug is not passed off as a bad file.
+The loaders catch what the decoders raise around the decoders' calls alone
+(`problems.decoding`). Any other exception is a bug of pneumoscan: the file's reason says so,
+it is logged as a warning (with its traceback under `pneumoscan run -v`), so one file cannot
+stop a cron run but the bug is not passed off as a bad file.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 
 from pneumoscan.inputs.dicom import load_dicom
 from pneumoscan.inputs.discover import identify_file
-from pneumoscan.inputs.problems import DECODER_ERRORS, ImageProblem, SkipImage
+from pneumoscan.inputs.problems import ImageProblem, SkipImage
 from pneumoscan.inputs.raster import load_raster
 from pneumoscan.inputs.reading import InputChanged, open_input
 from pneumoscan.records import FileResult, InputFile, LoadedImage
-from pneumoscan.text import one_line, reason
+from pneumoscan.text import one_line, printable, reason
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
             else:
                 loaded = load_raster(fh, item.path, min_size)
     except ImageProblem as exc:
-        status = "skipped" if isinstance(exc, SkipImage) else "error"
-        return FileResult(item.path, exc.study or study, status, reason(str(exc)),
-                          metadata=exc.metadata or {})
+        return FileResult(item.path, exc.study or study,
+                          "skipped" if isinstance(exc, SkipImage) else "error",
+                          reason(str(exc)), metadata=exc.metadata or {})
     except InputChanged as exc:
         return FileResult(item.path, study, "error", reason(f"changed since it was found: {exc}"))
     except FileNotFoundError:
@@ -49,10 +50,11 @@ def load(item: InputFile, min_size: tuple[int, int] | None = None) -> LoadedImag
         return FileResult(item.path, study, "error", "permission denied")
     except MemoryError:
         return FileResult(item.path, study, "error", "not enough memory to decode the image")
-    except DECODER_ERRORS as exc:
+    except OSError as exc:  # reading the file itself failed (an I/O error)
         return FileResult(item.path, study, "error", f"cannot read: {one_line(exc)}")
-    except Exception as exc:  # a bug of ours: logged with its traceback, the run goes on
-        log.info("unexpected error reading %s", item.path, exc_info=True)
+    except Exception as exc:  # a bug of ours: said as one, the run goes on
+        log.warning("a pneumoscan bug reading %s: %s", printable(str(item.path)),
+                    one_line(exc), exc_info=log.isEnabledFor(logging.INFO))
         return FileResult(item.path, study, "error", f"unexpected error, a pneumoscan bug "
                           f"(run with -v for the traceback): {one_line(exc)}")
     return _unless_blank(loaded)
@@ -67,6 +69,7 @@ def load_path(path: Path, min_size: tuple[int, int] | None = None) -> LoadedImag
 def _unless_blank(image: LoadedImage) -> LoadedImage | FileResult:
     """A blank image (every pixel the same) says nothing about the lungs, yet a model would
     still give it a score: it is never classified."""
+    assert image.pixels is not None  # just decoded: dropped only once classified
     low, high = int(image.pixels.min()), int(image.pixels.max())
     if low != high:
         return image

@@ -3,7 +3,12 @@ file-level result."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
+
+from pneumoscan.inputs.reading import InputChanged
+from pneumoscan.text import one_line
 
 # Refuse to decode images declaring more pixels than this (decompression bombs); PIL's own
 # limit is a warning below 2x its default, so we check before decoding.
@@ -15,8 +20,8 @@ MAX_PIXELS = 20_000 * 20_000 // 4  # 100 M pixels: 10000 x 10000
 # EOFError and struct.error for data that ends early; SyntaxError from plugins' header
 # parsers), pydicom (ValueError and EOFError for broken elements and short pixel data,
 # RuntimeError when every decoder plugin failed, NotImplementedError for data no plugin
-# handles) and pylibjpeg-openjpeg (RuntimeError). Anything else a loader raises is a bug of
-# ours, not a property of the file.
+# handles) and pylibjpeg-openjpeg (RuntimeError). Caught around the decoders' calls alone
+# (`decoding`): anything else a loader raises is a bug of ours, not a property of the file.
 DECODER_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, RuntimeError,
                   NotImplementedError)
 
@@ -35,3 +40,15 @@ class SkipImage(ImageProblem):
 
 class UnreadableImage(ImageProblem):
     """The file cannot be decoded (the message says why)."""
+
+
+@contextlib.contextmanager
+def decoding(what: str) -> Iterator[None]:
+    """Around a decoder's call: what it raises for data it cannot decode (DECODER_ERRORS)
+    becomes UnreadableImage("`what`: why"); the file changing under it stays InputChanged."""
+    try:
+        yield
+    except InputChanged:
+        raise
+    except DECODER_ERRORS as exc:
+        raise UnreadableImage(f"{what}: {one_line(exc)}") from exc

@@ -9,8 +9,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumoscan.inputs.problems import MAX_PIXELS, SkipImage, UnreadableImage
+from pneumoscan.inputs.problems import (DECODER_ERRORS, MAX_PIXELS, SkipImage,
+                                        UnreadableImage, decoding)
+from pneumoscan.inputs.reading import InputChanged
 from pneumoscan.records import LoadedImage
+from pneumoscan.text import one_line
 
 
 def load_raster(fh: BinaryIO, path: Path,
@@ -20,29 +23,34 @@ def load_raster(fh: BinaryIO, path: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(fh)
+            img: Image.Image = Image.open(fh)
         except Image.DecompressionBombError as exc:
             raise UnreadableImage(f"refused: decompression bomb ({exc})") from exc
         except Image.UnidentifiedImageError as exc:
             raise UnreadableImage("not a decodable image (unidentified or corrupt header)") from exc
+        except InputChanged:
+            raise
+        except DECODER_ERRORS as exc:
+            raise UnreadableImage(f"corrupt image header: {one_line(exc)}") from exc
         with img:
-            width, height = img.size
+            kind, (width, height) = img.format, img.size
             if width * height > MAX_PIXELS:
                 raise UnreadableImage(f"refused: declares {width}x{height} pixels, over the "
                                       f"limit of {MAX_PIXELS:,} (possible decompression bomb)")
-            if getattr(img, "n_frames", 1) > 1:
-                raise SkipImage(f"multi-frame image ({img.n_frames} frames)")
-            if img.format == "JPEG" and min_size is not None:
-                # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when that still covers
-                # min_size; never decodes the full-size image.
-                img.draft("L", min_size)
-            try:
+            with decoding(f"corrupt {kind} frames"):
+                frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise SkipImage(f"multi-frame image ({frames} frames)")
+            with decoding(f"truncated or corrupt {kind} data"):
+                if img.format == "JPEG" and min_size is not None:
+                    # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when that still
+                    # covers min_size; never decodes the full-size image.
+                    img.draft("L", min_size)
                 img.load()
-            except OSError as exc:
-                raise UnreadableImage(f"truncated or corrupt {img.format} data ({exc})") from exc
             if min_size is not None:
                 img = shrink_to_cover(img, min_size)
-            img = ImageOps.exif_transpose(img)
+            with decoding(f"corrupt {kind} orientation (EXIF)"):
+                img = ImageOps.exif_transpose(img)
             pixels = to_grey_uint8(img)
     return LoadedImage(path=path, study=str(path.parent), pixels=pixels)
 

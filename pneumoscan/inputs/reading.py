@@ -42,7 +42,7 @@ class BoundedFile(io.FileIO):
         view = memoryview(buffer).cast("B")
         return super().readinto(view[:room]) if room else 0
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         room = self._room()
         return super().read(room if size is None or size < 0 else min(size, room))
 

@@ -200,4 +200,4 @@ def data_uri(picture: bytes | SupportsBytes) -> str:
 
 def _decision_class(label: str | None) -> str:
     return {POSITIVE: "pneumonia", NEGATIVE: "normal", OUT_OF_SCOPE: "review"}.get(
-        label, "unclassified")
+        label or "", "unclassified")

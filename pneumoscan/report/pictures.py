@@ -75,7 +75,8 @@ def render_picture(pixels: np.ndarray, cam: np.ndarray) -> bytes:
     cam: float32 (h, w), any small grid (e.g. 7 x 7), normalised to 0..1 for the predicted
     class; it is stretched over the whole image.
     """
-    grey = Image.fromarray(np.ascontiguousarray(reduced(pixels, DISPLAY_SIZE), dtype=np.uint8)).convert("RGB")
+    grey = Image.fromarray(np.ascontiguousarray(reduced(pixels, DISPLAY_SIZE),
+                                                dtype=np.uint8)).convert("RGB")
     size = grey.size
     width, height = size
     picture = Image.new("RGB", picture_size(width, height), "white")

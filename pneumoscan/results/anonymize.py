@@ -89,8 +89,9 @@ def anonymized_result(result: FileResult, key: bytes) -> FileResult:
                             (result.path.name, path.name)):
             if real:
                 reason = reason.replace(real, shown)
-    return replace(result, path=path, study=None if result.study is None else pseudonym(key, "study\0" + result.study),
-                   reason=reason, metadata=_anonymized_metadata(result.metadata, key))
+    study = None if result.study is None else pseudonym(key, "study\0" + result.study)
+    return replace(result, path=path, study=study, reason=reason,
+                   metadata=_anonymized_metadata(result.metadata, key))
 
 
 def _anonymized_metadata(metadata: dict[str, str], key: bytes) -> dict[str, str]:

@@ -258,13 +258,21 @@ class Ledger:
 
     @contextlib.contextmanager
     def _using(self, action: str) -> Iterator[None]:
-        """SQLite and decoding errors while `action` as one StateError line."""
+        """SQLite's errors while `action` as one StateError line."""
         try:
             yield
         except sqlite3.Error as exc:
             raise StateError(f"state file {self.path}: cannot {action}: "
                              f"{printable(str(exc), 200)}") from exc
-        except (ValueError, KeyError, TypeError) as exc:  # JSON and rows that make no sense
+
+    @contextlib.contextmanager
+    def _decoding(self, action: str) -> Iterator[None]:
+        """Around the decoding of recorded rows alone: JSON and rows that make no sense (a
+        damaged state file) as one StateError line. Errors of our own code elsewhere stay
+        what they are: bugs."""
+        try:
+            yield
+        except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"state file {self.path} is damaged: cannot {action}: "
                              f"{type(exc).__name__}: {printable(str(exc), 200)}") from exc
 
@@ -329,7 +337,7 @@ class Ledger:
         """Like `plan`, for instances on a PACS: keyed by SOP Instance UID (by the standard,
         one instance for ever), so nothing needs to be retrieved to know it was seen."""
         plans = []
-        with self._db:
+        with self._using("read recorded results"), self._db:
             for item, sop_uid in zip(items, sop_uids):
                 plan = Planned(item, remote_key(sop_uid), REMOTE_STAT, sop_uid)
                 if not force:
@@ -347,14 +355,16 @@ class Ledger:
             "SELECT result, seconds, rendered, picture IS NOT NULL FROM files WHERE path = ?"
             " AND content_sha256 = ? AND model_sha256 = ? AND threshold = ?",
             (plan.key, plan.content_sha256, basis.model_sha256, basis.threshold)).fetchone()
-        if row is None:
+        if row is None or plan.key is None:
             return None
         result_json, seconds, rendered, has_picture = row
-        data = json.loads(result_json)
-        if basis.render and not rendered and data["status"] == "ok":
-            return None  # classified without report images: make them now
         picture = self.stored_picture(plan.key) if basis.render and has_picture else None
-        return result_from_json(data, plan.item.path, seconds=seconds, picture=picture)
+        with self._decoding("read recorded results"):
+            result = result_from_json(json.loads(result_json), plan.item.path,
+                                      seconds=seconds, picture=picture)
+        if basis.render and not rendered and result.status == "ok":
+            return None  # classified without report images: make them now
+        return result
 
     def stored_picture(self, key: bytes) -> StoredPicture:
         return StoredPicture(str(self.path), key)
@@ -418,13 +428,17 @@ class Ledger:
         with self._using("read recorded reports"):
             row = self._db.execute("SELECT fingerprint, files FROM outputs WHERE name = ?",
                                    (json.dumps(list(name)),)).fetchone()
-            return bool(row) and row[0] == fingerprint and all(
-                os.path.exists(os.fsencode(f)) for f in json.loads(row[1]))
+        if not row or row[0] != fingerprint:
+            return False
+        with self._decoding("read recorded reports"):
+            files = json.loads(row[1])
+        return all(os.path.exists(os.fsencode(f)) for f in files)
 
     def outputs(self, prefix: Sequence[str]) -> dict[tuple[str, ...], list[Path]]:
         """The recorded reports whose names start with `prefix`, and their files."""
         with self._using("read recorded reports"):
             rows = self._db.execute("SELECT name, files FROM outputs").fetchall()
+        with self._decoding("read recorded reports"):
             named = {tuple(json.loads(name)): [Path(f) for f in json.loads(files)]
                      for name, files in rows}
         return {name: files for name, files in named.items()
@@ -555,12 +569,13 @@ def describe_holder(holder: dict | None, now: float) -> str:
         return ""
     where = "" if holder["host"] == os.uname().nodename else f" on {printable(holder['host'], 64)}"
     started = datetime.fromtimestamp(holder["started"], timezone.utc).isoformat(timespec="seconds")
-    text = (f" (PID {holder['pid']}{where}, started {started}, {format_duration(now - holder['started'])} "
-            f"ago; last progress {format_duration(now - holder['progress'])} ago")
+    text = (f" (PID {holder['pid']}{where}, started {started}, "
+            f"{format_duration(now - holder['started'])} ago; last progress "
+            f"{format_duration(now - holder['progress'])} ago")
     if now - holder["progress"] > HUNG_AFTER_S:
-        text += (f": it looks hung, as no run goes {format_duration(HUNG_AFTER_S)} without progress; "
-                 f"check that process and stop it (kill {holder['pid']}), the next run then "
-                 "catches up")
+        text += (f": it looks hung, as no run goes {format_duration(HUNG_AFTER_S)} without "
+                 f"progress; check that process and stop it (kill {holder['pid']}), the next "
+                 "run then catches up")
     return text + ")"
 
 

@@ -3,8 +3,9 @@
 Every line has `time`, `run` (an id shared by the lines of one run) and `event`:
 `start`, then one `file` per file computed in this run (results reused from the state
 ledger are only counted), then `summary`; or `locked` when another run held the state file,
-`failed` when the run stopped with an error, `interrupted` when a signal stopped it. Each line is one append write, so lines of
-runs that share the log never interleave, and a killed run leaves whole lines.
+`failed` when the run stopped with an error, `interrupted` when a signal stopped it. Each
+line is one append write, so lines of runs that share the log never interleave, and a killed
+run leaves whole lines.
 """
 
 from __future__ import annotations

@@ -113,8 +113,8 @@ _DECISION_RANK = {POSITIVE: 0, OUT_OF_SCOPE: 1, NEGATIVE: 2, UNCLASSIFIED: 3}
 
 
 def group_studies(results: Iterable[FileResult]) -> list[Study]:
-    """The studies of the images among `results`, in reading order: positive first, then the most probable pneumonia first,
-    then by key so that the order is stable."""
+    """The studies of the images among `results`, in reading order: positive first, then
+    the most probable pneumonia first, then by key so that the order is stable."""
     files: dict[str, list[FileResult]] = {}
     for result in results:
         if result.study is not None:  # None: not an image, so part of no study

@@ -5,11 +5,12 @@ scans a DICOMweb server through the same path (`classify_items`)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
 from pneumoscan import __version__
 from pneumoscan.inference.cam import CamModel
@@ -123,18 +124,19 @@ def classify_items(items: list[InputFile], model: CamModel, run: RunInfo,
     ledger (`plan(ledger, basis)`; without a ledger, all are computed), those to compute
     classified by `engine` (default: LocalEngine), and the plans and results in the items'
     order. The engine that ran is recorded in `run`."""
-    basis = Basis(run.model_sha256, run.threshold, render)
+    threshold = model.info.threshold if run.threshold is None else run.threshold
+    basis = Basis(run.model_sha256, threshold, render)
     plans = plan(ledger, basis) if ledger is not None else [Planned(item) for item in items]
     engine = engine or LocalEngine()
     classify = classifier(engine, model, batch_size=batch_size, workers=workers,
-                          threshold=run.threshold, render=render)
+                          threshold=threshold, render=render)
     results = _merge_with_ledger(plans, classify, ledger, basis, on_result, fetch)
     run.provider = engine.provider(model)
     return plans, results
 
 
 def classifier(engine: Engine, model: CamModel, *, render: bool, workers: int | None,
-               **options) -> Callable[[Iterable[InputFile]], Iterator[FileResult]]:
+               **options: Any) -> Callable[[Iterable[InputFile]], Iterator[FileResult]]:
     """classify(items): one result per item, in order, from `engine`; with `render`, each
     classified one with its report picture, drawn in this process as the results come
     (report.pictures.drawn: the engines draw nothing, and a run whose outputs show no
@@ -143,7 +145,11 @@ def classifier(engine: Engine, model: CamModel, *, render: bool, workers: int | 
     def classify(items: Iterable[InputFile]) -> Iterator[FileResult]:
         results = engine.classify(items, model, workers=workers,
                                   view_size=DISPLAY_SIZE if render else None, **options)
-        return drawn(results, workers or available_cores()) if render else results
+        if not render:
+            return results
+        # The engines' `classify` are generators (closing one stops its workers).
+        return drawn(cast("Generator[FileResult, None, None]", results),
+                     workers or available_cores())
 
     return classify
 
@@ -158,13 +164,16 @@ def _merge_with_ledger(plans: list[Planned],
     it, a few batches ahead of the model."""
     to_compute = (fetch(plan) if fetch else plan.item for plan in plans if plan.cached is None)
     results = []
-    with contextlib.closing(classify(to_compute)) as computed:
+    # The engines' `classify` are generators: closed early, they stop their workers.
+    computing = cast("Generator[FileResult, None, None]", classify(to_compute))
+    with contextlib.closing(computing) as computed:
         for plan in plans:
             result = plan.cached
             if result is None:
                 result = next(computed)
                 result.path = plan.item.path  # a PACS instance's, not its cached copy's
-                if ledger is not None and ledger.record(plan, result, basis) and result.picture:
+                if (ledger is not None and plan.key is not None
+                        and ledger.record(plan, result, basis) and result.picture):
                     # Read back when a report shows it: memory stays flat however many.
                     result.picture = ledger.stored_picture(plan.key)
             if on_result:
