@@ -20,7 +20,9 @@ from pneumoscan.inputs.dicomweb import PASSWORD_ENV, USER_ENV, DicomWebSource
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 KNEE_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
 MR_STUDY = "1.3.6.1.4.1.5962.1.2.5.20040826185059.5457"
-SECOND_STUDY_IMAGES = 3
+# Enough that the server's death at the first result leaves some unretrieved: the run
+# prepares up to three batches ahead of the model, which runs one batch ahead of the results.
+SECOND_STUDY_IMAGES = 10
 
 
 def second_study(folder: Path) -> list[Path]:
