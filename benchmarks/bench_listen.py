@@ -19,36 +19,19 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_pacs import upload_study  # noqa: E402
 from orthanc import PASSWORD, USER, Orthanc, free_port  # noqa: E402
 
 from pneumoscan import api  # noqa: E402
-from pneumoscan.dicomout.source import derived_uid  # noqa: E402
 from pneumoscan.inputs.receiver import ReceiverOptions  # noqa: E402
 from pneumoscan.run.listen import ListenOptions, listen  # noqa: E402
 
 AUTH = (USER, PASSWORD)
 OUTPUT_MODALITIES = {"SR", "SEG", "DOC"}
-
-
-def upload_study(server: Orthanc, study: int, images: int, folder: Path) -> str:
-    source = pydicom.dcmread(ROOT / "samples" / "dicom" / "RG1_UNCR.dcm")
-    uid = derived_uid("bench-listen-study", str(study))
-    for i in range(images):
-        ds = source.copy()
-        ds.StudyInstanceUID = uid
-        ds.SeriesInstanceUID = derived_uid("bench-listen-series", str(study))
-        ds.SOPInstanceUID = derived_uid("bench-listen", str(study), str(i))
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientID = f"BENCH-{study}"
-        path = folder / f"{study}-{i}.dcm"
-        ds.save_as(path)
-        server.upload(path)
-    return uid
 
 
 def outputs_landed(server: Orthanc, study_uid: str, images: int) -> bool:
@@ -68,7 +51,8 @@ def main() -> None:
         server.start()
         stop = threading.Event()
         try:
-            studies = [upload_study(server, s, args.images, folder) for s in range(args.studies)]
+            studies = [upload_study(server, s, args.images, folder, "bench-listen")
+                       for s in range(args.studies)]
             port = free_port()
             run = api.RunOptions(folder / "spool", state=folder / "state.sqlite",
                                  push=server.cstore_url)

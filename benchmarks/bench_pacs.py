@@ -42,19 +42,23 @@ class Clock(api.RunEvents):
         self.classified_at = (time.perf_counter(), time.process_time())
 
 
-def upload_studies(server: Orthanc, studies: int, images: int, folder: Path) -> None:
+def upload_study(server: Orthanc, study: int, images: int, folder: Path,
+                 prefix: str = "bench") -> str:
+    """Study number `study`: `images` copies of the RG1 radiograph under new UIDs (named
+    after `prefix`), uploaded to `server`. Returns its Study Instance UID."""
     source = pydicom.dcmread(ROOT / "samples" / "dicom" / "RG1_UNCR.dcm")
-    for s in range(studies):
-        for i in range(images):
-            ds = source.copy()
-            ds.StudyInstanceUID = derived_uid("bench-study", str(s))
-            ds.SeriesInstanceUID = derived_uid("bench-series", str(s))
-            ds.SOPInstanceUID = derived_uid("bench", str(s), str(i))
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.PatientID = f"BENCH-{s}"
-            path = folder / f"{s}-{i}.dcm"
-            ds.save_as(path)
-            server.upload(path)
+    uid = derived_uid(f"{prefix}-study", str(study))
+    for i in range(images):
+        ds = source.copy()
+        ds.StudyInstanceUID = uid
+        ds.SeriesInstanceUID = derived_uid(f"{prefix}-series", str(study))
+        ds.SOPInstanceUID = derived_uid(prefix, str(study), str(i))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientID = f"BENCH-{study}"
+        path = folder / f"{study}-{i}.dcm"
+        ds.save_as(path)
+        server.upload(path)
+    return uid
 
 
 def main() -> None:
@@ -69,7 +73,8 @@ def main() -> None:
         server = Orthanc(tmp / "orthanc")
         server.start()
         try:
-            upload_studies(server, args.studies, args.images, tmp)
+            for study in range(args.studies):
+                upload_study(server, study, args.images, tmp)
             fetch_classify, outputs_push, totals, cpu = [], [], [], []
             for repeat in range(args.repeats):
                 options = api.RunOptions(server.dicomweb_url, json=tmp / f"r{repeat}.json",
