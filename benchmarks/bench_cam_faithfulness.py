@@ -60,6 +60,7 @@ METHODS = {
     "CAM": ("onnx", None, False, "7x7"),
     "Layer-CAM": ("features", "LayerCAM", False, "7x7"),
     "CAM flip-averaged": ("onnx-flip", None, False, "7x7"),
+    "CAM margin": ("onnx-margin", None, False, "7x7"),
     "Grad-CAM": ("features", "GradCAM", False, "7x7"),
     "Grad-CAM++": ("features", "GradCAMPlusPlus", False, "7x7"),
     "Grad-CAM stage 5": ("features._blocks.10", "GradCAM", False, "14x14"),
@@ -119,9 +120,10 @@ class Context:
         np.savez(base_file, **vars(self.base))
 
 
-def onnx_maps(ctx: Context, flip: bool) -> tuple[np.ndarray, float]:
+def onnx_maps(ctx: Context, flip: bool, margin: bool = False) -> tuple[np.ndarray, float]:
     """The exported CAM of the decided class; with `flip`, averaged with the CAM of the
-    mirrored image mirrored back."""
+    mirrored image mirrored back; with `margin`, minus the other class's CAM (the map of
+    the decided class's log-odds, the only thing its confidence depends on)."""
     pick = np.arange(len(ctx.batch))
     out, times = [], []
     for i in range(0, len(ctx.batch), BATCH):
@@ -133,8 +135,11 @@ def onnx_maps(ctx: Context, flip: bool) -> tuple[np.ndarray, float]:
             cams = (cams + mirrored[..., ::-1]) / 2
         times.append((time.perf_counter() - t0) / len(x))
         out.append(cams)
-    cams = np.concatenate(out)[pick, ctx.base.decided]
-    return cams, statistics.median(times)
+    cams = np.concatenate(out)
+    picked = cams[pick, ctx.base.decided]
+    if margin:
+        picked = picked - cams[pick, 1 - ctx.base.decided]
+    return picked, statistics.median(times)
 
 
 def torch_maps(ctx: Context, network, layer: str, method: str,
@@ -177,7 +182,7 @@ def method_scores(ctx: Context, name: str, network, limits: dict[bool, int | Non
     layer, method, expensive, _ = METHODS[name]
     if layer.startswith("onnx"):
         index = np.arange(len(ctx.batch))
-        maps, seconds = onnx_maps(ctx, flip=layer == "onnx-flip")
+        maps, seconds = onnx_maps(ctx, flip=layer == "onnx-flip", margin=layer == "onnx-margin")
     else:
         index = spread_index(len(ctx.batch), limits[expensive])
         maps, seconds = torch_maps(ctx, network, layer, method, index)
