@@ -16,13 +16,15 @@ from orthanc import PASSWORD, USER, Orthanc
 from pneumoscan import api
 from pneumoscan.dicomout.source import derived_uid
 from pneumoscan.inputs.dicomweb import PASSWORD_ENV, USER_ENV, DicomWebSource
+from pneumoscan.workers import available_cores
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 KNEE_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
 MR_STUDY = "1.3.6.1.4.1.5962.1.2.5.20040826185059.5457"
 # Enough that the server's death at the first result leaves some unretrieved: the run
-# prepares up to three batches ahead of the model, which runs one batch ahead of the results.
-SECOND_STUDY_IMAGES = 10
+# prepares up to three batches ahead of the model, which runs a batch a core ahead of the
+# results (batches of one image here).
+SECOND_STUDY_IMAGES = 3 + available_cores() + 5
 
 
 def second_study(folder: Path) -> list[Path]:

@@ -21,7 +21,10 @@ from pneumoscan.inference.model import (
     optimized_model_path,
     preload_cuda_libraries,
 )
+from pneumoscan.inference.pipeline import classify
 from pneumoscan.inference.preprocess import normalise
+from pneumoscan.inputs.discover import discover
+from pneumoscan.workers import available_cores
 
 
 def real_batch(model: OnnxCamModel) -> np.ndarray:
@@ -93,6 +96,25 @@ def test_io_binding_gives_the_same_outputs_as_run(shipped_model):
     assert bound[0].shape == (len(batch), 2) and len(bound) == 3  # logits, CAMs, scope score
     for ours, reference in zip(bound, plain):
         np.testing.assert_allclose(ours, reference, atol=1e-6)
+
+
+def test_batches_run_side_by_side_give_what_one_batch_at_a_time_gives(shipped_model):
+    """On CPU the pipeline runs a batch a core at once, each on one ONNX Runtime thread (the
+    default); every file gets the result a single all-core session gives, in input order."""
+    side_by_side = OnnxCamModel(shipped_model, "cpu")
+    assert side_by_side.concurrent_batches == available_cores()
+    side_by_side.concurrent_batches = 3  # more lanes than cores here, whatever the machine
+    one_at_a_time = OnnxCamModel(shipped_model, "cpu", threads=available_cores())
+    assert one_at_a_time.concurrent_batches == 1
+    items = list(discover(KERMANY224))
+    ours, reference = (list(classify(items, model, batch_size=2))
+                       for model in (side_by_side, one_at_a_time))
+    assert len(items) == 16
+    assert [r.path for r in ours] == [i.path for i in items] == [r.path for r in reference]
+    assert all(r.status == "ok" for r in ours + reference)
+    np.testing.assert_allclose([r.probability for r in ours],
+                               [r.probability for r in reference], atol=1e-5)
+    np.testing.assert_allclose([r.cam for r in ours], [r.cam for r in reference], atol=1e-4)
 
 
 def test_the_cuda_probe_names_only_the_provider_on_stdout():

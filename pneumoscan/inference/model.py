@@ -163,9 +163,9 @@ def open_session(path: Path, device: str = "auto", threads: int | None = None,
 
 
 def session_options(threads: int | None):
-    """Tuned for a pipeline in which decoding threads share the cores with inference: all
-    cores for the model's intra-op pool, and no spinning, so that ORT threads waiting for
-    work yield their core to the decoders instead of burning it."""
+    """Tuned for a pipeline in which decoding threads share the cores with inference:
+    `threads` intra-op threads for a run (default: every core), and no spinning, so that ORT
+    threads waiting for work yield their core to the decoders instead of burning it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -4,7 +4,8 @@ The stages are plain functions, shared by both engines: `prepare` (load + prepro
 file), `score` (one batch through the model: probability, decision, CAM and scope) and
 `finish` (the file's result). `classify` is the local engine: worker threads prepare files
 ahead of the model (a bounded window, so memory stays flat however many files there are)
-while a thread of its own runs batches through the model, one batch ahead of the caller.
+while threads of their own run batches through the model (as many at once as the model
+says it runs best: one a core on CPU), ahead of the caller.
 `ray_engine` runs the same stages on a Ray cluster. Results come out in input order, one
 per input file, whatever happened to it. Nothing here draws: when the outputs will show
 pictures, they ask for each classified image's view (the X-ray reduced to the size they
@@ -258,20 +259,21 @@ def classify(items: Iterable[InputFile], model: CamModel, *, batch_size: int = D
     threshold = model.info.threshold if threshold is None else threshold
     prep = model.info.preprocessing
     pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="pneumoscan")
-    # The model runs in a thread of its own, one batch ahead of the caller: what the caller
-    # does with a batch's results (the state, the log, the outputs) overlaps the next
-    # batch's inference instead of leaving the cores to the decoders alone.
-    model_thread = ThreadPoolExecutor(1, thread_name_prefix="pneumoscan-model")
+    # The model runs in threads of its own (one a batch it may run at once), ahead of the
+    # caller: what the caller does with a batch's results (the state, the log, the outputs)
+    # overlaps the next batches' inference instead of leaving the cores to the decoders.
+    lanes = model.concurrent_batches
+    model_threads = ThreadPoolExecutor(lanes, thread_name_prefix="pneumoscan-model")
     try:
         scoring: deque[tuple[list[Prepared], Future]] = deque()
         for chunk in _read_ahead(pool, iter(items), prep, view_size, batch_size, file_timeout):
-            scoring.append((chunk, model_thread.submit(score, chunk, model, threshold)))
-            if len(scoring) > 1:
+            scoring.append((chunk, model_threads.submit(score, chunk, model, threshold)))
+            if len(scoring) > lanes:
                 yield from _finished(*scoring.popleft(), threshold, on_result)
         while scoring:
             yield from _finished(*scoring.popleft(), threshold, on_result)
     finally:
-        model_thread.shutdown(cancel_futures=True)
+        model_threads.shutdown(cancel_futures=True)
         # Never wait for an abandoned file's thread: it may never end.
         pool.shutdown(wait=not stuck(), cancel_futures=True)
 

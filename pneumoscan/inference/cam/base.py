@@ -20,6 +20,9 @@ class Predictions:
 class CamModel(ABC):
     info: ModelInfo
     provider: str
+    # How many batches the pipeline may run through the model at once (from as many
+    # threads): one unless the backend says its batches share the cores better side by side.
+    concurrent_batches: int = 1
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> Predictions:
