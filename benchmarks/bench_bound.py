@@ -60,32 +60,12 @@ ROWS = {"model alone": {"measure": "model-alone"},
 
 
 def without_guard(model_path: Path, out: Path) -> Path:
-    """A copy of the model at `model_path` without its scope guard: the guard's nodes, its
-    output and its metadata taken out, the network's nodes and weights as they are."""
+    """A copy of the model at `model_path` without its scope guard."""
     import onnx
 
-    from pneumoscan.inference.model import META_PREFIX
-    from pneumoscan.modelling.scope_guard import (
-        METADATA_KEY,
-        SCORE_OUTPUT,
-        is_guard_node,
-    )
+    from pneumoscan.modelling import scope_guard
 
-    model = onnx.load(str(model_path))
-    graph = model.graph
-    kept = [node for node in graph.node if not is_guard_node(node)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    outputs = [o for o in graph.output if o.name != SCORE_OUTPUT]
-    del graph.output[:]
-    graph.output.extend(outputs)
-    read = {name for node in kept for name in node.input}
-    weights = [w for w in graph.initializer if w.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(weights)
-    metadata = [m for m in model.metadata_props if m.key != META_PREFIX + METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(metadata)
+    model = scope_guard.without_guard(onnx.load(str(model_path)))
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
     return out

@@ -18,7 +18,7 @@ from pneumoscan.modelling.quantize import (
     head_nodes,
     reduced_path,
 )
-from pneumoscan.modelling.scope_guard import is_guard_node
+from pneumoscan.modelling.scope_guard import guard_of, is_guard_node
 
 
 @pytest.fixture
@@ -78,6 +78,36 @@ def test_int8_is_quantised_calibrated_on_the_training_split_and_keeps_cams(
     assert abs(comparison.flagged[1] - comparison.flagged[0]) <= 1 / 16
     assert comparison.cam_correlation_mean > 0.5
     assert comparison.max_probability_difference < 0.5
+
+
+def test_an_int8_copy_fits_its_direct_guard_again_on_the_int8_network(
+        small_checkpoint, tmp_path, val_images):
+    """A guard that reads the network's own activations (the direct view) reads them
+    quantised in the int8 copy: float32's fit flagged every validation image of the
+    2026.12.07 model there. The copy's guard is fitted anew on the int8 network's
+    activations, on the same images, and flags the share of them its metadata says."""
+    from pneumoscan.inference.pipeline import preprocessed_batches
+    from pneumoscan.modelling.checkpoint import read_checkpoint
+    from pneumoscan.modelling.export import export_checkpoint, split_images
+
+    fp32 = tmp_path / "direct.onnx"
+    export_checkpoint(small_checkpoint, fp32, check_images=val_images, version="test",
+                      log=lambda m: None, scope_view="direct")
+    export_reduced(small_checkpoint, fp32, ["int8"], calibration_count=8, max_auc_drop=1.0,
+                   log=lambda m: None)
+    int8 = reduced_path(fp32, "int8")
+    float_guard, int8_guard = (guard_of(onnx.load(str(path))) for path in (fp32, int8))
+    assert float_guard.view == int8_guard.view == "direct"
+    assert int8_guard.layers == float_guard.layers
+    assert int8_guard.train_images == float_guard.train_images
+    assert int8_guard.threshold != float_guard.threshold
+    assert [m.key for m in onnx.load(str(int8)).metadata_props].count("pneumoscan.scope_guard") == 1
+    model = OnnxCamModel(int8, "cpu")
+    val = split_images(small_checkpoint, read_checkpoint(small_checkpoint), "val")
+    scores = np.concatenate([model.predict(batch).scope_scores
+                             for batch, _ in preprocessed_batches(val, model.info.preprocessing)])
+    assert len(scores) == int8_guard.val_images == len(val) > 0
+    assert float(np.mean(scores > int8_guard.threshold)) == int8_guard.val_flagged
 
 
 def test_int8_is_not_written_when_its_auc_drops_too_much(small_checkpoint, fp32, val_images):

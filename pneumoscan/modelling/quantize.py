@@ -31,6 +31,12 @@ from pneumoscan.evaluation.metrics import binary_metrics
 from pneumoscan.files import atomic_path
 from pneumoscan.inference.pipeline import preprocessed_batches
 from pneumoscan.inference.preprocess import Preprocessing
+from pneumoscan.modelling.scope_guard import (
+    ScopeFitError,
+    fit_scope_guard,
+    guard_of,
+    without_guard,
+)
 from pneumoscan.workers import available_cores
 
 MAX_AUC_DROP = 0.005
@@ -94,8 +100,10 @@ def labelled_images(paths: list[Path]) -> tuple[list[Path], np.ndarray]:
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preprocessing,
-                  log=print) -> None:
-    """Static QDQ quantisation of `fp32`, calibrated on the `calibration` images."""
+                  log=print, guard_split: tuple[list[Path], list[Path]] | None = None) -> None:
+    """Static QDQ quantisation of `fp32`, calibrated on the `calibration` images. A scope
+    guard that reads the network's own activations (the direct view) is fitted again on
+    the int8 network, on `guard_split` (its training and validation images)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -115,20 +123,43 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
             return None if batch is None else {"input": batch}
 
     model = onnx.load(str(fp32))
+    guard = guard_of(model)
+    # float32's fit of a guard that reads the network's own activations reads them quantised
+    # as out of distribution (it flagged every validation image): it is fitted anew on
+    # the activations the int8 network computes.
+    refit = guard is not None and guard.view == "direct"
+    if refit and guard_split is None:
+        raise QuantizeError("the int8 copy's scope guard must be fitted on the int8 network: "
+                            "its training and validation images are needed (split.json)")
     log(f"int8: calibrating on {len(calibration)} training images")
     with tempfile.TemporaryDirectory() as tmp:
         # ONNX Runtime's own step before quantising: shapes inferred and the graph cleaned
         # up, so that every tensor gets its quantisation parameters.
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared))
-        onnx.save(separate_guard_weights(onnx.load(str(prepared))), str(prepared))
+        if refit:  # before the clean-up, which may fuse the guard's nodes past recognition
+            source = Path(tmp) / "unguarded.onnx"
+            onnx.save(without_guard(onnx.load(str(fp32))), str(source))
+            quant_pre_process(str(source), str(prepared))
+        else:
+            quant_pre_process(str(fp32), str(prepared))
+            onnx.save(separate_guard_weights(onnx.load(str(prepared))), str(prepared))
+        network = onnx.load(str(prepared))
         quantize_static(str(prepared), str(out), Calibration(), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=head_nodes(onnx.load(str(prepared))))
+                        nodes_to_exclude=head_nodes(onnx.load(str(prepared)))
+                        + (producers(network, guard.layers) if refit else []))
     set_metadata(out, {"precision": f"int8 static QDQ, per-channel weights, calibrated on "
-                                    f"{len(calibration)} training images"}, source=model)
+                                    f"{len(calibration)} training images"},
+                 source=without_guard(model) if refit else model)
+    if refit:
+        train, val = guard_split  # type: ignore[misc]  # checked above
+        try:
+            fit_scope_guard(out, train, val, log=log, max_train=guard.train_images,
+                            view=guard.view, layers=guard.layers)
+        except ScopeFitError as exc:
+            raise QuantizeError(f"int8 scope guard: {exc}") from exc
 
 
 def convert_fp16(fp32: Path, out: Path) -> None:
@@ -192,6 +223,13 @@ def separate_guard_weights(model):
     return model
 
 
+def producers(model, tensors: list[str]) -> list[str]:
+    """The names of the nodes of `model` that make `tensors`: kept in float (the quantiser
+    would fold an activation into its convolution's output range, and the tensor a direct
+    scope guard reads would be gone)."""
+    return [node.name for node in model.graph.node if node.output[0] in tensors]
+
+
 def head_nodes(model) -> list[str]:
     """The nodes downstream of the `features` output (pooling, classifier, CAM conv) and
     the scope guard's (its score is a distance fitted in float)."""
@@ -235,7 +273,8 @@ def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) 
               OnnxCamModel(candidate, "cpu", available_cores())]
     info = models[0].info
     positive = info.positive_class
-    guard_threshold = scope_threshold(info)
+    # Each model's own guard threshold: an int8 copy's guard may have been fitted anew.
+    guard_thresholds = [scope_threshold(model.info) for model in models]
     probabilities, flagged = [[], []], [[], []]
     seconds = [0.0, 0.0]
     correlations, kept = [], []
@@ -246,8 +285,8 @@ def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) 
             predictions = model.predict(batch)
             seconds[k] += time.perf_counter() - t0
             probabilities[k].append(predictions.probabilities[:, positive])
-            if guard_threshold is not None:
-                flagged[k].append(predictions.scope_scores > guard_threshold)
+            if guard_thresholds[k] is not None:
+                flagged[k].append(predictions.scope_scores > guard_thresholds[k])
             cams.append(predictions.cams)
         decided = np.where(probabilities[0][-1] >= info.threshold, positive, 1 - positive)
         a, b = (normalised_cams(c, decided).reshape(len(batch), -1) for c in cams)
@@ -264,7 +303,7 @@ def compare(fp32: Path, candidate: Path, paths: list[Path], labels: np.ndarray) 
                       cam_correlation_mean=float(np.mean(correlations)),
                       cam_correlation_min=float(np.min(correlations)),
                       speedup=seconds[0] / seconds[1],
-                      flagged=None if guard_threshold is None else
+                      flagged=None if None in guard_thresholds else
                       tuple(float(np.concatenate(f).mean()) for f in flagged))
 
 
@@ -307,15 +346,18 @@ def export_reduced(checkpoint: Path, fp32: Path, kinds: list[str],
     if "int8" in kinds and not calibration:
         raise QuantizeError("no training images to calibrate on: pass --calibration-images")
     limit = MAX_AUC_DROP if max_auc_drop is None else max_auc_drop
+    guard_split = (split_images(checkpoint, payload, "train"),
+                   split_images(checkpoint, payload, "val"))
     return {kind: write_reduced(kind, fp32, reduced_path(fp32, kind), paths, labels,
-                                calibration, limit, log) for kind in kinds}
+                                calibration, limit, log, guard_split) for kind in kinds}
 
 
 def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: np.ndarray,
-                  calibration: list[Path], max_auc_drop: float, log=print) -> Comparison:
+                  calibration: list[Path], max_auc_drop: float, log=print,
+                  guard_split: tuple[list[Path], list[Path]] | None = None) -> Comparison:
     """Write the `kind` ("int8" or "fp16") copy of `fp32` to `out` if, on the labelled
     images, it keeps the AUC within `max_auc_drop`; raise QuantizeError (writing nothing)
-    if not."""
+    if not. `guard_split`: the images an int8 copy's own scope guard is fitted on."""
     from pneumoscan.inference.cam.onnx_cam import OnnxCamModel
 
     if len(set(labels.tolist())) < 2:
@@ -324,7 +366,7 @@ def write_reduced(kind: str, fp32: Path, out: Path, paths: list[Path], labels: n
     prep = OnnxCamModel(fp32, "cpu").info.preprocessing
     with atomic_path(out, mode=0o644) as partial:  # removed, not written, if refused
         if kind == "int8":
-            quantize_int8(fp32, partial, calibration, prep, log)
+            quantize_int8(fp32, partial, calibration, prep, log, guard_split)
         else:
             convert_fp16(fp32, partial)
         comparison = compare(fp32, partial, paths, labels)

@@ -305,6 +305,35 @@ def name_guard_nodes(graph) -> None:
             node.name = node.output[0]
 
 
+def without_guard(model):
+    """`model` (an ONNX ModelProto, changed in place) without its scope guard: the guard's
+    nodes, its output and its metadata taken out, the network's nodes and weights as they
+    are."""
+    graph = model.graph
+    kept = [node for node in graph.node if not is_guard_node(node)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    outputs = [o for o in graph.output if o.name != SCORE_OUTPUT]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    read = {name for node in kept for name in node.input}
+    weights = [w for w in graph.initializer if w.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(weights)
+    metadata = [m for m in model.metadata_props if m.key != META_PREFIX + METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(metadata)
+    return model
+
+
+def guard_of(model) -> ScopeGuard | None:
+    """The scope guard `model` (an ONNX ModelProto) says it has, from its metadata."""
+    for entry in model.metadata_props:
+        if entry.key == META_PREFIX + METADATA_KEY:
+            return ScopeGuard(**json.loads(entry.value))
+    return None
+
+
 def read_split(path: Path) -> tuple[list[Path], list[Path]]:
     """(train, validation) images still there, from a split.json as training writes it."""
     try:
@@ -337,10 +366,12 @@ class ScopeGuard:
 
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
-                    max_train: int | None = None, view: str = "stored") -> ScopeGuard:
+                    max_train: int | None = None, view: str = "stored",
+                    layers: Sequence[str] | None = None) -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
     threshold on `val`, and write the model with the `scope_score` output and the guard in
-    its metadata to `out` (default: in place). `view` is what the guard reads (VIEWS)."""
+    its metadata to `out` (default: in place). `view` is what the guard reads (VIEWS);
+    `layers`, with the direct view, the activations it taps (default: `tapped_layers`)."""
     import onnx
 
     if view not in VIEWS:
@@ -350,7 +381,8 @@ def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path]
         raise ScopeFitError(f"{model_path} already has a scope guard")
     prep = model_preprocessing(model)
     if view == "direct":
-        quality, reduction, tensors = None, 1, tapped_layers(model)[-DIRECT_LAYERS:]
+        quality, reduction = None, 1
+        tensors = list(layers) if layers else tapped_layers(model)[-DIRECT_LAYERS:]
     else:
         quality = None if prep.jpeg_quality is not None else TRAINING_JPEG_QUALITY
         reduction = VIEW_REDUCTION

@@ -21,19 +21,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+# Batches run at once on CPU at most: each holds its own activation memory in ONNX Runtime's
+# arena (about 340 MB for EfficientNet-Lite0, batch 32, 224 px).
+MAX_CONCURRENT_BATCHES = 4
+
+
 class OnnxCamModel(CamModel):
-    """`threads`: ONNX Runtime's intra-op threads for one batch, one by default. On CPU the
-    pipeline then runs one batch a core at once (`concurrent_batches`): a batch on one
-    thread spends about a sixth less CPU than the same batch split over every core (no
-    parallel-for synchronisation), and the cores stay busy with whole batches and the
-    decoding threads' files instead of waiting for each other. A caller that runs one batch
-    at a time and wants it soon asks for more threads."""
+    """`threads`: ONNX Runtime's intra-op threads for one batch; by default the cores
+    shared among up to MAX_CONCURRENT_BATCHES batches (one thread a batch on 2 cores).
+    On CPU the pipeline runs that many batches at once (`concurrent_batches`): the cores
+    stay busy with whole batches and the decoding threads' files instead of waiting for
+    each other inside one batch (`pneumoscan run --json` 9% faster on 2 cores, docs/
+    BENCHMARKS.md). A caller that runs one batch at a time and wants it soon asks for
+    every core."""
 
     def __init__(self, path: Path, device: str = "auto", threads: int | None = None):
-        per_batch = threads or 1
+        cores = available_cores()
+        per_batch = threads or max(1, cores // min(cores, MAX_CONCURRENT_BATCHES))
         self.session, self.provider = open_session(path, device, per_batch)
-        self.concurrent_batches = (1 if self.provider == "CUDAExecutionProvider"
-                                   else max(1, available_cores() // per_batch))
+        self.concurrent_batches = (
+            1 if self.provider == "CUDAExecutionProvider"
+            else max(1, min(MAX_CONCURRENT_BATCHES, cores // per_batch)))
         self.info = read_model_info(Path(path), self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
         has_scope = any(o.name == SCOPE_OUTPUT for o in self.session.get_outputs())
