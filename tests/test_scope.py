@@ -29,6 +29,7 @@ from pneumoscan.modelling.scope_guard import (
     combined_scores,
     fit_layer,
     flag_threshold,
+    guard_of,
     standardise,
     tapped_layers,
 )
@@ -196,6 +197,15 @@ def test_shipped_model_flags_an_adult_dicom_and_a_photo(shipped, tmp_path):
     assert any("unlike the model's training images" in r for r in photo.scope_reasons)
     # Still classified: the probability and decision are given.
     assert all(r.probability is not None and r.label for r in (adult, photo))
+
+
+def test_a_guard_fitted_before_views_existed_reads_as_the_stored_view(shipped):
+    """The shipped model's guard metadata predates the direct view and does not name its
+    view: it is the stored view (its layers read the view's trunk copy)."""
+    guard = guard_of(onnx.load(str(shipped.info.path)))
+    assert guard.view == "stored" and guard.view_reduction == 2
+    assert all(layer.startswith("scope/view/trunk/") for layer in guard.layers)
+    assert guard.threshold == json.loads(shipped.info.extra["scope_guard"])["threshold"]
 
 
 def test_shipped_model_keeps_the_official_val_images_in_scope(shipped):

@@ -330,7 +330,8 @@ def guard_of(model) -> ScopeGuard | None:
     """The scope guard `model` (an ONNX ModelProto) says it has, from its metadata."""
     for entry in model.metadata_props:
         if entry.key == META_PREFIX + METADATA_KEY:
-            return ScopeGuard(**json.loads(entry.value))
+            # Guards fitted before the direct view existed do not name their view.
+            return ScopeGuard(**{"view": "stored", **json.loads(entry.value)})
     return None
 
 
