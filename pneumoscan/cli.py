@@ -639,12 +639,19 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
 @click.option("--seed", type=int, default=42, show_default=True)
 @scope_train_images_option
 @scope_view_option
+@click.option("--view-reduction", type=click.IntRange(1, 4),
+              help="the stored view averaged over N x N pixels before the trunk's copy reads "
+                   "it (default 2; 4: a quarter of its cost; more leaves the trunk too little)")
+@click.option("--replace", is_flag=True,
+              help="replace the guard the model has (default: refuse a guarded model)")
 def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images,
-                scope_view):
+                scope_view, view_reduction, replace):
     """Fit the scope guard of an exported ONNX model (one exported without it, or before
-    it existed) on its training images; its threshold flags at most 5% of the validation
-    images. `export-onnx` does this itself."""
+    it existed, or with --replace one whose guard is to be fitted anew) on its training
+    images; its threshold flags at most 5% of the validation images. `export-onnx` does
+    this itself."""
     from pneumoscan.modelling.scope_guard import (
+        VIEW_REDUCTION,
         ScopeFitError,
         fit_scope_guard,
         read_split,
@@ -661,7 +668,8 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
         else:
             fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
         fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
-                        max_train=scope_train_images, view=scope_view)
+                        max_train=scope_train_images, view=scope_view,
+                        view_reduction=view_reduction or VIEW_REDUCTION, replace=replace)
     except (ScopeFitError, ModelError, FileNotFoundError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out or model_path}")

@@ -368,25 +368,31 @@ class ScopeGuard:
 def fit_scope_guard(model_path: Path, train: Sequence[Path], val: Sequence[Path],
                     out: Path | None = None, log: Callable[[str], None] = print,
                     max_train: int | None = None, view: str = "stored",
-                    layers: Sequence[str] | None = None) -> ScopeGuard:
+                    layers: Sequence[str] | None = None,
+                    view_reduction: int = VIEW_REDUCTION,
+                    replace: bool = False) -> ScopeGuard:
     """Fit the guard on `train` (`max_train` of them at most, evenly spread), set its
     threshold on `val`, and write the model with the `scope_score` output and the guard in
     its metadata to `out` (default: in place). `view` is what the guard reads (VIEWS);
-    `layers`, with the direct view, the activations it taps (default: `tapped_layers`)."""
+    `layers`, with the direct view, the activations it taps (default: `tapped_layers`);
+    `view_reduction`, with the stored view, the pixel squares it is averaged over.
+    `replace`: a guard the model has is taken out first (else it is an error)."""
     import onnx
 
     if view not in VIEWS:
         raise ScopeFitError(f"unknown scope guard view {view!r}: one of {', '.join(VIEWS)}")
     model = onnx.load(str(model_path))
     if any(o.name == SCORE_OUTPUT for o in model.graph.output):
-        raise ScopeFitError(f"{model_path} already has a scope guard")
+        if not replace:
+            raise ScopeFitError(f"{model_path} already has a scope guard")
+        without_guard(model)
     prep = model_preprocessing(model)
     if view == "direct":
         quality, reduction = None, 1
         tensors = list(layers) if layers else tapped_layers(model)[-DIRECT_LAYERS:]
     else:
         quality = None if prep.jpeg_quality is not None else TRAINING_JPEG_QUALITY
-        reduction = VIEW_REDUCTION
+        reduction = view_reduction
         try:
             tensors = add_stored_view(model, model.graph.input[0].name, prep, quality,
                                       tapped_layers(model), reduction)
