@@ -148,7 +148,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
                         per_channel=True, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=head_nodes(onnx.load(str(prepared)))
+                        nodes_to_exclude=head_nodes(network)
                         + (producers(network, guard.layers) if refit else []))
     set_metadata(out, {"precision": f"int8 static QDQ, per-channel weights, calibrated on "
                                     f"{len(calibration)} training images"},
