@@ -641,7 +641,8 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
 @scope_view_option
 @click.option("--view-reduction", type=click.IntRange(1, 4),
               help="the stored view averaged over N x N pixels before the trunk's copy reads "
-                   "it (default 2; 4: a quarter of its cost; more leaves the trunk too little)")
+                   "it: 1, 2 or 4 (default 4: a sixteenth of the trunk's cost; more leaves the "
+                   "trunk too little)")
 @click.option("--replace", is_flag=True,
               help="replace the guard the model has (default: refuse a guarded model)")
 def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images,

@@ -96,8 +96,8 @@ def test_threshold_flags_at_most_the_rate():
 
 def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_images):
     """export-onnx fitted the guard on the checkpoint's split, through its view (the small
-    model has no round trip of its own: the view adds the training images' one, and halves
-    the size); ONNX Runtime's scope_score is the numpy formula of the fit on the same
+    model has no round trip of its own: the view adds the training images' one, and averages
+    it over 4x4 pixels); ONNX Runtime's scope_score is the numpy formula of the fit on the same
     statistics."""
     from pneumoscan.modelling.scope_guard import layer_statistics, read_split
 
@@ -109,7 +109,7 @@ def test_the_exported_score_is_the_fitted_one(small_onnx, small_checkpoint, val_
     train, val = read_split(small_checkpoint.parent / "split.json")
     guard = json.loads(cam_model.info.extra["scope_guard"])
     layers = guard["layers"]
-    assert (guard["view_jpeg_quality"], guard["view_reduction"]) == (75, 2)
+    assert (guard["view_jpeg_quality"], guard["view_reduction"]) == (75, 4)
     assert [name.removeprefix("scope/view/trunk/") for name in layers] == tapped_layers(model)
     assert guard["train_images"] == len(train) and guard["val_images"] == len(val)
     fits = [fit_layer(t, s) for t, s in zip(layers, layer_statistics(

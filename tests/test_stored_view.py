@@ -28,7 +28,7 @@ def test_quantisation_tables_are_libjpegs(quality):
         assert quantisation_table(quality).ravel().tolist() == list(stored.quantization[0])
 
 
-def view_session(prep: Preprocessing, quality: int) -> ort.InferenceSession:
+def view_session(prep: Preprocessing, quality: int, reduction: int = 1) -> ort.InferenceSession:
     """A graph whose only node passes the input on, with the view added and that node's
     copy (which reads the view) as its second output."""
     graph = helper.make_graph(
@@ -38,7 +38,7 @@ def view_session(prep: Preprocessing, quality: int) -> ort.InferenceSession:
         [helper.make_tensor_value_info("activation", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               ir_version=9)
-    (copy,) = add_stored_view(model, "input", prep, quality, ["activation"])
+    (copy,) = add_stored_view(model, "input", prep, quality, ["activation"], reduction)
     model.graph.output.append(helper.make_tensor_value_info(copy, TensorProto.FLOAT, None))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -59,10 +59,31 @@ def test_the_view_is_pillows_round_trip(quality):
         plain_out, view_out = session.run(None, {"input": normalise(plain[None], PREP)})
         assert np.array_equal(plain_out, normalise(plain[None], PREP))
         assert np.array_equal(view_out[0, 0], view_out[0, 2])  # grey in every channel
-        got = np.round((view_out[0, 0] * 0.502 + 0.498) * 255)
+        # The view leaves out the decoder's rounding and clamping to 8 bits: done here.
+        got = np.clip(np.round((view_out[0, 0] * 0.502 + 0.498) * 255), 0, 255)
         gap = np.abs(got - expected)
         assert (gap == 0).mean() > 0.8 and (gap <= 2).mean() > 0.99 and gap.max() <= 12
         assert gap.mean() < 0.2 < np.abs(plain - expected).mean()
+
+
+@pytest.mark.parametrize("reduction", [2, 4, 8])
+def test_the_reduced_view_is_the_views_average(reduction):
+    """The decoder folds the averaging into its transposed convolution: the same as the
+    full-size view averaged over reduction x reduction pixels, on a real scan."""
+    with Image.open(sorted(SAMPLES.rglob("*.jpeg"))[0]) as img:
+        pixels = normalise(prepare_pixels(np.asarray(img.convert("L")), PREP)[None], PREP)
+    _, full = view_session(PREP, 75).run(None, {"input": pixels})
+    _, reduced = view_session(PREP, 75, reduction).run(None, {"input": pixels})
+    side = 224 // reduction
+    averaged = full.reshape(1, 3, side, reduction, side, reduction).mean(axis=(3, 5))
+    assert reduced.shape == (1, 3, side, side)
+    assert np.abs(reduced - averaged).max() < 1e-4
+    assert np.abs(reduced - averaged).max() < 1e-3 * np.abs(np.diff(averaged, axis=-1)).max()
+
+
+def test_the_view_is_averaged_over_a_divisor_of_the_block():
+    with pytest.raises(StoredViewError, match="divisor"):
+        view_session(PREP, 75, 3)
 
 
 def test_the_view_needs_whole_blocks():

@@ -46,10 +46,11 @@ FIT_PREFIX = "scope_fit"  # the fit's own statistics outputs: apart from a guard
 STD_FLOOR = 0.01  # activations are O(1) (ReLU6: 0-6)
 ACTIVATIONS = ("Clip", "Relu")
 # The guard's view of every input: stored as the Kermany 224 px training images were, and
-# averaged over 2x2 pixels (what is left of storage at that scale is below what the layers
-# see; the trunk's copy costs a quarter of the network).
+# averaged over 4x4 pixels (what is left of storage at that scale is below what the layers
+# see; the trunk's copy costs a sixteenth of the network, and at 2x2 the guard flagged the
+# same images at twice the cost: docs/BENCHMARKS.md).
 TRAINING_JPEG_QUALITY = 75
-VIEW_REDUCTION = 2
+VIEW_REDUCTION = 4
 # What the guard reads: "stored", the view above through a copy of the trunk (for networks
 # whose activations tell an original scan from a training copy by its missing JPEG
 # artefacts); "direct", the network's own activations in the same pass (next to no cost; for

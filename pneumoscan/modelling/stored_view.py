@@ -13,9 +13,12 @@ feeds the one input it always did.
 
 The round trip is the standard's: level shift, 8x8 DCT-II per block, division by the
 quantisation table of the quality (libjpeg's scaling of Annex K's Table K.1) rounded half
-away from zero as libjpeg does, then the inverse and rounding to 8 bits. libjpeg's integer
-DCT rounds a coefficient the other way now and then: on Kermany originals, 92% of the pixels
-come out as Pillow's encoder gives them, 99.8% within 2 grey levels (tests/test_stored_view.py).
+away from zero as libjpeg does, then the inverse. libjpeg's integer DCT rounds a coefficient
+the other way now and then: on Kermany originals, 92% of the pixels come out as Pillow's
+encoder gives them, 99.8% within 2 grey levels (tests/test_stored_view.py). The decoder's
+last step, rounding and clamping the samples to 8 bits, is left out: the view is averaged
+over pixel squares before the trunk's copy reads it, and the averaging is folded into the
+inverse DCT (_add_round_trip).
 """
 
 from __future__ import annotations
@@ -72,22 +75,35 @@ def add_stored_view(model, source: str, prep: Preprocessing, quality: int | None
     network's weights); return the names of the tapped tensors' copies."""
     from onnx import helper
 
-    view = source if quality is None else _add_round_trip(model.graph, source, prep, quality)
-    if reduction > 1:
-        reduced = PREFIX + "reduced"
+    if quality is not None:
+        view = _add_round_trip(model.graph, source, prep, quality, reduction)
+    elif reduction > 1:
+        view = PREFIX + "reduced"
         model.graph.node.append(helper.make_node(
-            "AveragePool", [view], [reduced], name=reduced,
+            "AveragePool", [source], [view], name=view,
             kernel_shape=[reduction, reduction], strides=[reduction, reduction]))
-        view = reduced
+    else:
+        view = source
     return _add_trunk_copy(model.graph, source, view, tapped)
 
 
-def _add_round_trip(graph, source: str, prep: Preprocessing, quality: int) -> str:
+def _add_round_trip(graph, source: str, prep: Preprocessing, quality: int,
+                    reduction: int) -> str:
+    """The round trip, decoded straight to the normalised view averaged over `reduction`
+    pixels: the inverse DCT, the averaging and the normalisation are linear, so they are
+    one transposed convolution from the quantised coefficients (one eighth of the work at
+    `reduction` 4, and no node left at full size after the quantisation). The decoder's
+    rounding to 8 bits and clamping to 0-255 are left out: they move a sample by half a
+    grey level, or where the inverse DCT rings past black or white, and the view is
+    averaged before the trunk reads it."""
     from onnx import helper, numpy_helper
 
     if prep.height % BLOCK or prep.width % BLOCK:
         raise StoredViewError(f"the stored view needs an input of whole {BLOCK}x{BLOCK} "
                               f"blocks, not {prep.height}x{prep.width}")
+    if BLOCK % reduction:
+        raise StoredViewError(f"the stored view is averaged over 1, 2, 4 or 8 pixels "
+                              f"(a divisor of the {BLOCK}-pixel block), not {reduction}")
 
     def constant(name: str, value, dtype=np.float32) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype),
@@ -99,41 +115,42 @@ def _add_round_trip(graph, source: str, prep: Preprocessing, quality: int) -> st
                                            name=PREFIX + output, **attributes))
         return PREFIX + output
 
-    def round_half_away(x: str, name: str) -> str:  # libjpeg's rounding; ONNX Round is to even
-        magnitude = node("Floor", [node("Add", [node("Abs", [x], name + "/abs"), half],
-                                        name + "/shifted")], name + "/magnitude")
-        return node("Mul", [magnitude, node("Sign", [x], name + "/sign")], name)
-
-    half = constant("half", 0.5)
-    mean, std = (np.asarray(v, np.float32)[None, :, None, None] for v in (prep.mean, prep.std))
+    mean, std = (np.asarray(v, np.float64) for v in (prep.mean, prep.std))
+    basis = dct_basis().astype(np.float64)
+    table = quantisation_table(quality).reshape(BLOCK * BLOCK).astype(np.float64)
     # The grey levels 0-255 from the first channel (the others replicate it), made whole
     # again (normalising left them a few ulps off).
     first = node("Slice", [source, constant("first", [0], np.int64),
                            constant("end", [1], np.int64), constant("channel_axis", [1], np.int64)],
                  "grey/normalised")
-    scaled = node("Mul", [first, constant("std", std[:, :1])], "grey/scaled")
-    unit = node("Add", [scaled, constant("mean", mean[:, :1])], "grey/unit")
-    levels = node("Mul", [unit, constant("levels", 255.0)], "grey/levels")
-    levels = node("Round", [levels], "grey/whole")
-    # Encoding (T.81 A.3.1, A.3.3, A.3.4): level shift, DCT of each block, quantisation.
-    shifted = node("Sub", [levels, constant("level_shift", 128.0)], "encode/shifted")
-    basis = constant("dct_basis", dct_basis())
-    coefficients = node("Conv", [shifted, basis], "encode/coefficients",
-                        strides=[BLOCK, BLOCK], kernel_shape=[BLOCK, BLOCK])
-    table = constant("table", quantisation_table(quality).reshape(1, BLOCK * BLOCK, 1, 1))
-    quantised = round_half_away(node("Div", [coefficients, table], "encode/scaled"),
-                                "encode/quantised")
-    # Decoding: dequantisation, inverse DCT (the transposed correlation), 8-bit samples.
-    dequantised = node("Mul", [quantised, table], "decode/dequantised")
-    samples = node("ConvTranspose", [dequantised, basis], "decode/samples",
-                   strides=[BLOCK, BLOCK], kernel_shape=[BLOCK, BLOCK])
-    decoded = node("Clip", [round_half_away(node("Add", [samples, PREFIX + "level_shift"],
-                                                 "decode/unshifted"), "decode/rounded"),
-                            constant("black", 0.0), PREFIX + "levels"], "decode/levels")
-    # Normalised as the model's input, the grey broadcast to every channel.
-    unit = node("Div", [decoded, PREFIX + "levels"], "view/unit")
-    centred = node("Sub", [unit, constant("channel_mean", mean)], "view/centred")
-    return node("Div", [centred, constant("channel_std", std)], "view")
+    scaled = node("Mul", [first, constant("levels_per_unit", std[0] * 255)], "grey/scaled")
+    levels = node("Round", [node("Add", [scaled, constant("levels_at_zero", mean[0] * 255)],
+                                 "grey/levels")], "grey/whole")
+    # Encoding (T.81 A.3.1, A.3.3, A.3.4): the DCT of each block, with the level shift by
+    # 128 as the bias of its DC coefficient (the DC basis function sums to 8), quantised.
+    level_shift = np.zeros(BLOCK * BLOCK)
+    level_shift[0] = -128 * basis[0].sum()
+    coefficients = node("Conv", [levels, constant("dct_basis", basis),
+                                 constant("level_shift", level_shift)],
+                        "encode/coefficients", strides=[BLOCK, BLOCK], kernel_shape=[BLOCK, BLOCK])
+    scaled = node("Div", [coefficients, constant("table", table.reshape(1, -1, 1, 1))],
+                  "encode/scaled")
+    # libjpeg rounds half away from zero; ONNX Round rounds half to even.
+    magnitude = node("Floor", [node("Add", [node("Abs", [scaled], "encode/abs"),
+                                            constant("half", 0.5)], "encode/shifted")],
+                     "encode/magnitude")
+    quantised = node("Mul", [magnitude, node("Sign", [scaled], "encode/sign")],
+                     "encode/quantised")
+    # Decoding: dequantisation, inverse DCT (the transposed correlation), averaging over
+    # reduction x reduction pixels, level shift back and the model's normalisation, folded.
+    size = BLOCK // reduction
+    averaged = basis.reshape(-1, size, reduction, size, reduction).mean(axis=(2, 4))
+    weights = (table[:, None, None, None] * averaged[:, None]
+               / (255 * std)[None, :, None, None])
+    bias = (128 / 255 - mean) / std
+    return node("ConvTranspose", [quantised, constant("decoder", weights),
+                                  constant("decoder_bias", bias)],
+                "view", strides=[size, size], kernel_shape=[size, size])
 
 
 def _add_trunk_copy(graph, source: str, view: str, tapped: Sequence[str]) -> list[str]:
