@@ -13,14 +13,15 @@ are out of scope is printed, with the pixel check alone beside it:
   dicom-chest       the adult CR DICOMs (RG1 uncompressed and JPEG 2000, CR-MONO1)
   photos            scikit-image's sample photographs, as PNG
   extremity-png     the tibia of RG3_J2KI.dcm, saved as PNG (its DICOM is skipped as such)
-Cost: the model alone (batch 32, preprocessed, median of --repeats runs) with and without
-the guard's output, when --unguarded names the model without it.
+Cost, against the same model without its guard (--unguarded, or made by taking the guard
+out): the model alone on a
+preprocessed batch of 32 originals, as many at once as `run` runs them, the two models in
+turn --repeats times; the guard's share is the median of the paired ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from pneumoscan import api  # noqa: E402
 from pneumoscan.inference.scope import PIXEL_REASON, scope_threshold  # noqa: E402
+
+from bench_bound import without_guard  # noqa: E402
 
 
 def photo_folder(folder: Path) -> Path:
@@ -83,22 +86,51 @@ def flag_rates(model, folder: Path) -> tuple[int, int, int]:
     return len(results), sum(r.in_scope is False for r in results), by_pixels
 
 
-def model_seconds(model, batch: np.ndarray, repeats: int) -> float:
-    model.predict(batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.predict(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def paired_seconds(models: list, batch: np.ndarray, repeats: int) -> np.ndarray:
+    """(repeats, len(models)) seconds for as many batches at once as `run` runs on each
+    model (its `concurrent_batches`, each on its share of the cores), the models taken in
+    turn within each repeat so that background load falls on them alike. Each timing
+    follows an untimed run of the same model, as in `run`, which runs one model batch
+    after batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    times = np.zeros((repeats, len(models)))
+    with ThreadPoolExecutor(max(m.concurrent_batches for m in models)) as lanes:
+        for repeat in range(repeats):
+            first = repeat % len(models)
+            for column in [*range(first, len(models)), *range(first)]:
+                model = models[column]
+                list(lanes.map(model.predict, [batch] * model.concurrent_batches))
+                start = time.perf_counter()
+                list(lanes.map(model.predict, [batch] * model.concurrent_batches))
+                times[repeat, column] = (time.perf_counter() - start) / model.concurrent_batches
+    return times
+
+
+def guard_cost(guarded_path: Path, unguarded_path: Path, data: Path, repeats: int) -> str:
+    from pneumoscan.inference.pipeline import read_model_input
+
+    model, plain_model = (api.open_model(p, "cpu") for p in (guarded_path, unguarded_path))
+    paths = sorted((data / "kermany-original").rglob("*.jpeg"))[:32]
+    batch = np.stack([read_model_input(p, model.info.preprocessing) for p in paths])
+    times = paired_seconds([model, plain_model], batch, repeats)
+    guarded, plain = np.median(times, axis=0) / len(batch) * 1000
+    ratios = times[:, 0] / times[:, 1]
+    return (f"model alone, batch {len(batch)} ({model.concurrent_batches} at once as `run` "
+            f"runs them), {repeats} repeats in turn: {plain:.2f} ms/image without the "
+            f"guard, {guarded:.2f} with it (medians); the guard adds "
+            f"{np.median(ratios) - 1:+.1%} (median of the paired ratios; "
+            f"quartiles {np.percentile(ratios, 25) - 1:+.1%}, "
+            f"{np.percentile(ratios, 75) - 1:+.1%})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="guarded ONNX model (default: shipped)")
-    parser.add_argument("--unguarded", type=Path, help="the same model without its guard")
+    parser.add_argument("--unguarded", type=Path, help="the same model without its guard "
+                        "(default: made from --model by taking the guard out)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     model = api.open_model(args.model, "cpu")
     if scope_threshold(model.info) is None:
@@ -107,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.info.name} {model.info.version} ({model.info.sha256[:12]}), "
           f"scope threshold {scope_threshold(model.info):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
+        # The cost first, on models opened for it alone (a model that has just scanned a
+        # thousand images runs slower for a while: its memory is laid out otherwise).
+        print(guard_cost(model.info.path, args.unguarded or without_guard(
+            model.info.path, Path(tmp) / "unguarded.onnx"), data, args.repeats), flush=True)
+
         def fresh(name: str) -> Path:
             folder = Path(tmp) / name
             folder.mkdir()
@@ -126,17 +163,6 @@ def main(argv: list[str] | None = None) -> int:
             count, flagged, by_pixels = flag_rates(model, folder)
             print(f"{name:18} {count:6d} {flagged:5d} ({flagged / count:5.1%}) "
                   f"{by_pixels / count:9.1%}", flush=True)
-    if args.unguarded:
-        from pneumoscan.inference.pipeline import read_model_input
-
-        paths = sorted((data / "kermany-original").rglob("*.jpeg"))[:32]
-        batch = np.stack([read_model_input(p, model.info.preprocessing) for p in paths])
-        guarded = model_seconds(model, batch, args.repeats)
-        plain = model_seconds(api.open_model(args.unguarded, "cpu"), batch, args.repeats)
-        print(f"model alone, batch {len(batch)}: {plain / len(batch) * 1000:.2f} ms/image "
-              f"without the guard, {guarded / len(batch) * 1000:.2f} with it "
-              f"(+{(guarded - plain) / len(batch) * 1000:.2f} ms, x{guarded / plain:.3f}); "
-              f"medians of {args.repeats}")
     return 0
 
 
