@@ -150,6 +150,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[Path], prep: Preproce
                         calibrate_method=CalibrationMethod.MinMax,
                         nodes_to_exclude=head_nodes(network)
                         + (producers(network, guard.layers) if refit else []))
+    if not refit:
+        onnx.save(guard_reads_float_input(onnx.load(str(out))), str(out))
     set_metadata(out, {"precision": f"int8 static QDQ, per-channel weights, calibrated on "
                                     f"{len(calibration)} training images"},
                  source=without_guard(model) if refit else model)
@@ -196,9 +198,7 @@ def separate_guard_weights(model):
     """`model` with the scope guard reading its own copies of the weights it shares with the
     network (modelling/stored_view.py): ONNX Runtime's quantiser swaps a quantised weight
     for its int8 round trip in every node that reads it, excluded nodes too, and the
-    guard's threshold was fitted on the float weights. (The guard's input still arrives
-    through the input's uint8 round trip: a step of one grey level, which the view rounds
-    back to whole levels.)"""
+    guard's threshold was fitted on the float weights."""
     import onnx
 
     from pneumoscan.modelling.scope_guard import is_guard_node
@@ -220,6 +220,25 @@ def separate_guard_weights(model):
                 copy.name = copies[name] = f"scope/weights/{name}"
                 graph.initializer.append(copy)
             node.input[k] = copies[name]
+    return model
+
+
+def guard_reads_float_input(model):
+    """`model` (quantised) with the scope guard reading the float input, not its uint8 round
+    trip: the quantiser feeds every reader of the input through it, and its step is not
+    one grey level, which the stored view's JPEG quantisation turns into whole steps of a
+    coefficient now and then."""
+    from pneumoscan.modelling.scope_guard import is_guard_node
+
+    graph = model.graph
+    source = graph.input[0].name
+    quantised = {node.output[0] for node in graph.node
+                 if node.op_type == "QuantizeLinear" and node.input[0] == source}
+    round_trip = {node.output[0] for node in graph.node
+                  if node.op_type == "DequantizeLinear" and node.input[0] in quantised}
+    for node in graph.node:
+        if is_guard_node(node):
+            node.input[:] = [source if name in round_trip else name for name in node.input]
     return model
 
 
