@@ -229,7 +229,7 @@ def test_info_shows_model_metadata(small_onnx):
     assert "Preprocessing(" not in result.output  # readable, not a repr
     assert not re.search(r"\d\.\d{6,}", result.output)  # no 16-digit floats
     assert re.search(r"^input: +128 x 128, 3 channels", result.output, re.MULTILINE)
-    assert re.search(r"^scope guard: +5 layers through a JPEG quality 75 round trip at 1/2 size, "
+    assert re.search(r"^scope guard: +5 layers through a JPEG quality 75 round trip at 1/4 size, "
                      r"threshold \d\.\d{3} \(\d\.\d% of \d+ validation", result.output,
                      re.MULTILINE)
     assert re.search(r"^calibration: +Platt scaling, T \d\.\d{3}", result.output, re.MULTILINE)
