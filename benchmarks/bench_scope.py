@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.info.name} {model.info.version} ({model.info.sha256[:12]}), "
           f"scope threshold {scope_threshold(model.info):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
-        # The cost first, on models opened for it alone (a model that has just scanned a
-        # thousand images runs slower for a while: its memory is laid out otherwise).
+        # The cost first, on models opened for it alone: the scans below leave nothing
+        # behind in them that could change what it measures.
         print(guard_cost(model.info.path, args.unguarded or without_guard(
             model.info.path, Path(tmp) / "unguarded.onnx"), data, args.repeats), flush=True)
 

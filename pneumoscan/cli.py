@@ -639,10 +639,10 @@ def export_onnx(checkpoint, out, check_images, model_version, name, force, int8,
 @click.option("--seed", type=int, default=42, show_default=True)
 @scope_train_images_option
 @scope_view_option
-@click.option("--view-reduction", type=click.IntRange(1, 4),
+@click.option("--view-reduction", type=click.Choice(["1", "2", "4"]),
               help="the stored view averaged over N x N pixels before the trunk's copy reads "
-                   "it: 1, 2 or 4 (default 4: a sixteenth of the trunk's cost; more leaves the "
-                   "trunk too little)")
+                   "it (default 4: a sixteenth of the trunk's cost; more leaves the trunk too "
+                   "little)")
 @click.option("--replace", is_flag=True,
               help="replace the guard the model has (default: refuse a guarded model)")
 def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_train_images,
@@ -670,7 +670,8 @@ def scope_guard(model_path, out, split_path, data, val_fraction, seed, scope_tra
             fail("give --split FILE or --data FOLDER", api.EXIT_USAGE)
         fit_scope_guard(model_path, train, val, out=out, log=lambda m: click.echo(m),
                         max_train=scope_train_images, view=scope_view,
-                        view_reduction=view_reduction or VIEW_REDUCTION, replace=replace)
+                        view_reduction=int(view_reduction or VIEW_REDUCTION),
+                        replace=replace)
     except (ScopeFitError, ModelError, FileNotFoundError) as exc:
         fail(str(exc))
     click.echo(f"wrote {out or model_path}")

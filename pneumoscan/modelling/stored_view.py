@@ -91,8 +91,8 @@ def _add_round_trip(graph, source: str, prep: Preprocessing, quality: int,
                     reduction: int) -> str:
     """The round trip, decoded straight to the normalised view averaged over `reduction`
     pixels: the inverse DCT, the averaging and the normalisation are linear, so they are
-    one transposed convolution from the quantised coefficients (one eighth of the work at
-    `reduction` 4, and no node left at full size after the quantisation). The decoder's
+    one transposed convolution from the quantised coefficients (no node left at full size
+    after the quantisation). The decoder's
     rounding to 8 bits and clamping to 0-255 are left out: they move a sample by half a
     grey level, or where the inverse DCT rings past black or white, and the view is
     averaged before the trunk reads it."""
