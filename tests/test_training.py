@@ -205,13 +205,14 @@ def test_early_stopping_stops(kermany224, tmp_path):
 def test_consistency_pairs_each_image_stored_two_ways(kermany224, tmp_path):
     """With --consistency each item is one image stored two different ways, the loss is
     the squared margin difference of each pair, and a fine-tune from a checkpoint trains
-    on such pairs and starts from its weights."""
+    on such pairs and starts from its weights, with the input low-pass its own options set."""
     cfg = _tiny_config(kermany224, tmp_path / "first", epochs=1)
     train(cfg, log=lambda m: None)
     images = np.stack([np.full((224, 224), 40, np.uint8), np.full((224, 224), 200, np.uint8)])
     images[:, 60:160, 60:160] = 120
     tuned = _tiny_config(kermany224, tmp_path / "tuned", epochs=1, consistency=1.0,
-                         init_from=str(tmp_path / "first" / "best.pt"), lr=0.0)
+                         init_from=str(tmp_path / "first" / "best.pt"), lr=0.0,
+                         low_pass_sigma=1.0)
     dataset = AugmentedImages(images, np.array([0, 1]), Preprocessing(
         224, 224, 3, (0.5,) * 3, (0.5,) * 3), tuned)
     pair, label = dataset[1]
@@ -221,8 +222,13 @@ def test_consistency_pairs_each_image_stored_two_ways(kermany224, tmp_path):
     assert consistency_loss(logits).item() == pytest.approx((4 + 0) / 2)
     train(tuned, log=lambda m: None)  # lr 0: the weights stay those of the first run
     first = torch.load(tmp_path / "first" / "best.pt", weights_only=False)["state_dict"]
-    after = torch.load(tmp_path / "tuned" / "best.pt", weights_only=False)["state_dict"]
+    tuned_payload = torch.load(tmp_path / "tuned" / "best.pt", weights_only=False)
+    after = tuned_payload["state_dict"]
     assert torch.equal(first["classifier.weight"], after["classifier.weight"])
+    # The first run had no low-pass; the fine-tune's sigma 1 has 7 taps (radius 3 sigma).
+    assert "features.low_pass.kernel" not in first
+    assert tuned_payload["low_pass_sigma"] == 1.0
+    assert after["features.low_pass.kernel"].shape == (3, 1, 1, 7)
 
 
 def test_training_writes_everything_and_resumes(kermany224, tmp_path):

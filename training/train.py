@@ -60,6 +60,9 @@ from pneumoscan.text import format_duration
 from . import augment
 from .data import load_cached
 
+# The state-dict key of the network's input low-pass (architectures.GaussianLowPass).
+LOW_PASS_KERNEL = "features.low_pass.kernel"
+
 
 def option(default=MISSING, help: str = ""):
     """A TrainConfig field: its default and the help text of its command-line option."""
@@ -397,7 +400,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
                           weights=cfg.pretrained_weights, download=cfg.download_weights,
                           pretrained=cfg.pretrained, low_pass_sigma=cfg.low_pass_sigma)
     if cfg.init_from is not None:
-        model.load_state_dict(read_checkpoint(Path(cfg.init_from))["state_dict"])
+        weights = read_checkpoint(Path(cfg.init_from))["state_dict"]
+        # The low-pass kernel is not learnt: --low-pass-sigma sets it, so a fine-tune may
+        # change the filter (or add or drop it) and keep every trained weight.
+        weights.pop(LOW_PASS_KERNEL, None)
+        keys = model.load_state_dict(weights, strict=False)
+        if keys.unexpected_keys or set(keys.missing_keys) - {LOW_PASS_KERNEL}:
+            raise ValueError(f"{cfg.init_from} does not fit --arch {cfg.arch}: missing "
+                             f"{keys.missing_keys}, unexpected {keys.unexpected_keys}")
         log(f"weights from {cfg.init_from}")
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
