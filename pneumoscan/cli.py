@@ -530,10 +530,10 @@ scope_view_option = click.option(
     "--scope-view", type=click.Choice(["stored", "direct"]), default="stored",
     show_default=True,
     help="what the scope guard reads: 'stored', the input as the training copies were "
-         "stored (JPEG q75, half size) through a copy of the trunk (about a third more "
-         "time); 'direct', the network's own activations at its three coarsest "
-         "resolutions (next to no time: for networks with an input low-pass, which do not "
-         "tell originals from training copies)")
+         "stored (JPEG q75, averaged over 4x4 pixels) through a copy of the trunk at that "
+         "quarter size; 'direct', the network's own activations at its three coarsest "
+         "resolutions (no copy: for networks with an input low-pass; docs/MODEL_CARD.md "
+         "compares the two)")
 
 
 @main.command("export-onnx")

@@ -53,8 +53,9 @@ TRAINING_JPEG_QUALITY = 75
 VIEW_REDUCTION = 4
 # What the guard reads: "stored", the view above through a copy of the trunk (for networks
 # whose activations tell an original scan from a training copy by its missing JPEG
-# artefacts); "direct", the network's own activations in the same pass (next to no cost; for
-# networks that do not, such as those with an input low-pass, architectures.GaussianLowPass).
+# artefacts); "direct", the network's own activations in the same pass (no copy; meant for
+# networks that do not, such as those with an input low-pass, architectures.GaussianLowPass,
+# although on issue 21's candidates it flagged 9 of 100 originals: docs/MODEL_CARD.md).
 VIEWS = ("stored", "direct")
 # The direct view taps the last activations of the three coarsest resolutions only (28, 14
 # and 7 px for a 224 px input): on the 2026.12.06 low-pass candidate, the 112 and 56 px
