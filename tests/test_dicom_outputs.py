@@ -14,7 +14,6 @@ import pydicom
 import pytest
 from conftest import (
     PNEUMONIA_JPEG,
-    SAMPLE_JPEG,
     SAMPLES,
     cr_dataset,
     installed_program,
@@ -112,7 +111,9 @@ def child_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dicom-out-child")
     scans = out / "scans"
     scans.mkdir()
-    for number, jpeg in enumerate((SAMPLE_JPEG, PNEUMONIA_JPEG), start=1):
+    # NORMAL2-IM-1442: the sample NORMAL scan furthest from the threshold (0.03).
+    normal = SAMPLES / "study-normal-2" / "NORMAL2-IM-1442-0001.jpeg"
+    for number, jpeg in enumerate((normal, PNEUMONIA_JPEG), start=1):
         with Image.open(jpeg) as image:
             pixels = np.asarray(image.convert("L"))
         save(cr_dataset(pixels, PatientAge="004Y", PatientID="CHILD-1",

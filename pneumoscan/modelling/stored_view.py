@@ -3,8 +3,8 @@ greyscale baseline JPEG round trip (ITU-T T.81) of the model's input, computed i
 ONNX graph, and a copy of the network's trunk that reads it.
 
 Why: the Kermany 224 px training images are quality-75 JPEGs, and every activation the guard
-is fitted on carries those artefacts. A model trained to ignore storage (the default model
-since 2026.12.01, docs/MODEL_CARD.md) reads original scans without a round trip, and a guard
+is fitted on carries those artefacts. A model trained to ignore storage (the 2026.12.01
+default model, docs/MODEL_CARD.md) reads original scans without a round trip, and a guard
 on its own activations then tells an original from a training copy by its missing artefacts alone
 (it flagged 96 of the 100 Kermany originals). Read through this view, an original is stored as
 a training copy was, and what is left for the guard to see is the image itself. In the graph,
