@@ -28,6 +28,7 @@ from training.train import (
     TrainConfig,
     consistency_loss,
     fit_calibration,
+    main,
     open_stages_at,
     param_groups,
     parse_args,
@@ -229,6 +230,24 @@ def test_consistency_pairs_each_image_stored_two_ways(kermany224, tmp_path):
     assert "features.low_pass.kernel" not in first
     assert tuned_payload["low_pass_sigma"] == 1.0
     assert after["features.low_pass.kernel"].shape == (3, 1, 1, 7)
+
+
+def test_a_checkpoint_that_does_not_fit_the_network_is_refused_in_one_line(
+        kermany224, tmp_path, capsys):
+    """--init-from a checkpoint with weights the network lacks: one line, exit 1."""
+    cfg = _tiny_config(kermany224, tmp_path / "first", epochs=1)
+    train(cfg, log=lambda m: None)
+    payload = torch.load(tmp_path / "first" / "best.pt", weights_only=False)
+    payload["state_dict"]["classifier.extra"] = torch.zeros(1)
+    torch.save(payload, tmp_path / "foreign.pt")
+    code = main(["--data", str(kermany224), "--out", str(tmp_path / "tuned"),
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "4",
+                 "--limit-samples", "10", "--max-steps-per-epoch", "2",
+                 "--val-fraction", "0.4", "--init-from", str(tmp_path / "foreign.pt")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("training: ") and "does not fit --arch efficientnet_lite0" in err
+    assert "classifier.extra" in err and len(err.strip().splitlines()) == 1
 
 
 def test_training_writes_everything_and_resumes(kermany224, tmp_path):

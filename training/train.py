@@ -47,6 +47,7 @@ from pneumoscan.evaluation.metrics import (
     cross_fitted_operating_point,
     expected_calibration_error,
 )
+from pneumoscan.inference.model import ModelError
 from pneumoscan.inference.preprocess import Preprocessing, normalise
 from pneumoscan.modelling.checkpoint import read_checkpoint
 from pneumoscan.modelling.architectures import (
@@ -406,7 +407,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
         weights.pop(LOW_PASS_KERNEL, None)
         keys = model.load_state_dict(weights, strict=False)
         if keys.unexpected_keys or set(keys.missing_keys) - {LOW_PASS_KERNEL}:
-            raise ValueError(f"{cfg.init_from} does not fit --arch {cfg.arch}: missing "
+            raise ModelError(f"{cfg.init_from} does not fit --arch {cfg.arch}: missing "
                              f"{keys.missing_keys}, unexpected {keys.unexpected_keys}")
         log(f"weights from {cfg.init_from}")
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -609,7 +610,11 @@ def optional(kind: type) -> Callable[[str], object]:
 def main(argv: list[str] | None = None) -> int:
     cfg, resume = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(cfg, resume, log=lambda msg: print(msg, flush=True))
+    try:
+        train(cfg, resume, log=lambda msg: print(msg, flush=True))
+    except ModelError as exc:  # a checkpoint to start or resume from that does not serve
+        print(f"training: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
