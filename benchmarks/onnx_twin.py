@@ -1,14 +1,15 @@
 """Rebuild a torch checkpoint from an exported EfficientNet-Lite0 ONNX model (its "twin"),
 for the torch-only CAM methods (gradients) of the faithfulness benchmark when the training
-checkpoint is gone (the 2026.12.01 default model has none in the repository).
+checkpoint is gone (the default models have none in the repository).
 
 The export folded every BatchNorm into its convolution (a conv bias) and the calibration
 into the linear head; the twin keeps that: each BatchNorm becomes the identity carrying the
 conv's bias (running_var = 1 - eps, so (x - 0) / sqrt(var + eps) = x), and the checkpoint
 records no calibration, so `load_network` leaves the folded head as it is. Every conv is
 found by its ONNX node name (`/features/<module path>/Conv`), which the TorchScript exporter
-writes from the torch module path. The twin is checked against ONNX Runtime on real images
-(logits to 1e-4) before it is written.
+writes from the torch module path. An input low-pass (architectures.GaussianLowPass) is
+rebuilt from its sigma, read off the kernel's taps. The twin is checked against ONNX Runtime
+on real images (logits to 1e-4) before it is written.
 
     PYTHONPATH=$PWD python benchmarks/onnx_twin.py pneumoscan/models/default.onnx \
         --check-images ../shared/data/kermany-val-original --out /tmp/default-twin.pt
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 LOGIT_LIMIT = 1e-4
+LOW_PASS_KERNEL = "net.features.low_pass.kernel"  # the exported name of its buffer
 
 
 def twin_payload(onnx_path: Path) -> dict:
@@ -38,11 +40,13 @@ def twin_payload(onnx_path: Path) -> dict:
         raise SystemExit(f"{onnx_path}: arch {meta.get('arch')!r}, only efficientnet_lite0")
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     class_names = json.loads(meta["class_names"])
-    net = build_network("efficientnet_lite0", num_classes=len(class_names), pretrained=False)
+    sigma = low_pass_sigma(constants.get(LOW_PASS_KERNEL))
+    net = build_network("efficientnet_lite0", num_classes=len(class_names), pretrained=False,
+                        low_pass_sigma=sigma)
     modules = dict(net.named_modules())
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    convs = [n for n in model.graph.node
-             if n.op_type == "Conv" and n.name.startswith("/features/")]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"
+             and n.name.startswith("/features/") and not n.name.startswith("/features/low_pass/")]
     for node in convs:
         path = "features." + node.name.removeprefix("/features/").removesuffix("/Conv")
         path = path.replace("/", ".")
@@ -66,6 +70,7 @@ def twin_payload(onnx_path: Path) -> dict:
         "arch": "efficientnet_lite0",
         "class_names": class_names,
         "state_dict": net.state_dict(),
+        "low_pass_sigma": sigma,
         "threshold": float(meta["threshold"]),
         "preprocessing": json.loads(meta["preprocessing"]),
         "config": {"min_sensitivity": None, "out": str(Path(onnx_path).parent)},
@@ -74,6 +79,17 @@ def twin_payload(onnx_path: Path) -> dict:
         "data_description": f"twin of {Path(onnx_path).name} {meta.get('version', '')}",
         # no "calibration": the ONNX head already holds it
     }
+
+
+def low_pass_sigma(kernel: np.ndarray | None) -> float:
+    """The sigma of a Gaussian kernel (C, 1, 1, taps) from its two central taps:
+    k(1) / k(0) = exp(-1 / (2 sigma^2)); 0 without a kernel."""
+    if kernel is None:
+        return 0.0
+    taps = kernel[0].ravel()
+    centre = len(taps) // 2
+    # Rounded: the kernel's radius is ceil(3 sigma), which a float error could push up a tap.
+    return round(float(np.sqrt(-0.5 / np.log(taps[centre + 1] / taps[centre]))), 4)
 
 
 def batchnorm_after(conv_path: str) -> str:
