@@ -15,6 +15,7 @@ from pneumoscan.evaluation.datasets import (
     Sample,
     list_samples,
     patient_id,
+    patient_order,
     split_by_patient,
 )
 from pneumoscan.inference.preprocess import Preprocessing
@@ -44,6 +45,19 @@ def test_patient_ids_follow_kermany_names():
     assert patient_id(Path("NORMAL2-IM-0115-0001.jpeg")) == "NORMAL2-0115"
 
 
+def kermany_shaped_listing() -> list[Sample]:
+    """1000 patients named as in Kermany's TRAIN split: PNEUMONIA `personN_...`, NORMAL from
+    two series numbered separately (`IM-N` and `NORMAL2-IM-N`), one to three images each."""
+    def names(n: int) -> tuple[str, list[str]]:
+        images = range(1 + n % 3 + n % 2)
+        if n % 3:
+            return "PNEUMONIA", [f"person{n}_bacteria_{k}.jpeg" for k in images]
+        series = "NORMAL2-IM" if n % 2 else "IM"
+        return "NORMAL", [f"{series}-{n // 2:04d}-000{k}.jpeg" for k in images]
+    return [Sample(Path(f"{label}/{name}"), CLASS_NAMES.index(label), patient_id(Path(name)))
+            for n in range(1000) for label, files in [names(n)] for name in files]
+
+
 def test_split_is_by_patient_and_stratified(kermany224):
     committed = list_samples(kermany224)
     assert len(committed) == 16
@@ -51,13 +65,9 @@ def test_split_is_by_patient_and_stratified(kermany224):
     train_part, val_part = split_by_patient(committed, 0.3, seed=42)
     assert len(train_part) + len(val_part) == 16 and train_part and val_part
     assert not {s.patient for s in train_part} & {s.patient for s in val_part}
-    # Stratified on a listing shaped like Kermany's train split (1000 patients, a third
-    # NORMAL, one to three images each): the names alone make the patients.
-    listing = [Sample(Path(f"{label}/{name}"), CLASS_NAMES.index(label), patient_id(Path(name)))
-               for n in range(1000)
-               for label, name in [("NORMAL", f"IM-{n:04d}-000{k}.jpeg") if n % 3 == 0 else
-                                   ("PNEUMONIA", f"person{n}_bacteria_{k}.jpeg")
-                                   for k in range(1 + n % 3 + n % 2)]]
+    # Stratified on a listing shaped like Kermany's train split: the names alone make the
+    # patients.
+    listing = kermany_shaped_listing()
     train_part, val_part = split_by_patient(listing, 0.15, seed=42)
     assert len(train_part) + len(val_part) == len(listing)
     assert not {s.patient for s in train_part} & {s.patient for s in val_part}
@@ -71,6 +81,41 @@ def test_split_is_by_patient_and_stratified(kermany224):
     assert [s.path for s in again[1]] == [s.path for s in val_part]
     assert [s.path for s in split_by_patient(listing, 0.15, seed=7)[1]] != \
         [s.path for s in val_part]
+
+
+def test_patient_level_folds_hold_every_patient_out_once():
+    listing = kermany_shaped_listing()
+    held = [split_by_patient(listing, 0.2, seed=42, fold=k)[1] for k in range(5)]
+    patients = [{s.patient for s in part} for part in held]
+    assert sum(len(p) for p in patients) == len({s.patient for s in listing}) == 1000
+    assert set().union(*patients) == {s.patient for s in listing}  # each once: disjoint
+    assert sum(len(part) for part in held) == len(listing)
+    for part in held:  # stratified: a fifth of each class's patients
+        for label in (0, 1):
+            share = len({s.patient for s in part if s.label == label}) / \
+                len({s.patient for s in listing if s.label == label})
+            assert 0.19 < share < 0.21
+    # Fold 0 is the split a run has always had.
+    assert held[0] == split_by_patient(listing, 0.2, seed=42)[1]
+    with pytest.raises(ValueError, match="fold 5 does not fit"):
+        split_by_patient(listing, 0.2, seed=42, fold=5)
+
+
+def test_latest_split_holds_out_the_last_patients_of_each_series():
+    listing = kermany_shaped_listing()
+    train_part, val_part = split_by_patient(listing, 0.15, seed=42, how="latest")
+    assert len(train_part) + len(val_part) == len(listing)
+    assert not {s.patient for s in train_part} & {s.patient for s in val_part}
+    # Each series (person, IM, NORMAL2-IM) gives its own highest numbers, whatever the seed.
+    for prefix in ("person", "", "NORMAL2-"):
+        def numbers(part, prefix=prefix):
+            return {patient_order(s.patient)[1] for s in part
+                    if patient_order(s.patient)[0] == prefix}
+        held, kept = numbers(val_part), numbers(train_part)
+        assert held and min(held) > max(kept)
+        assert 0.13 < len(held) / (len(held) + len(kept)) < 0.17
+    assert split_by_patient(listing, 0.15, seed=7, how="latest")[1] == val_part
+    assert patient_order("NORMAL2-1427") == ("NORMAL2-", 1427, "NORMAL2-1427")
 
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
@@ -344,3 +389,8 @@ def test_command_line_is_built_from_the_config():
                          "--ema-decay", "none", "--no-pretrained", "--jpeg-quality", "75"])
     assert cfg == dataclasses.replace(TrainConfig(data="d", out="o"), unfreeze_epochs=(1, 3),
                                       ema_decay=None, pretrained=False, jpeg_quality=75)
+    cfg, _ = parse_args(["--data", "d", "--out", "o", "--val-split", "latest"])
+    assert cfg.val_split == "latest"
+    for bad in (["--val-split", "newest"], ["--val-fraction", "0.25", "--val-fold", "4"]):
+        with pytest.raises(SystemExit):  # argparse's usage error, before any decoding
+            parse_args(["--data", "d", "--out", "o", *bad])

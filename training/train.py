@@ -100,6 +100,13 @@ class TrainConfig:
                "beside the weights themselves (the better one is kept); none to disable")
     patience: int = option(4, "early stopping: epochs without a validation AUC gain")
     val_fraction: float = option(0.15, "fraction of patients held out for validation")
+    val_split: str = option(
+        "random", "which patients are held out: random (a seeded draw in each class) or "
+                  "latest (the highest-numbered patients of each class and series: Kermany's "
+                  "VAL split continues TRAIN's numbering)")
+    val_fold: int = option(0, "with --val-split random, which cut of the shuffled patients is "
+                              "held out: folds 0 to 1/val-fraction - 1 make a patient-level "
+                              "cross-validation")
     min_sensitivity: float = option(0.95, "threshold rule: the highest threshold with at "
                                           "least this validation sensitivity")
     hflip: bool = option(False, "random horizontal flips")
@@ -347,8 +354,14 @@ def checkpoint_payload(state_dict, cfg, prep, epoch, history, threshold, val_met
         "epoch": epoch,
         "history": history,
         "data_description": f"{cfg.data} ({cfg.val_fraction:.0%} of patients held out for "
-                            f"validation, seed {cfg.seed})",
+                            f"validation: {split_description(cfg)})",
     }
+
+
+def split_description(cfg: TrainConfig) -> str:
+    if cfg.val_split == "latest":
+        return "the latest patients"
+    return f"seed {cfg.seed}" + (f", fold {cfg.val_fold}" if cfg.val_fold else "")
 
 
 def resume_state(model, ema, optimizer, scheduler) -> dict:
@@ -381,7 +394,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, log=print) -> dict:
     if cfg.limit_samples:
         samples = [s for c in range(len(CLASS_NAMES))
                    for s in [x for x in samples if x.label == c][: cfg.limit_samples]]
-    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed)
+    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed,
+                                                  fold=cfg.val_fold, how=cfg.val_split)
     (out / "split.json").write_text(json.dumps(
         {"train": [str(s.path) for s in train_samples],
          "val": [str(s.path) for s in val_samples]}, indent=0))
@@ -592,7 +606,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]
     p.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")
-    return TrainConfig(**a), resume
+    cfg = TrainConfig(**a)
+    try:  # the split's own check, before minutes of decoding
+        split_by_patient([], cfg.val_fraction, cfg.seed, fold=cfg.val_fold, how=cfg.val_split)
+    except ValueError as exc:
+        p.error(str(exc))
+    return cfg, resume
 
 
 def int_tuple(text: str) -> tuple[int, ...]:

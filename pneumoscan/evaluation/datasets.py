@@ -79,10 +79,24 @@ def list_samples(source: Path) -> list[Sample]:
     return samples_from_folder(source)
 
 
-def split_by_patient(samples: list[Sample], val_fraction: float,
-                     seed: int) -> tuple[list[Sample], list[Sample]]:
+VAL_SPLITS = ("random", "latest")
+
+
+def split_by_patient(samples: list[Sample], val_fraction: float, seed: int, *,
+                     fold: int = 0, how: str = "random") -> tuple[list[Sample], list[Sample]]:
     """Stratified split with every patient's images on one side only. A patient counts as
-    PNEUMONIA if any of their images is; each stratum is shuffled and cut separately."""
+    PNEUMONIA if any of their images is; each stratum is cut separately.
+
+    `how="random"`: each stratum shuffled (seeded) and its `fold`-th cut of `val_fraction`
+    held out, so folds 0 .. 1/val_fraction - 1 make a patient-level cross-validation.
+    `how="latest"`: the highest-numbered patients of each stratum and series held out
+    (`patient_order`): Kermany's official VAL split continues TRAIN's numbering, so later
+    patients are what a model meets next."""
+    if how not in VAL_SPLITS:
+        raise ValueError(f"unknown split {how!r}; expected one of {VAL_SPLITS}")
+    if fold < 0 or (fold + 1) * val_fraction > 1 + 1e-9:
+        raise ValueError(f"fold {fold} does not fit: folds of {val_fraction:g} run from 0 "
+                         f"to {int(1 / val_fraction + 1e-9) - 1}")
     patients: dict[str, int] = {}
     for s in samples:
         patients[s.patient] = max(patients.get(s.patient, 0), s.label)
@@ -90,8 +104,29 @@ def split_by_patient(samples: list[Sample], val_fraction: float,
     val_patients: set[str] = set()
     for label in range(len(CLASS_NAMES)):
         group = sorted(p for p, lab in patients.items() if lab == label)
+        if how == "latest":
+            series: dict[str, list[str]] = {}
+            for p in sorted(group, key=patient_order):
+                series.setdefault(patient_order(p)[0], []).append(p)
+            for members in series.values():
+                val_patients.update(members[len(members) - round(len(members) * val_fraction):])
+            continue
         rng.shuffle(group)
-        val_patients.update(group[: round(len(group) * val_fraction)])
+        n = len(group)
+        val_patients.update(group[round(n * val_fraction * fold):
+                                  round(n * val_fraction * (fold + 1))])
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
     return train, val
+
+
+_LAST_NUMBER = re.compile(r"(\d+)\D*$")
+
+
+def patient_order(patient: str) -> tuple[str, int, str]:
+    """(series, number, id) of a patient id: its last number, and what comes before it as
+    the series (`person1946` -> person, 1946; `NORMAL2-1427` -> NORMAL2-, 1427; `0154` ->
+    the unnamed series, 154). Ids without a number form one series, in name order."""
+    if m := _LAST_NUMBER.search(patient):
+        return patient[: m.start()], int(m.group(1)), patient
+    return "", -1, patient
