@@ -14,6 +14,11 @@ before recalibration is recovered from the model's calibrated logits: margin = (
 The threshold was chosen on these images too (the highest with sensitivity >= 0.95), which
 flatters the operating point: the cross-fitted one takes each half of the patients at the
 threshold the rule picks on the other half (50 random cuts).
+
+Last, the operating point by series (Kermany numbers the NORMAL patients in two series, `IM`
+and `NORMAL2-IM`, and the PNEUMONIA ones as `person`) and, within each, for the earlier and
+the later half of its patient numbers: where the errors gather. `--val-split latest` judges
+a model trained with that split on its own validation patients.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Kermany's patient series by what patient_order makes of their ids.
+SERIES = {"": "IM", "NORMAL2-": "NORMAL2-IM", "person": "person"}
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -43,16 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pneumoscan.inference.model import default_model_path
     from pneumoscan.inference.pipeline import read_model_pixels
-    from pneumoscan.evaluation.datasets import split_by_patient
+    from pneumoscan.evaluation.datasets import VAL_SPLITS, patient_order, split_by_patient
     from training.train import cross_fitted_probabilities
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--val-split", choices=VAL_SPLITS, default="random",
+                   help="the validation patients the model was trained with")
     args = p.parse_args(argv)
     scorer = Scorer(args.model or default_model_path())
     calibration = json.loads(scorer.info.extra.get("calibration", "{}"))
     temperature, bias = calibration.get("temperature", 1.0), calibration.get("bias", 0.0)
-    _, val = split_by_patient(list_samples(KERMANY224), 0.15, 42)
+    _, val = split_by_patient(list_samples(KERMANY224), 0.15, 42, how=args.val_split)
     pixels = np.stack([read_model_pixels(s.path, scorer.info.preprocessing) for s in val])
     labels = np.array([s.label for s in val])
     patients = np.array([s.patient for s in val])
@@ -80,6 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     print("threshold rule cross-fitted by patient halves (mean, 2.5-97.5% over 50 cuts): " +
           ", ".join(f"{k} {v['mean']:.4f} ({v['p2.5']:.4f}-{v['p97.5']:.4f})"
                     for k, v in point.items()))
+    print("by series, at the model's threshold (earlier / later half of the patient numbers):")
+    order = [patient_order(p) for p in patients]
+    for label, name, measure in ((0, "NORMAL", "specificity"), (1, "PNEUMONIA", "sensitivity")):
+        for series in sorted({o[0] for o, y in zip(order, labels) if y == label}):
+            mine = np.array([o[0] == series and y == label for o, y in zip(order, labels)])
+            numbers = np.array([o[1] for o in order])
+            cut = np.median(numbers[mine])
+            parts = {"all": mine, "earlier": mine & (numbers <= cut),
+                     "later": mine & (numbers > cut)}
+            print(f"  {name} {SERIES.get(series, series)}: " + "; ".join(
+                f"{part} {mask.sum()} images, {measure} "
+                f"{np.mean((probs[mask] >= scorer.threshold) == bool(label)):.3f}, "
+                f"mean p {probs[mask].mean():.3f}" for part, mask in parts.items()))
     return 0
 
 
