@@ -409,6 +409,21 @@ def test_pdf_page_converts_to_an_image(pdf, tmp_path):
     assert len(np.unique(np.asarray(page.convert("RGB")).reshape(-1, 3), axis=0)) > 1000
 
 
+def test_no_table_row_stands_alone_on_a_page(tmp_path):
+    """A table that runs onto a new page takes at least two rows with it (one row alone
+    there, under no heading, reads as a stray line; the samples' report had one)."""
+    def rows_per_page(count: int) -> list[int]:
+        skipped = [FileResult(Path(f"/scans/file-{i:04d}.txt"), None, "skipped",
+                              "unknown file type") for i in range(count)]
+        pages = pdf_text(render_pdf(render_html(RUN, skipped)), tmp_path).split("\f")
+        return [len(re.findall(r"file-\d{4}\.txt", page)) for page in pages if page.strip()]
+
+    full_page = rows_per_page(200)[0]  # the rows that page one holds
+    spilled = rows_per_page(full_page + 1)
+    assert sum(spilled) == full_page + 1 and len(spilled) == 2
+    assert min(spilled) >= 2, spilled
+
+
 # --- nothing is fetched -----------------------------------------------------------------
 
 @pytest.fixture
